@@ -1,0 +1,33 @@
+# Every install step of the project lives here; CI (.ci/run) calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= experiments/quick.yaml
+
+.PHONY: install test lint demo collections clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+collections: install
+	$(PY) -m pyterrier_kdcl.datasets build
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install collections lint
+	$(PY) -m pytest -q tests
+
+demo: install collections
+	$(VENV)/bin/kdcl experiment $(CONFIG)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
