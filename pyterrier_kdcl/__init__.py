@@ -1,1 +1,7 @@
+"""Train and serve cross-encoder rerankers in PyTerrier, by contrastive learning or knowledge distillation."""
 
+from pyterrier_kdcl import losses
+from pyterrier_kdcl.reranker import CrossEncoder
+
+__version__ = "0.1.0"
+__all__ = ["CrossEncoder", "losses"]

@@ -1,0 +1,241 @@
+"""Model name or path → tokenizer + scoring module, for every family; LoRA; save and load.
+
+Two scoring modules share one call, ``ranker(**batch) -> scores (batch,)`` in float32, used unchanged by
+inference and by training:
+
+* :class:`ClassifierRanker` — encoder models (BERT, MiniLM, ELECTRA, MPNet, RoBERTa, …) through their own
+  sequence-classification head with one logit. Checkpoints saved by sentence-transformers' ``CrossEncoder``
+  load as they are and give the same logits as that library.
+* :class:`LastTokenRanker` — decoder LLMs (Qwen, Gemma, Llama) and recurrent models (Mamba): the hidden state
+  of the last *real* token (found through the attention mask, so neither the pad id nor the padding side
+  matters) through a ``Linear(hidden, 1)`` head called ``score``, as in RankLLaMA and RankMamba.
+
+Saved directories hold safetensors only, plus ``kdcl.json`` describing how to rebuild the ranker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+KDCL_CONFIG = "kdcl.json"
+HEAD_FILE = "score_head.safetensors"
+ADAPTER_DIR = "adapter"
+RECURRENT_TYPES = {"mamba", "mamba2", "falcon_mamba"}
+# RankLLaMA's recipe (Tevatron): r=8, alpha=64, dropout 0.1 on every linear layer of the transformer blocks.
+DEFAULT_LORA = {"r": 8, "lora_alpha": 64, "lora_dropout": 0.1, "target_modules": "all-linear"}
+
+
+class ClassifierRanker(nn.Module):
+    """An encoder's own sequence-classification head with one logit."""
+
+    pooling = "classifier"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0].float()
+
+
+class LastTokenRanker(nn.Module):
+    """Score = ``Linear(hidden, 1)`` on the hidden state of the last token whose attention mask is 1."""
+
+    pooling = "last"
+
+    def __init__(self, backbone: nn.Module, score: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.score = score
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * attention_mask).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
+# -- building ------------------------------------------------------------------------------------------------
+def resolve_source(model: str | os.PathLike) -> str:
+    """A short offline name (``minilm-l6``) → its local directory; paths and hub ids pass through."""
+    model = str(model)
+    if not os.path.exists(model):
+        from pyterrier_kdcl import offline_models
+
+        if offline_models.is_offline_model(model):
+            return str(offline_models.resolve_offline_model(model))
+    return model
+
+
+def default_pooling(config) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{config.model_type} is an encoder-decoder model; cross-encoders need an encoder or decoder")
+    if config.model_type in RECURRENT_TYPES or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "last"
+    return "classifier"
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _not_found(source, err) from err
+    if tokenizer.pad_token is None:  # Llama, Gemma base and Mamba tokenizers may lack one
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_ranker(source: str, pooling: str | None = None, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False, pad_token_id: int | None = None) -> nn.Module:
+    """Loads weights from a hub id or a local Hugging Face directory into the scoring module."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    config = _load_config(source, trust_remote_code)
+    pooling = pooling or default_pooling(config)
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id  # Qwen's own classification head reads the first pad token otherwise
+    kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if pooling == "classifier":
+        config.num_labels = 1
+        return ClassifierRanker(AutoModelForSequenceClassification.from_pretrained(source, **kwargs))
+    if pooling != "last":
+        raise ValueError(f"pooling must be 'classifier' or 'last', got {pooling!r}")
+    head_path = Path(source) / HEAD_FILE
+    if head_path.exists() or not _has_classification_head(config):
+        backbone = AutoModel.from_pretrained(source, **kwargs)
+        score = nn.Linear(config.hidden_size, 1, dtype=dtype)
+        _init_head(score, config)
+        if head_path.exists():
+            score.load_state_dict(load_file(head_path))
+        return LastTokenRanker(backbone, score)
+    # an existing decoder reranker (e.g. Qwen2ForSequenceClassification): reuse its trunk and its head
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    return LastTokenRanker(model.base_model, model.score)
+
+
+def _load_config(source: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _not_found(source, err) from err
+
+
+def _not_found(source: str, err: Exception) -> OSError:
+    from pyterrier_kdcl.offline_models import OFFLINE_MODELS
+
+    return OSError(
+        f"cannot load model {source!r}: not a local model directory, and the Hugging Face Hub did not serve it "
+        f"({err}). Use a directory that holds config.json, or a packaged model: {', '.join(OFFLINE_MODELS)}."
+    )
+
+
+def _has_classification_head(config) -> bool:
+    return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+
+
+def _init_head(score: nn.Linear, config) -> None:
+    nn.init.normal_(score.weight, std=getattr(config, "initializer_range", 0.02))
+    nn.init.zeros_(score.bias)
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------
+def lora_config(lora, ranker: nn.Module):
+    """``True``, a dict of ``peft.LoraConfig`` arguments or a ``LoraConfig`` → a ``LoraConfig``.
+
+    For Mamba, "all-linear" becomes in_proj and x_proj: peft refuses out_proj and conv1d, and Mamba's scan reads
+    ``dt_proj.weight`` directly, so an adapter there would train nothing and change scores when merged.
+    """
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        config = lora
+    else:
+        config = LoraConfig(**{**DEFAULT_LORA, **(lora if isinstance(lora, dict) else {})})
+    if ranker.backbone.config.model_type in RECURRENT_TYPES and config.target_modules == "all-linear":
+        config.target_modules = {"in_proj", "x_proj"}  # see lora_config
+    if isinstance(ranker, ClassifierRanker) and config.task_type is None:
+        config.task_type = "SEQ_CLS"  # peft then trains and saves the classifier head with the adapter
+    return config
+
+
+def add_lora(ranker: nn.Module, lora) -> nn.Module:
+    from peft import get_peft_model
+
+    config = lora_config(lora, ranker)
+    if isinstance(ranker, ClassifierRanker):
+        return ClassifierRanker(get_peft_model(ranker.model, config))
+    return LastTokenRanker(get_peft_model(ranker.backbone, config), ranker.score)
+
+
+def has_lora(ranker: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(ranker.backbone, PeftModel)
+
+
+def merge_lora(ranker: nn.Module) -> nn.Module:
+    """Folds the adapter into the base weights: faster inference, same scores within float tolerance."""
+    if not has_lora(ranker):
+        return ranker
+    merged = ranker.backbone.merge_and_unload()
+    return ClassifierRanker(merged) if isinstance(ranker, ClassifierRanker) else LastTokenRanker(merged, ranker.score)
+
+
+# -- saving and loading --------------------------------------------------------------------------------------
+def save_ranker(ranker: nn.Module, tokenizer, path: Path, settings: dict) -> None:
+    """Writes weights (safetensors), tokenizer and ``kdcl.json``; with LoRA only the adapter and head."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path)
+    if has_lora(ranker):
+        ranker.backbone.save_pretrained(path / ADAPTER_DIR, safe_serialization=True)
+    else:
+        ranker.backbone.save_pretrained(path, safe_serialization=True)
+    if isinstance(ranker, LastTokenRanker):
+        save_file({k: v.detach().contiguous().cpu() for k, v in ranker.score.state_dict().items()}, path / HEAD_FILE)
+    settings = {**settings, "pooling": ranker.pooling, "lora": has_lora(ranker)}
+    (path / KDCL_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def read_settings(path: Path) -> dict:
+    config_file = Path(path) / KDCL_CONFIG
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"{path} is not a saved pyterrier_kdcl reranker (no {KDCL_CONFIG}); "
+            "to load a Hugging Face model directory use kdcl.CrossEncoder(path) instead"
+        )
+    return json.loads(config_file.read_text())
+
+
+def load_saved_ranker(path: Path, settings: dict, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuilds a ranker written by :func:`save_ranker`; a LoRA ranker rebuilds its base and attaches the adapter."""
+    if not settings.get("lora"):
+        return build_ranker(str(path), settings["pooling"], dtype, trust_remote_code)
+    from peft import PeftModel
+
+    base = build_ranker(resolve_source(settings["base_model"]), settings["pooling"], dtype, trust_remote_code,
+                        pad_token_id=settings.get("pad_token_id"))
+    adapter = path / ADAPTER_DIR
+    if isinstance(base, ClassifierRanker):
+        return ClassifierRanker(PeftModel.from_pretrained(base.model, adapter, is_trainable=True))
+    base.score.load_state_dict(load_file(path / HEAD_FILE))
+    return LastTokenRanker(PeftModel.from_pretrained(base.backbone, adapter, is_trainable=True), base.score)

@@ -1,0 +1,204 @@
+"""``CrossEncoder``: a PyTerrier transformer that scores (query, document) pairs with any model family.
+
+One scoring path: :meth:`CrossEncoder.scores` returns differentiable scores for the trainer, and
+:meth:`CrossEncoder.score_pairs` is the same call under ``torch.inference_mode()`` for ranking.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import torch
+
+from pyterrier_kdcl import models
+from pyterrier_kdcl.inputs import RANKLLAMA_TEMPLATE, PairEncoder
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+_CHUNK_BATCHES = 64  # tokenize this many batches ahead: enough to sort by length, bounded memory
+
+
+class CrossEncoder(pt.Transformer):
+    """Reranks a result frame by scoring each (query, document) pair jointly.
+
+    ``model`` is a Hugging Face hub id, a local model directory, or a packaged offline model
+    (``"minilm-l6"``, ``"minilm-l3"``, ``"mpnet-base"``, ``"gemma3-270m"``). Encoders score through their
+    classification head; decoders and recurrent models through the last token, with the RankLLaMA template
+    ``"query: {query} document: {text}"`` and EOS appended.
+
+    Example::
+
+        import pyterrier as pt, pyterrier_kdcl as kdcl
+        dataset = pt.get_dataset("irds:kdcl/manpages/test")
+        bm25 = kdcl.datasets.bm25("kdcl/manpages/test", num_results=100)
+        pipeline = bm25 >> pt.text.get_text(dataset, "text") >> kdcl.CrossEncoder("minilm-l6")
+
+    Args:
+        batch_size: pairs per forward pass.
+        max_length: tokens per pair; truncation cuts the document, never the query.
+        template: a prompt with ``{query}`` and ``{text}`` (default: none for encoders, RankLLaMA's for others).
+        pooling: ``"classifier"`` (encoder head) or ``"last"`` (last real token); default by architecture.
+        lora: ``True``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``: adds a trainable adapter.
+        device: default CUDA when available. ``dtype``: default float32 on CPU, bfloat16 on CUDA.
+    """
+
+    schematic = {"label": "CrossEncoder"}
+
+    def __init__(self, model: str | os.PathLike, *, batch_size: int = 32, max_length: int = 256,
+                 text_field: str = "text", template: str | None = None, pooling: str | None = None,
+                 lora=None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 verbose: bool = True, trust_remote_code: bool = False, _ranker=None, _tokenizer=None):
+        self.model_name = str(model)
+        self.batch_size = batch_size
+        self.text_field = text_field
+        self.verbose = verbose
+        self.trust_remote_code = trust_remote_code
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        source = models.resolve_source(model)
+        self.tokenizer = _tokenizer or models.load_tokenizer(source, trust_remote_code)
+        self.ranker = _ranker or models.build_ranker(source, pooling, self.dtype, trust_remote_code,
+                                                    pad_token_id=self.tokenizer.pad_token_id)
+        if lora:
+            self.ranker = models.add_lora(self.ranker, lora)
+        self.ranker.to(self.device).eval()
+        if template is None and self.ranker.pooling == "last":
+            template = RANKLLAMA_TEMPLATE
+        self.template = template
+        self.max_length = max_length
+        self.encoder = PairEncoder(self.tokenizer, max_length, template)
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def scores(self, queries: list[str], texts: list[str]) -> torch.Tensor:
+        """Differentiable scores of the pairs, in input order, as one batch (the trainer's call)."""
+        batch = self.encoder.collate(self.encoder.encode(queries, texts))
+        return self.ranker(**{k: v.to(self.device) for k, v in batch.items()})
+
+    def score_pairs(self, queries, texts, progress: bool | None = None) -> np.ndarray:
+        """Scores of the pairs in input order, batched by length, without gradients."""
+        queries, texts = list(queries), list(texts)
+        out = np.empty(len(queries), dtype=np.float32)
+        chunk = self.batch_size * _CHUNK_BATCHES
+        bar = pt.tqdm(total=len(queries), desc=repr(self), unit="pair") if (self.verbose if progress is None
+                                                                             else progress) else None
+        was_training = self.ranker.training
+        self.ranker.eval()
+        with torch.inference_mode():
+            for start in range(0, len(queries), chunk):
+                pairs = self.encoder.encode(queries[start : start + chunk], texts[start : start + chunk])
+                for rows, batch in self.encoder.batches_by_length(pairs, self.batch_size):
+                    scores = self.ranker(**{k: v.to(self.device) for k, v in batch.items()})
+                    out[np.asarray(rows) + start] = scores.cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        self.ranker.train(was_training)
+        return out
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        _validate_result_frame(inp, self.text_field, self)
+        if len(inp) == 0:
+            return pt.model.add_ranks(inp.assign(score=pd.Series(dtype="float64")))
+        texts = inp[self.text_field]
+        _check_strings(inp["query"], "query")
+        _check_strings(texts, self.text_field)
+        out = inp.assign(score=self.score_pairs(inp["query"], texts).astype("float64"))
+        out = pt.model.add_ranks(out)
+        return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the reranker to ``path`` (atomically: a crash never leaves a half-written directory)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            models.save_ranker(self.ranker, self.tokenizer, tmp, self._settings())
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, merge_lora: bool = False, device=None, dtype=None,
+             **overrides) -> CrossEncoder:
+        """Loads what :meth:`save` wrote; ``merge_lora=True`` folds an adapter into the base weights."""
+        path = Path(path)
+        settings = models.read_settings(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = _resolve_dtype(dtype or settings.get("dtype"), device)
+        ranker = models.load_saved_ranker(path, settings, torch_dtype, settings.get("trust_remote_code", False))
+        if merge_lora:
+            ranker = models.merge_lora(ranker)
+        kwargs = {k: settings[k] for k in ("batch_size", "max_length", "text_field", "template") if k in settings}
+        kwargs.update(overrides)
+        tokenizer = models.load_tokenizer(str(path))
+        return cls(settings.get("model_name", str(path)), device=device, dtype=torch_dtype, _ranker=ranker,
+                   _tokenizer=tokenizer, **kwargs)
+
+    def merge_lora(self) -> CrossEncoder:
+        """Folds a LoRA adapter into the base weights in place (for serving); returns self."""
+        self.ranker = models.merge_lora(self.ranker)
+        return self
+
+    def _settings(self) -> dict:
+        return {
+            "format": 1,
+            "model_name": self.model_name,
+            "base_model": self.model_name,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "text_field": self.text_field,
+            "template": self.template,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+    def __repr__(self) -> str:
+        return f"CrossEncoder({self.model_name!r})"
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _validate_result_frame(inp: pd.DataFrame, text_field: str, context) -> None:
+    try:
+        pt.validate.result_frame(inp, extra_columns=["query", text_field], context=context)
+    except pt.validate.InputValidationError as err:
+        missing = [c for c in ["qid", "docno", "query", text_field] if c not in inp.columns]
+        hints = []
+        if "docno" in missing:
+            hints.append("put a first stage (for example BM25) before the reranker")
+        if text_field in missing:
+            hints.append(f'add the text with pt.text.get_text(dataset, "{text_field}") before the reranker')
+        if "query" in missing:
+            hints.append("the frame needs the query text in a 'query' column")
+        raise pt.validate.InputValidationError(
+            f"{context!r} needs columns {missing} that the input lacks: {'; '.join(hints)}.", err.modes
+        ) from None
+
+
+def _check_strings(column: pd.Series, name: str) -> None:
+    bad = column.map(lambda v: not isinstance(v, str))
+    if bad.any():
+        example = column[bad].iloc[0]
+        raise ValueError(
+            f"{bad.sum()} rows have a {name!r} that is not a string (for example {example!r}); "
+            f"fill or drop them before reranking, e.g. frame.dropna(subset=[{name!r}])"
+        )

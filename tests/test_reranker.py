@@ -1,0 +1,179 @@
+"""CrossEncoder on tiny random models of every family: scoring, invariances, input checks, save/load, LoRA."""
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pytest
+import torch
+from tiny_models import DECODERS, ENCODERS, RECURRENT
+
+import pyterrier_kdcl as kdcl
+
+FAMILIES = ENCODERS + DECODERS + RECURRENT
+
+
+def frame(n_queries=3, docs_per_query=4):
+    texts = ["read from a file descriptor", "list directory contents and more", "copy files",
+             "print a line of text to the standard output, then a newline", "change file mode bits"]
+    rows = [
+        {"qid": f"q{q}", "query": ["read file", "how do I list a directory", "copy"][q % 3],
+         "docno": f"d{q}-{d}", "text": texts[(q + d) % len(texts)] * (1 + d % 3)}
+        for q in range(n_queries) for d in range(docs_per_query)
+    ]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def test_transform_scores_and_ranks_every_family(tiny_model, family):
+    ce = kdcl.CrossEncoder(tiny_model(family), verbose=False)
+    inp = frame()
+    out = ce(inp)
+    assert len(out) == len(inp) and {"score", "rank"} <= set(out.columns)
+    assert out["score"].notna().all() and out["score"].nunique() > 1
+    for _, group in out.groupby("qid"):
+        assert list(group["rank"]) == list(range(len(group)))
+        assert group["score"].is_monotonic_decreasing
+    expected_pooling = "classifier" if family in ENCODERS else "last"
+    assert ce.ranker.pooling == expected_pooling
+
+
+def test_score_does_not_depend_on_batch_or_order(tiny_model, family):
+    ce = kdcl.CrossEncoder(tiny_model(family), verbose=False, batch_size=5)
+    inp = frame()
+    together = ce.score_pairs(inp["query"], inp["text"])
+    alone = np.array([ce.score_pairs([q], [t])[0] for q, t in zip(inp["query"], inp["text"])])
+    reversed_ = ce.score_pairs(inp["query"][::-1], inp["text"][::-1])[::-1]
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(together, reversed_, atol=1e-5)
+
+
+def test_padding_side_of_the_tokenizer_does_not_matter(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False)
+    inp = frame()
+    right = ce.score_pairs(inp["query"], inp["text"])
+    ce.tokenizer.padding_side = "left"
+    np.testing.assert_allclose(ce.score_pairs(inp["query"], inp["text"]), right, atol=1e-6)
+
+
+def test_differentiable_scores_equal_inference_scores(tiny_model, family):
+    """Training and inference share one scoring path (Tevatron's train/serve mismatch bug)."""
+    ce = kdcl.CrossEncoder(tiny_model(family), verbose=False)
+    inp = frame(1)
+    ce.ranker.eval()
+    with_grad = ce.scores(list(inp["query"]), list(inp["text"]))
+    assert with_grad.requires_grad
+    np.testing.assert_allclose(with_grad.detach().numpy(), ce.score_pairs(inp["query"], inp["text"]), atol=1e-5)
+
+
+def test_empty_frame_gives_output_columns_without_scoring(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
+    out = ce(frame().iloc[:0])
+    assert len(out) == 0 and {"qid", "docno", "score", "rank"} <= set(out.columns)
+
+
+def test_missing_text_column_says_how_to_add_it(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
+    with pytest.raises(pt.validate.InputValidationError, match=r'pt\.text\.get_text\(dataset, "text"\)'):
+        ce(frame().drop(columns=["text"]))
+    with pytest.raises(pt.validate.InputValidationError, match="first stage"):
+        ce(frame().drop(columns=["docno"]))
+
+
+def test_non_string_text_is_rejected_with_a_fix(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
+    bad = frame()
+    bad.loc[2, "text"] = None
+    with pytest.raises(ValueError, match="dropna"):
+        ce(bad)
+
+
+@pytest.mark.parametrize("fam", ["bert", "qwen2"])
+def test_truncation_cuts_the_document_never_the_query(tiny_model, fam):
+    ce = kdcl.CrossEncoder(tiny_model(fam), verbose=False, max_length=32)
+    query = "how do i list a directory"
+    pair = ce.encoder.encode([query], ["copy files and directories " * 100])[0]
+    assert len(pair.input_ids) == 32
+    decoded = ce.tokenizer.decode(pair.input_ids)
+    assert query in decoded.lower()
+    if fam == "qwen2":
+        assert pair.input_ids[-1] == ce.tokenizer.eos_token_id  # EOS survives truncation
+
+
+def test_other_pairs_in_a_batch_do_not_change_a_long_pairs_score(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("llama"), verbose=False, max_length=24)
+    long_text = "copy files and directories " * 50
+    alone = ce.score_pairs(["copy"], [long_text])[0]
+    mixed = ce.score_pairs(["copy", "x"], [long_text, "y"])[0]
+    assert alone == pytest.approx(mixed, abs=1e-5)
+
+
+def test_save_and_load_give_identical_scores(tiny_model, family, tmp_path):
+    ce = kdcl.CrossEncoder(tiny_model(family), verbose=False, max_length=64)
+    inp = frame()
+    ce.save(tmp_path / "saved")
+    loaded = kdcl.CrossEncoder.load(tmp_path / "saved", verbose=False)
+    assert loaded.max_length == 64 and loaded.template == ce.template
+    expected = ce.score_pairs(inp["query"], inp["text"])
+    np.testing.assert_array_equal(loaded.score_pairs(inp["query"], inp["text"]), expected)
+
+
+@pytest.mark.parametrize("fam", ["bert", "qwen2", "mamba"])
+def test_lora_adapter_and_head_round_trip_and_merge(tiny_model, fam, tmp_path):
+    ce = kdcl.CrossEncoder(tiny_model(fam), verbose=False, lora={"r": 4, "lora_alpha": 8})
+    trainable = [n for n, p in ce.ranker.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert any(("score" in n or "classifier" in n) for n in trainable), trainable
+    assert not any("embed" in n and "lora" not in n for n in trainable)
+    with torch.no_grad():  # LoRA's B starts at zero: move it so the adapter changes scores
+        for name, param in ce.ranker.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    inp = frame()
+    before = ce.score_pairs(inp["query"], inp["text"])
+    ce.save(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
+    loaded = kdcl.CrossEncoder.load(tmp_path / "lora", verbose=False)
+    np.testing.assert_array_equal(loaded.score_pairs(inp["query"], inp["text"]), before)
+    merged = kdcl.CrossEncoder.load(tmp_path / "lora", verbose=False, merge_lora=True)
+    np.testing.assert_allclose(merged.score_pairs(inp["query"], inp["text"]), before, atol=1e-4)
+    base = kdcl.CrossEncoder(tiny_model(fam), verbose=False)
+    assert not np.allclose(base.score_pairs(inp["query"], inp["text"]), before, atol=1e-4)
+
+
+def test_existing_decoder_reranker_checkpoint_keeps_its_head(tiny_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tiny_model("qwen2", head="seqcls")
+    reference = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ce = kdcl.CrossEncoder(path, verbose=False, template="{query} {text}")
+    ids = ce.encoder.encode(["read file"], ["read from a file descriptor"])[0].input_ids
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert tokenizer.pad_token_id is None or ids[-1] != tokenizer.pad_token_id
+    assert ce.score_pairs(["read file"], ["read from a file descriptor"])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_sentence_transformers_cross_encoder_checkpoint_gives_its_logits(tiny_model):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    st = STCrossEncoder(str(tiny_model("bert")), num_labels=1, device="cpu")
+    inp = frame()
+    pairs = list(zip(inp["query"], inp["text"]))
+    expected = st.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=3)
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
+    np.testing.assert_allclose(ce.score_pairs(inp["query"], inp["text"]), expected, atol=1e-5)
+
+
+def test_unknown_model_names_say_what_exists():
+    with pytest.raises(OSError, match="minilm-l6"):
+        kdcl.CrossEncoder("no-such-model-anywhere", verbose=False)
+
+
+def test_repr_names_the_model(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
+    assert repr(ce).startswith("CrossEncoder(") and str(tiny_model("bert")) in repr(ce)
