@@ -1,0 +1,22 @@
+"""Offline test collections from Debian documentation, served through ir_datasets.
+
+Importing this package registers, without building anything:
+
+- ``kdcl/manpages/train``, ``kdcl/manpages/dev``, ``kdcl/manpages/test`` (and the corpus ``kdcl/manpages``):
+  man-page NAME descriptions as queries, the pages as documents;
+- ``kdcl/faq/python``, ``kdcl/faq/debian``, ``kdcl/faq/perl``: FAQ questions and their answers.
+
+Build them once with ``python -m pyterrier_kdcl.datasets build``; then
+``pt.get_dataset("irds:kdcl/manpages/test")`` works like any dataset, and :func:`bm25` gives a cached
+PISA BM25 over any of them. See ``docs/collections.md``.
+"""
+
+from .builder import COLLECTIONS, build, collection_dir, is_built
+from .debian import SourcesUnavailable
+from .first_stage import bm25, pisa_index
+from .registry import CollectionNotBuilt, dataset_ids, register
+
+register()
+
+__all__ = ["COLLECTIONS", "CollectionNotBuilt", "SourcesUnavailable", "bm25", "build", "collection_dir",
+           "dataset_ids", "is_built", "pisa_index", "register"]
