@@ -1,0 +1,198 @@
+"""Training groups — the one place they are built: per query one positive and ``group_size - 1`` hard negatives.
+
+Negatives are the first stage's candidates that are not judged positive (optionally only those within a rank
+window, to dodge unjudged positives at the very top). Every epoch draws afresh from ``(seed, epoch)``, so the
+same seed and data give the same groups in the same order whatever objective is trained: the paper's control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+
+INSUFFICIENT_POLICIES = ("skip", "replace")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One query's group: the positive first, then the negatives; labels are 1 for the positive, else 0."""
+
+    qid: str
+    query: str
+    docnos: tuple[str, ...]
+    texts: tuple[str, ...]
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return (1,) + (0,) * (len(self.docnos) - 1)
+
+
+@dataclass
+class GroupStats:
+    """What happened to the training queries; the trainer logs it and explains an empty training set with it."""
+
+    queries: int = 0
+    usable: int = 0
+    no_positive: int = 0
+    positive_text_fetched: int = 0
+    too_few_negatives: int = 0
+    sampled_with_replacement: int = 0
+    duplicate_rows_dropped: int = 0
+    qrels_for_unknown_queries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def explain(self) -> str:
+        return (f"{self.queries} training queries: {self.no_positive} without a judged positive among their "
+                f"candidates, {self.too_few_negatives} with too few negatives, {self.usable} usable "
+                f"({self.duplicate_rows_dropped} duplicate rows dropped, "
+                f"{self.qrels_for_unknown_queries} qrels for queries not in the frame)")
+
+
+class GroupSampler:
+    """Builds training groups from a result frame and qrels.
+
+    Example::
+
+        sampler = GroupSampler(res, qrels, group_size=8, seed=42)
+        for group in sampler.epoch(0):
+            group.qid, group.docnos, group.labels
+
+    Args:
+        results: result frame with qid, query, docno and ``text_field`` (and rank or score, if a window is used).
+        qrels: qid, docno, label. Labels ``>= min_label`` are positives.
+        negatives_window: ``(first, last)`` ranks (0-based, last exclusive) negatives are drawn from.
+        insufficient: ``"skip"`` queries with fewer than ``group_size - 1`` negatives, or ``"replace"``: draw
+            their negatives with replacement.
+        text_source: where to find the text of positives the first stage missed: a mapping docno → text or a
+            transformer such as ``pt.text.get_text(dataset, "text")``. Without it such queries are skipped.
+    """
+
+    def __init__(self, results: pd.DataFrame, qrels: pd.DataFrame, *, group_size: int = 8, min_label: int = 1,
+                 negatives_window: tuple[int, int] | None = None, insufficient: str = "skip", text_source=None,
+                 text_field: str = "text", seed: int = 42):
+        if group_size < 2:
+            raise ValueError(f"group_size must be at least 2 (one positive and a negative), got {group_size}")
+        if insufficient not in INSUFFICIENT_POLICIES:
+            raise ValueError(f"insufficient must be one of {INSUFFICIENT_POLICIES}, got {insufficient!r}")
+        self.group_size = group_size
+        self.seed = seed
+        self.insufficient = insufficient
+        self.stats = GroupStats()
+        results = _checked_results(results, text_field)
+        qrels = _checked_qrels(qrels)
+        self._build(results, qrels, min_label, negatives_window, text_source, text_field)
+        if not self._queries:
+            raise ValueError(f"no training group could be built: {self.stats.explain()}. "
+                             "Check that the qrels match the frame's qids and docnos, retrieve deeper, "
+                             "or pass text_source= / insufficient='replace'.")
+
+    # -- building -------------------------------------------------------------------------------------------
+    def _build(self, results, qrels, min_label, window, text_source, text_field):
+        before = len(results)
+        results = results.drop_duplicates(["qid", "docno"], keep="first")
+        self.stats.duplicate_rows_dropped = before - len(results)
+        if window is not None:
+            results = results.assign(_rank=_ranks(results))
+        positives = qrels[qrels["label"] >= min_label]
+        positive_sets = positives.groupby("qid")["docno"].apply(set).to_dict()
+        known_qids = set(results["qid"])
+        self.stats.qrels_for_unknown_queries = int((~qrels["qid"].isin(known_qids)).sum())
+        missing_positive_text = self._fetch_missing_positive_text(results, positives, text_source, text_field)
+
+        self._queries: list[tuple[str, str, list[tuple[str, str]], list[tuple[str, str]]]] = []
+        for qid, rows in results.groupby("qid", sort=True):
+            self.stats.queries += 1
+            judged = positive_sets.get(qid, set())
+            is_pos = rows["docno"].isin(judged).to_numpy()
+            pos = list(zip(rows["docno"][is_pos], rows[text_field][is_pos]))
+            pos += [(d, missing_positive_text[qid, d]) for d in sorted(judged)
+                    if (qid, d) in missing_positive_text]
+            negs_rows = rows[~is_pos]
+            if window is not None:
+                negs_rows = negs_rows[(negs_rows["_rank"] >= window[0]) & (negs_rows["_rank"] < window[1])]
+            negs = list(zip(negs_rows["docno"], negs_rows[text_field]))
+            if not pos:
+                self.stats.no_positive += 1
+                continue
+            needed = self.group_size - 1
+            if len(negs) < needed and (self.insufficient == "skip" or not negs):
+                self.stats.too_few_negatives += 1
+                continue
+            self.stats.sampled_with_replacement += len(negs) < needed
+            self._queries.append((qid, rows["query"].iloc[0], pos, negs))
+        self.stats.usable = len(self._queries)
+
+    def _fetch_missing_positive_text(self, results, positives, text_source, text_field) -> dict:
+        candidates = positives[positives["qid"].isin(set(results["qid"]))]
+        present = set(zip(results["qid"], results["docno"]))
+        missing = candidates[[(q, d) not in present for q, d in zip(candidates["qid"], candidates["docno"])]]
+        if text_source is None or missing.empty:
+            return {}
+        if isinstance(text_source, Mapping):
+            found = {(q, d): text_source[d] for q, d in zip(missing["qid"], missing["docno"]) if d in text_source}
+        else:
+            fetched = text_source(missing[["qid", "docno"]].reset_index(drop=True))
+            found = dict(zip(zip(fetched["qid"], fetched["docno"]), fetched[text_field]))
+        found = {k: v for k, v in found.items() if isinstance(v, str) and v}
+        self.stats.positive_text_fetched = len(found)
+        return found
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._queries)
+
+    def epoch(self, epoch: int) -> Iterator[Group]:
+        """The groups of one epoch in training order: a function of (seed, epoch) only."""
+        rng = np.random.default_rng([self.seed, epoch])
+        for index in rng.permutation(len(self._queries)):
+            qid, query, pos, negs = self._queries[index]
+            positive = pos[rng.integers(len(pos))]
+            replace = len(negs) < self.group_size - 1
+            picks = rng.choice(len(negs), size=self.group_size - 1, replace=replace)
+            members = [positive] + [negs[i] for i in picks]
+            yield Group(qid, query, tuple(d for d, _ in members), tuple(t for _, t in members))
+
+
+def _checked_results(results: pd.DataFrame, text_field: str) -> pd.DataFrame:
+    if "docno" not in results.columns:
+        raise ValueError("the training frame has no 'docno' column: it looks like topics, not results. Put a first "
+                         "stage before the trainer, e.g. (bm25 >> pt.text.get_text(dataset, 'text') >> trainer).fit()")
+    missing = [c for c in ("qid", "query", text_field) if c not in results.columns]
+    if missing:
+        hint = f'add pt.text.get_text(dataset, "{text_field}") before the trainer' if text_field in missing else \
+            "the frame needs qid and query columns"
+        raise ValueError(f"the training frame lacks columns {missing}: {hint}")
+    results = results.assign(qid=results["qid"].astype(str), docno=results["docno"].astype(str)).reset_index(drop=True)
+    bad = results[text_field].map(lambda v: not isinstance(v, str) or not v.strip())
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} training rows have an empty or non-string {text_field!r} (for example "
+                         f"docno {results['docno'][bad].iloc[0]!r}); drop or fill them before fitting")
+    bad_query = results["query"].map(lambda v: not isinstance(v, str) or not v.strip())
+    if bad_query.any():
+        raise ValueError(f"{int(bad_query.sum())} training rows have an empty or non-string query (for example qid "
+                         f"{results['qid'][bad_query].iloc[0]!r}); drop or fill them before fitting")
+    return results
+
+
+def _checked_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in ("qid", "docno", "label") if c not in qrels.columns]
+    if missing:
+        raise ValueError(f"qrels lack columns {missing}; they need qid, docno and label (dataset.get_qrels())")
+    labels = pd.to_numeric(qrels["label"], errors="coerce")
+    if labels.isna().any() or (labels != labels.round()).any():
+        example = qrels["label"][labels.isna() | (labels != labels.round())].iloc[0]
+        raise ValueError(f"qrels labels must be integers, found {example!r}")
+    return pd.DataFrame({"qid": qrels["qid"].astype(str), "docno": qrels["docno"].astype(str),
+                         "label": labels.astype(int)})
+
+
+def _ranks(results: pd.DataFrame) -> pd.Series:
+    if "rank" in results.columns:
+        return results["rank"]
+    if "score" in results.columns:
+        return pt.model.add_ranks(results[["qid", "score"]].copy())["rank"]
+    return results.groupby("qid").cumcount()
