@@ -58,9 +58,12 @@ def make(name: str, fetch) -> collection.Collection:
     raise KeyError(f"unknown collection {name!r}; known: {', '.join(COLLECTIONS)}")
 
 
-def build(names: Iterable[str] | None = None, *, data: Path | None = None, force: bool = False,
-          verbose: bool = True) -> dict[str, Path]:
+def build(names: Iterable[str] | None = None, *, data: Path | None = None, debs: Path | None = None,
+          force: bool = False, verbose: bool = True) -> dict[str, Path]:
     """Build the collections ``names`` (all by default) unless built already; returns their folders.
+
+    ``data`` is the data folder (default :func:`pyterrier_kdcl.paths.data_dir`), ``debs`` the folder
+    of downloaded packages (default ``<data>/debs``).
 
     >>> from pyterrier_kdcl import datasets
     >>> datasets.build(["faq-python"])  # doctest: +SKIP
@@ -76,7 +79,7 @@ def build(names: Iterable[str] | None = None, *, data: Path | None = None, force
             continue
         start = time.time()
         with tempfile.TemporaryDirectory(prefix=f"kdcl-{name}-") as work:
-            col = make(name, partial(_fetch, debs=debs_dir(data), workdir=Path(work)))
+            col = make(name, partial(_fetch, debs=debs or debs_dir(data), workdir=Path(work)))
             out[name] = collection.write(col, target, BUILDER_VERSION)
         if verbose:
             print(f"{name}: built {col.counts()} in {time.time() - start:.0f}s -> {target}")
