@@ -2,6 +2,7 @@
 
 from pyterrier_kdcl import losses
 from pyterrier_kdcl.reranker import CrossEncoder
+from pyterrier_kdcl.training import ContrastiveTrainer, DistillationTrainer, RerankerTrainer
 
 __version__ = "0.1.0"
-__all__ = ["CrossEncoder", "losses"]
+__all__ = ["ContrastiveTrainer", "CrossEncoder", "DistillationTrainer", "RerankerTrainer", "losses"]

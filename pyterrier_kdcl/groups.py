@@ -95,6 +95,7 @@ class GroupSampler:
         before = len(results)
         results = results.drop_duplicates(["qid", "docno"], keep="first")
         self.stats.duplicate_rows_dropped = before - len(results)
+        results = results.sort_values(["qid", "docno"], kind="stable")  # groups must not depend on row order
         if window is not None:
             results = results.assign(_rank=_ranks(results))
         positives = qrels[qrels["label"] >= min_label]

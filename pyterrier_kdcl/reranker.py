@@ -6,6 +6,8 @@ One scoring path: :meth:`CrossEncoder.scores` returns differentiable scores for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -75,10 +77,12 @@ class CrossEncoder(pt.Transformer):
         self.encoder = PairEncoder(self.tokenizer, max_length, template)
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def scores(self, queries: list[str], texts: list[str]) -> torch.Tensor:
-        """Differentiable scores of the pairs, in input order, as one batch (the trainer's call)."""
+    def scores(self, queries: list[str], texts: list[str], module: torch.nn.Module | None = None) -> torch.Tensor:
+        """Differentiable scores of the pairs, in input order, as one batch (the trainer's call).
+
+        ``module`` is the ranker as wrapped for training (for example by DistributedDataParallel)."""
         batch = self.encoder.collate(self.encoder.encode(queries, texts))
-        return self.ranker(**{k: v.to(self.device) for k, v in batch.items()})
+        return (module or self.ranker)(**{k: v.to(self.device) for k, v in batch.items()})
 
     def score_pairs(self, queries, texts, progress: bool | None = None) -> np.ndarray:
         """Scores of the pairs in input order, batched by length, without gradients."""
@@ -148,6 +152,14 @@ class CrossEncoder(pt.Transformer):
         """Folds a LoRA adapter into the base weights in place (for serving); returns self."""
         self.ranker = models.merge_lora(self.ranker)
         return self
+
+    def fingerprint(self) -> str:
+        """A hash of the weights and settings: two rerankers with the same fingerprint score alike."""
+        digest = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
+        for name, tensor in sorted(self.ranker.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def _settings(self) -> dict:
         return {

@@ -1,0 +1,116 @@
+"""Training checkpoints that survive a crash at any moment.
+
+Each checkpoint is a directory ``checkpoints/step-NNNNNNNN`` written under a temporary name and renamed into
+place in one ``os.replace``, so a directory with that name is always complete; the newest one is the one to
+resume from, and older ones are removed only after a newer one exists. Weights are safetensors (trainable
+parameters only: a LoRA checkpoint holds the adapter and head); optimizer and scheduler state go through
+``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PREFIX = "step-"
+
+
+@dataclass
+class TrainingState:
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    seconds: float = 0.0
+    pairs: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    log: list[dict] = field(default_factory=list)
+    best_weights: dict | None = field(default=None, repr=False)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def check_writable(output_dir: Path, needed_bytes: int = 0) -> None:
+    """Fails before training starts when checkpoints could not be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OSError(f"output_dir {output_dir} is not writable ({err}); choose another output_dir") from err
+    free = shutil.disk_usage(output_dir).free
+    if free < needed_bytes:
+        raise OSError(f"output_dir {output_dir} has {free / 2**30:.1f} GiB free, but a checkpoint needs about "
+                      f"{needed_bytes / 2**30:.1f} GiB; free some space or choose another output_dir")
+
+
+def checkpoint_bytes(module: nn.Module) -> int:
+    """Rough size of one checkpoint: trainable weights, AdamW's two moments, and the best weights."""
+    return 4 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: TrainingState) -> Path:
+    root = output_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file(trainable_state(module), tmp / "weights.safetensors")
+        if state.best_weights is not None:
+            save_file(state.best_weights, tmp / "best.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                   tmp / "optimizer.pt")
+        fields = {k: v for k, v in asdict(state).items() if k != "best_weights"}
+        (tmp / "state.json").write_text(json.dumps(fields))
+        target = root / f"{PREFIX}{state.step:08d}"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _complete(root)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler) -> TrainingState | None:
+    """Restores weights, optimizer, scheduler and RNG from the newest checkpoint; None when there is none."""
+    complete = _complete(output_dir / "checkpoints")
+    if not complete:
+        return None
+    path = complete[-1]
+    weights = load_file(path / "weights.safetensors")
+    expected = {name for name, p in module.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"checkpoint {path} was written for another model or LoRA setting "
+                         f"({len(set(weights) ^ expected)} parameter names differ); use a fresh output_dir")
+    module.load_state_dict(weights, strict=False)
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    state = TrainingState(**json.loads((path / "state.json").read_text()))
+    if (path / "best.safetensors").exists():
+        state.best_weights = load_file(path / "best.safetensors")
+    return state
+
+
+def _complete(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir())

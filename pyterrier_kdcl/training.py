@@ -1,0 +1,301 @@
+"""The one training loop, for every objective: ``RerankerTrainer`` and its faces.
+
+``ContrastiveTrainer`` (InfoNCE over labels) and ``DistillationTrainer`` (KL to a teacher's scores) differ only
+in the loss and in whether teacher scores are attached to the groups; with the same seed both see the same
+groups in the same order. Hugging Face Accelerate runs the loop on one device or under ``accelerate launch`` /
+``torchrun`` (DDP; FSDP or DeepSpeed from an Accelerate config).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyterrier as pt
+import torch
+from torch import nn
+
+from pyterrier_kdcl import checkpoints
+from pyterrier_kdcl.groups import GroupSampler
+from pyterrier_kdcl.losses import InfoNCE, KLDistillation
+from pyterrier_kdcl.reranker import CrossEncoder
+from pyterrier_kdcl.teachers import TeacherScores
+from pyterrier_kdcl.validation import Validator
+
+PRECISIONS = {"auto", "fp32", "no", "bf16", "fp16"}
+
+
+class RerankerTrainer(pt.Estimator):
+    """Fits a ``CrossEncoder`` on groups of one positive and hard negatives with any loss of ``kdcl.losses``.
+
+    Example::
+
+        trainer = kdcl.RerankerTrainer(kdcl.CrossEncoder("minilm-l6"), kdcl.losses.InfoNCE(), group_size=8)
+        (bm25 >> text >> trainer).fit(train_topics, train_qrels, dev_topics, dev_qrels)
+        pt.Experiment([bm25, bm25 >> text >> trainer], test_topics, test_qrels, ["nDCG@10"])
+
+    Args:
+        batch_size: queries (groups) per forward pass across all processes.
+        gradient_accumulation_steps: forward passes per optimizer step.
+        learning_rate, warmup_ratio, weight_decay, max_grad_norm: AdamW with linear warm-up and decay, clipping.
+        validate_every: optimizer steps between validations (default: once per epoch); ``metric`` any
+            ir_measures name. The best weights are restored at the end; ``patience`` stops early.
+        output_dir: checkpoints (atomic), the final model, the log and the teacher score cache go here;
+            ``fit(..., resume=True)`` continues from the last checkpoint.
+        precision: ``"auto"`` (bf16 autocast on CUDA when supported, else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        group_size, min_label, negatives_window, insufficient, text_source: see
+            :class:`~pyterrier_kdcl.groups.GroupSampler`.
+    """
+
+    def __init__(self, reranker: CrossEncoder, loss: nn.Module, *, teacher: pt.Transformer | None = None,
+                 group_size: int = 8, epochs: int = 1, batch_size: int = 4, learning_rate: float = 1e-4,
+                 warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
+                 gradient_accumulation_steps: int = 1, seed: int = 42, output_dir: str | Path | None = None,
+                 validate_every: int | None = None, metric: str = "nDCG@10", patience: int | None = None,
+                 min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
+                 text_source=None, teacher_cache: str | Path | None = None, precision: str = "auto",
+                 gradient_checkpointing: bool = False, checkpoint_every: int | None = None, verbose: bool = True):
+        if not isinstance(reranker, CrossEncoder):
+            raise TypeError(f"reranker must be a kdcl.CrossEncoder, got {type(reranker).__name__}")
+        needs = getattr(loss, "needs", {"labels"})
+        if "teacher_scores" in needs and teacher is None:
+            raise ValueError(f"{loss!r} needs teacher scores: pass teacher= (any transformer that scores rows)")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                            ("gradient_accumulation_steps", gradient_accumulation_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.reranker = reranker
+        self.loss = loss
+        self.teacher = teacher if "teacher_scores" in needs else None
+        self.group_size = group_size
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.warmup_ratio = warmup_ratio
+        self.weight_decay = weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.seed = seed
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.validate_every = validate_every
+        self.metric = metric
+        self.patience = patience
+        self.sampler_options = {"group_size": group_size, "min_label": min_label, "insufficient": insufficient,
+                                "negatives_window": negatives_window, "text_source": text_source, "seed": seed}
+        self.teacher_cache = teacher_cache
+        self.precision = precision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_every = checkpoint_every
+        self.verbose = verbose
+        self.log_ = pd.DataFrame()
+        self.group_stats = None
+
+    # -- the PyTerrier face ----------------------------------------------------------------------------------
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        return self.reranker.transform(inp)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reranker!r}, {self.loss!r})"
+
+    # -- fitting ---------------------------------------------------------------------------------------------
+    def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
+            va_qrels: pd.DataFrame | None = None, resume: bool = False) -> pd.DataFrame:
+        """Trains on ``tr_res`` (a result frame with text) and ``tr_qrels``; returns the training log."""
+        from accelerate import Accelerator
+        from transformers import get_linear_schedule_with_warmup
+
+        if resume and self.output_dir is None:
+            raise ValueError("resume=True needs output_dir=, where the checkpoints are")
+        if self.output_dir is not None:
+            checkpoints.check_writable(self.output_dir, checkpoints.checkpoint_bytes(self.reranker.ranker))
+        sampler = GroupSampler(tr_res, tr_qrels, text_field=self.reranker.text_field, **self.sampler_options)
+        self.group_stats = sampler.stats
+        validator = Validator(self.reranker, va_res, va_qrels, self.metric) if va_res is not None else None
+
+        accelerator = Accelerator(mixed_precision=self._mixed_precision(), cpu=self.reranker.device.type == "cpu")
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if self.batch_size % world:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world} processes")
+        teacher = self._teacher_scores(sampler, accelerator)
+
+        torch.manual_seed(self.seed)
+        reranker = self.reranker
+        reranker.device = accelerator.device
+        reranker.ranker.to(accelerator.device)
+        if self.gradient_checkpointing:
+            reranker.ranker.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        reranker.ranker.train()
+        params = [p for p in reranker.ranker.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay), lr=self.learning_rate)
+        batches_per_epoch = _batches_per_epoch(len(sampler), self.batch_size, world)
+        steps_per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
+        total_steps = steps_per_epoch * self.epochs
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(self.warmup_ratio * total_steps), total_steps)
+        model, optimizer = accelerator.prepare(reranker.ranker, optimizer)
+
+        state = checkpoints.TrainingState()
+        if resume:
+            state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler) or state
+        validate_every = self.validate_every or steps_per_epoch
+        checkpoint_every = self.checkpoint_every or validate_every
+        bar = pt.tqdm(total=total_steps, initial=state.step, desc=repr(self), unit="step",
+                      disable=not (self.verbose and accelerator.is_main_process))
+        started = time.perf_counter() - state.seconds
+        stop = False
+        for epoch in range(state.epoch, self.epochs):
+            batches = _batches(sampler.epoch(epoch), self.batch_size, world)
+            steps = itertools.islice(_chunks(batches, self.gradient_accumulation_steps), state.step_in_epoch, None)
+            for step_batches in steps:
+                loss = self._step(model, optimizer, scheduler, params, step_batches, teacher, rank, world,
+                                  accelerator, state)
+                state.step += 1
+                state.step_in_epoch += 1
+                state.seconds = time.perf_counter() - started
+                row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                       "seconds": state.seconds, "pairs": state.pairs}
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                end_of_epoch = state.step_in_epoch == steps_per_epoch
+                if validator is not None and (state.step % validate_every == 0 or end_of_epoch):
+                    row["metric"] = validator.evaluate()
+                    stop = self._keep_best(row["metric"], state, reranker)
+                state.log.append(row)
+                if end_of_epoch:
+                    state.epoch, state.step_in_epoch = epoch + 1, 0
+                if self.output_dir is not None and (state.step % checkpoint_every == 0 or end_of_epoch or stop):
+                    if accelerator.is_main_process:
+                        checkpoints.save(self.output_dir, reranker.ranker, optimizer, scheduler, state)
+                    accelerator.wait_for_everyone()
+                if stop:
+                    break
+            if stop:
+                break
+        bar.close()
+        self._finish(state, reranker, accelerator)
+        return self.log_
+
+    def _step(self, model, optimizer, scheduler, params, step_batches, teacher, rank, world, accelerator, state):
+        total = 0.0
+        for batch in step_batches:
+            mine = batch[rank::world]
+            with accelerator.autocast():
+                scores = self.reranker.scores([g.query for g in mine for _ in g.docnos],
+                                              [t for g in mine for t in g.texts], module=model)
+                scores = scores.float().view(len(mine), self.group_size)
+                labels = torch.tensor([g.labels for g in mine], device=scores.device)
+                teacher_scores = teacher.lookup(mine).to(scores.device) if teacher is not None else None
+                loss = self.loss(scores, labels=labels, teacher_scores=teacher_scores)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss.item()} at step {state.step + 1} on queries "
+                    f"{[g.qid for g in mine]}; the last good checkpoint is kept. Lower the learning rate "
+                    "(or use precision='bf16'/'fp32' instead of fp16) and resume with fit(..., resume=True)")
+            accelerator.backward(loss / len(step_batches))
+            total += loss.item() / len(step_batches)
+            state.pairs += len(mine) * self.group_size
+        if self.max_grad_norm:
+            accelerator.clip_grad_norm_(params, self.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _keep_best(self, metric: float, state: checkpoints.TrainingState, reranker: CrossEncoder) -> bool:
+        """Remembers the best weights; returns whether patience has run out."""
+        if state.best_metric is None or metric > state.best_metric:
+            state.best_metric, state.best_step, state.bad_validations = metric, state.step, 0
+            state.best_weights = checkpoints.trainable_state(reranker.ranker)
+            return False
+        state.bad_validations += 1
+        return self.patience is not None and state.bad_validations >= self.patience
+
+    def _finish(self, state, reranker, accelerator) -> None:
+        if state.best_weights is not None:
+            reranker.ranker.load_state_dict(state.best_weights, strict=False)
+        reranker.ranker.eval()
+        self.log_ = pd.DataFrame(state.log, columns=["step", "epoch", "loss", "lr", "metric", "seconds", "pairs"])
+        if self.output_dir is not None and accelerator.is_main_process:
+            reranker.save(self.output_dir / "model")
+            self.log_.to_csv(self.output_dir / "log.csv", index=False)
+        accelerator.wait_for_everyone()
+
+    def _teacher_scores(self, sampler: GroupSampler, accelerator) -> TeacherScores | None:
+        if self.teacher is None:
+            return None
+        cache_dir = self.teacher_cache or (self.output_dir / "teacher_scores" if self.output_dir else None)
+        scores = TeacherScores(self.teacher, cache_dir)
+        if accelerator.is_main_process or cache_dir is None:
+            scores.prepare(itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs)))
+        accelerator.wait_for_everyone()
+        return scores
+
+    def _mixed_precision(self) -> str:
+        if self.precision == "auto":
+            cuda = self.reranker.device.type == "cuda"
+            return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        return {"fp32": "no"}.get(self.precision, self.precision)
+
+
+class ContrastiveTrainer(RerankerTrainer):
+    """Contrastive learning: InfoNCE over one labelled positive and hard negatives.
+
+    Example::
+
+        cl = kdcl.ContrastiveTrainer(kdcl.CrossEncoder("minilm-l6"), group_size=8, epochs=1)
+        (bm25 >> text >> cl).fit(train_topics, train_qrels, dev_topics, dev_qrels)
+    """
+
+    def __init__(self, reranker: CrossEncoder, *, temperature: float = 1.0, **kwargs):
+        super().__init__(reranker, InfoNCE(temperature=temperature), **kwargs)
+
+
+class DistillationTrainer(RerankerTrainer):
+    """Knowledge distillation: KL between the teacher's and the student's temperature-softened group scores.
+
+    Defaults follow Tevatron's reranker distillation: teacher temperature 2, student temperature 1.
+
+    Example::
+
+        kd = kdcl.DistillationTrainer(kdcl.CrossEncoder("minilm-l6"), teacher=big_reranker, group_size=8)
+        (bm25 >> text >> kd).fit(train_topics, train_qrels, dev_topics, dev_qrels)
+    """
+
+    def __init__(self, reranker: CrossEncoder, teacher: pt.Transformer, *, teacher_temperature: float = 2.0,
+                 student_temperature: float = 1.0, **kwargs):
+        loss = KLDistillation(teacher_temperature=teacher_temperature, student_temperature=student_temperature)
+        super().__init__(reranker, loss, teacher=teacher, **kwargs)
+
+
+# -- batching helpers ----------------------------------------------------------------------------------------
+def _batches(groups, batch_size: int, world: int):
+    """Consecutive batches of groups; under several processes a short last batch is cut to split evenly."""
+    while batch := list(itertools.islice(groups, batch_size)):
+        batch = batch[: len(batch) - len(batch) % world]
+        if batch:
+            yield batch
+
+
+def _batches_per_epoch(n_groups: int, batch_size: int, world: int) -> int:
+    full, rest = divmod(n_groups, batch_size)
+    return full + (rest >= world)
+
+
+def _chunks(batches, size: int):
+    batches = iter(batches)
+    while chunk := list(itertools.islice(batches, size)):
+        yield chunk
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalisation weights."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
