@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -49,13 +51,18 @@ def reranker(dataset_id: str, model: str, batch_size: int = 32) -> pt.Transforme
 
     encoder = pyterrier_dr.SBertBiEncoder(model_path(model), batch_size=batch_size, verbose=True)
     folder = collection_of(dataset_id)
-    index = pyterrier_dr.FlexIndex(str(folder / f"{model}.flex"), verbose=True)
-    if not index.built():
+    path = folder / f"{model}.flex"
+    if not pyterrier_dr.FlexIndex(str(path)).built():
         start = time.time()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # renamed into place once complete
+        shutil.rmtree(tmp, ignore_errors=True)
         dataset = pt.get_dataset("irds:" + dataset_id)
-        (encoder.doc_encoder() >> index.indexer()).index(dataset.get_corpus_iter(verbose=False))
+        indexer = pyterrier_dr.FlexIndex(str(tmp), verbose=True).indexer()
+        (encoder.doc_encoder() >> indexer).index(dataset.get_corpus_iter(verbose=False))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
         print(f"encoded {dataset_id} corpus with {model} in {time.time() - start:.0f}s")
-    return encoder.query_encoder() >> index.np_scorer()
+    return encoder.query_encoder() >> pyterrier_dr.FlexIndex(str(path)).np_scorer()
 
 
 def run(dataset_id: str, models: list[str], sample: int | None) -> tuple[dict, object]:
@@ -70,7 +77,8 @@ def run(dataset_id: str, models: list[str], sample: int | None) -> tuple[dict, o
         names.append(f"BM25 >> {model}")
     start = time.time()
     table = pt.Experiment(systems, topics, qrels, MEASURES, names=names, baseline=0, test="t", round=4)
-    info = {"dataset": dataset_id, "queries": len(topics), "docs": sum(1 for _ in dataset.get_corpus_iter(verbose=False)),
+    docs = sum(1 for _ in dataset.get_corpus_iter(verbose=False))
+    info = {"dataset": dataset_id, "queries": len(topics), "docs": docs,
             "seconds": round(time.time() - start, 1), "results": table.to_dict(orient="records")}
     return info, table
 
