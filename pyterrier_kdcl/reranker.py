@@ -50,7 +50,7 @@ class CrossEncoder(pt.Transformer):
         device: default CUDA when available. ``dtype``: default float32 on CPU, bfloat16 on CUDA.
     """
 
-    schematic = {"label": "CrossEncoder"}
+    schematic = {"label": "CrossEncoder", "help_url": None}  # help_url set: PyTerrier would look it up online
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 32, max_length: int = 256,
                  text_field: str = "text", template: str | None = None, pooling: str | None = None,

@@ -50,6 +50,8 @@ class RerankerTrainer(pt.Estimator):
             :class:`~pyterrier_kdcl.groups.GroupSampler`.
     """
 
+    schematic = {"label": "Trainer", "help_url": None}
+
     def __init__(self, reranker: CrossEncoder, loss: nn.Module, *, teacher: pt.Transformer | None = None,
                  group_size: int = 8, epochs: int = 1, batch_size: int = 4, learning_rate: float = 1e-4,
                  warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
