@@ -103,8 +103,18 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def build_ranker(source: str, pooling: str | None = None, dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False, pad_token_id: int | None = None) -> nn.Module:
-    """Loads weights from a hub id or a local Hugging Face directory into the scoring module."""
+                 trust_remote_code: bool = False, pad_token_id: int | None = None, seed: int = 0) -> nn.Module:
+    """Loads weights from a hub id or a local Hugging Face directory into the scoring module.
+
+    A head the checkpoint lacks is initialised from ``seed``, whatever the global RNG: two rerankers built
+    from one model start identical, so a CL student and a KD student differ only in how they are trained.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id)
+
+
+def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> nn.Module:
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     config = _load_config(source, trust_remote_code)

@@ -177,3 +177,13 @@ def test_unknown_model_names_say_what_exists():
 def test_repr_names_the_model(tiny_model):
     ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
     assert repr(ce).startswith("CrossEncoder(") and str(tiny_model("bert")) in repr(ce)
+
+
+def test_fresh_heads_start_identical_whatever_the_global_seed(tiny_model):
+    torch.manual_seed(1)
+    a = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False)
+    assert torch.equal(a.ranker.score.weight, b.ranker.score.weight)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
