@@ -74,8 +74,12 @@ class GroupSampler:
     def __init__(self, results: pd.DataFrame, qrels: pd.DataFrame, *, group_size: int = 8, min_label: int = 1,
                  negatives_window: tuple[int, int] | None = None, insufficient: str = "skip", text_source=None,
                  text_field: str = "text", seed: int = 42):
-        if group_size < 2:
-            raise ValueError(f"group_size must be at least 2 (one positive and a negative), got {group_size}")
+        if not isinstance(group_size, (int, np.integer)) or group_size < 2:
+            raise ValueError(f"group_size must be an integer of at least 2 (one positive and a negative), "
+                             f"got {group_size!r}")
+        if negatives_window is not None and not (0 <= negatives_window[0] < negatives_window[1]):
+            raise ValueError(f"negatives_window must be (first, last) ranks with 0 <= first < last, "
+                             f"got {negatives_window!r}")
         if insufficient not in INSUFFICIENT_POLICIES:
             raise ValueError(f"insufficient must be one of {INSUFFICIENT_POLICIES}, got {insufficient!r}")
         self.group_size = group_size
@@ -87,6 +91,7 @@ class GroupSampler:
         self._build(results, qrels, min_label, negatives_window, text_source, text_field)
         if not self._queries:
             raise ValueError(f"no training group could be built: {self.stats.explain()}. "
+                             f"Each group needs {group_size - 1} negatives (group_size={group_size}). "
                              "Check that the qrels match the frame's qids and docnos, retrieve deeper, "
                              "or pass text_source= / insufficient='replace'.")
 
