@@ -111,7 +111,7 @@ class CrossEncoder(pt.Transformer):
         if len(inp) == 0:
             return pt.model.add_ranks(inp.assign(score=pd.Series(dtype="float64")))
         texts = inp[self.text_field]
-        _check_strings(inp["query"], "query")
+        _check_strings(inp["query"], "query", allow_empty=False)  # an empty query ranks by nothing: garbage
         _check_strings(texts, self.text_field)
         out = inp.assign(score=self.score_pairs(inp["query"], texts).astype("float64"))
         out = pt.model.add_ranks(out)
@@ -195,6 +195,8 @@ def _validate_result_frame(inp: pd.DataFrame, text_field: str, context) -> None:
     except pt.validate.InputValidationError as err:
         missing = [c for c in ["qid", "docno", "query", text_field] if c not in inp.columns]
         hints = []
+        if "qid" in missing:
+            hints.append("the frame needs a 'qid' column naming each row's query")
         if "docno" in missing:
             hints.append("put a first stage (for example BM25) before the reranker")
         if text_field in missing:
@@ -206,11 +208,12 @@ def _validate_result_frame(inp: pd.DataFrame, text_field: str, context) -> None:
         ) from None
 
 
-def _check_strings(column: pd.Series, name: str) -> None:
-    bad = column.map(lambda v: not isinstance(v, str))
+def _check_strings(column: pd.Series, name: str, allow_empty: bool = True, where: str = "reranking") -> None:
+    bad = column.map(lambda v: not isinstance(v, str) or (not allow_empty and not v.strip()))
     if bad.any():
         example = column[bad].iloc[0]
+        what = "not a string" if allow_empty else "empty or not a string"
         raise ValueError(
-            f"{bad.sum()} rows have a {name!r} that is not a string (for example {example!r}); "
-            f"fill or drop them before reranking, e.g. frame.dropna(subset=[{name!r}])"
+            f"{bad.sum()} rows have a {name!r} that is {what} (for example {example!r}); "
+            f"fill or drop them before {where}, e.g. frame.dropna(subset=[{name!r}])"
         )
