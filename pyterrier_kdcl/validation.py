@@ -5,7 +5,8 @@ from __future__ import annotations
 import ir_measures
 import pandas as pd
 
-from pyterrier_kdcl.reranker import CrossEncoder
+from pyterrier_kdcl.groups import _checked_qrels
+from pyterrier_kdcl.reranker import CrossEncoder, _check_strings
 
 
 class Validator:
@@ -23,10 +24,18 @@ class Validator:
             self.measure = ir_measures.parse_measure(metric)
         except (NameError, ValueError, SyntaxError) as err:
             raise ValueError(f"metric {metric!r} is not an ir_measures measure (e.g. 'nDCG@10', 'RR@10')") from err
+        _check_strings(va_res["query"], "query", allow_empty=False, where="validating")
+        _check_strings(va_res[field], field, where="validating")
+        qrels = _checked_qrels(va_qrels)
         self.reranker = reranker
         self.frame = va_res[["qid", "query", "docno", field]].astype({"qid": str, "docno": str})
-        self.qrels = pd.DataFrame({"query_id": va_qrels["qid"].astype(str), "doc_id": va_qrels["docno"].astype(str),
-                                   "relevance": va_qrels["label"].astype(int)})
+        if self.frame.empty:
+            raise ValueError("the validation frame is empty: pass va_res=None to train without validation")
+        if not self.frame["qid"].isin(set(qrels["qid"])).any():
+            # every validation would measure 0 and the "best" weights would be the first ones: refuse
+            raise ValueError(f"none of the {self.frame['qid'].nunique()} validation queries has qrels "
+                             f"(e.g. qid {self.frame['qid'].iloc[0]!r}): pass the qrels of the validation topics")
+        self.qrels = pd.DataFrame({"query_id": qrels["qid"], "doc_id": qrels["docno"], "relevance": qrels["label"]})
 
     def evaluate(self) -> float:
         scores = self.reranker.score_pairs(self.frame["query"], self.frame[self.reranker.text_field], progress=False)
