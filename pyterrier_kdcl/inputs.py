@@ -48,6 +48,7 @@ class PairEncoder:
 
     # -- tokenization -------------------------------------------------------------------------------------
     def encode(self, queries: list[str], texts: list[str]) -> list[EncodedPair]:
+        queries, texts = _valid_unicode(queries), _valid_unicode(texts)
         if self.template is None:
             return self._encode_native_pairs(queries, texts)
         return self._encode_template(queries, texts)
@@ -120,3 +121,13 @@ class PairEncoder:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             yield rows, self.collate([pairs[i] for i in rows])
+
+
+def _valid_unicode(strings) -> list[str]:
+    """Lone surrogates (text decoded with ``errors="surrogateescape"``) become "?": tokenizers refuse them."""
+    strings = list(strings)
+    try:
+        "".join(strings).encode("utf-8")
+        return strings
+    except UnicodeEncodeError:
+        return [s.encode("utf-8", "replace").decode("utf-8") for s in strings]
