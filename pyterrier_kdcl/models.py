@@ -94,7 +94,10 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        _check_local_model_dir(source)  # a saved LoRA reranker has a tokenizer but no config.json: check only now
+        if isinstance(err, ValueError):
+            raise
         raise _not_found(source, err) from err
     if tokenizer.pad_token is None:  # Llama, Gemma base and Mamba tokenizers may lack one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -124,12 +127,12 @@ def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> nn
     kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
     if pooling == "classifier":
         config.num_labels = 1
-        return ClassifierRanker(AutoModelForSequenceClassification.from_pretrained(source, **kwargs))
+        return ClassifierRanker(_from_pretrained(AutoModelForSequenceClassification, source, kwargs))
     if pooling != "last":
         raise ValueError(f"pooling must be 'classifier' or 'last', got {pooling!r}")
     head_path = Path(source) / HEAD_FILE
     if head_path.exists() or not _has_classification_head(config):
-        backbone = AutoModel.from_pretrained(source, **kwargs)
+        backbone = _from_pretrained(AutoModel, source, kwargs)
         score = nn.Linear(config.hidden_size, 1, dtype=dtype)
         _init_head(score, config)
         if head_path.exists():
@@ -137,17 +140,58 @@ def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> nn
         return LastTokenRanker(backbone, score)
     # an existing decoder reranker (e.g. Qwen2ForSequenceClassification): reuse its trunk and its head
     config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    model = _from_pretrained(AutoModelForSequenceClassification, source, kwargs)
     return LastTokenRanker(model.base_model, model.score)
+
+
+_HEAD_PARTS = {"classifier", "pre_classifier", "pooler", "score", "head"}  # may be new: training fits them
+
+
+def _from_pretrained(auto_class, source: str, kwargs: dict) -> nn.Module:
+    """``from_pretrained`` that refuses a checkpoint lacking trunk weights (transformers only warns, then scores
+    with random weights: a checkpoint from another architecture than its config.json names)."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except SafetensorError as err:
+        raise OSError(f"the weights in {source} are unreadable ({err}): the file is truncated or corrupt; "
+                      "download or save the model again") from err
+    missing = sorted(k for k in info["missing_keys"] if not _HEAD_PARTS & set(k.split(".")))
+    if missing:
+        raise ValueError(
+            f"{source}: {len(missing)} weights of its {kwargs['config'].model_type} architecture are not in the "
+            f"checkpoint (e.g. {', '.join(missing[:3])}); the weights belong to another architecture or are "
+            "incomplete. Re-download or re-save the model, or fix config.json")
+    return model
 
 
 def _load_config(source: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    _check_local_model_dir(source)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _not_found(source, err) from err
+
+
+def _check_local_model_dir(source: str) -> None:
+    """A local path that is not a Hugging Face model directory gets a message about the path, not about the Hub."""
+    path = Path(source)
+    if path.is_file():
+        raise OSError(f"{source} is a file: pass the directory that holds config.json and the weights")
+    if not path.is_dir() or (path / "config.json").exists():
+        return
+    if (path / KDCL_CONFIG).exists():
+        raise OSError(f"{source} is a reranker saved by pyterrier_kdcl: load it with "
+                      f"kdcl.CrossEncoder.load({source!r})")
+    if (path / "adapter_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise OSError(f"{source} holds a LoRA adapter without its base model ({base!r}); pyterrier_kdcl loads "
+                      "adapters only inside a reranker saved by CrossEncoder.save (its kdcl.json names the base)")
+    raise OSError(f"{source} is not a Hugging Face model directory (it has no config.json); pass a directory "
+                  "written by save_pretrained, a hub id, or a reranker saved by CrossEncoder.save via .load()")
 
 
 def _not_found(source: str, err: Exception) -> OSError:
@@ -157,6 +201,26 @@ def _not_found(source: str, err: Exception) -> OSError:
         f"cannot load model {source!r}: not a local model directory, and the Hugging Face Hub did not serve it "
         f"({err}). Use a directory that holds config.json, or a packaged model: {', '.join(OFFLINE_MODELS)}."
     )
+
+
+def max_positions(ranker: nn.Module) -> int | None:
+    """Tokens an encoder with learned absolute positions can read; None where positions do not run out."""
+    if not isinstance(ranker, ClassifierRanker):
+        return None
+    model = ranker.model.get_base_model() if has_lora(ranker) else ranker.model
+    embeddings = getattr(model.base_model, "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(positions, nn.Embedding):
+        return None
+    padding_idx = getattr(embeddings, "padding_idx", None)  # RoBERTa and MPNet count positions from padding_idx + 1
+    return positions.num_embeddings - (padding_idx + 1 if padding_idx is not None else 0)
+
+
+def check_max_length(ranker: nn.Module, max_length: int, name: str) -> None:
+    limit = max_positions(ranker)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length={max_length} is longer than the {limit} positions {name} can read; "
+                         f"use max_length={limit} or less (longer documents are truncated)")
 
 
 def _has_classification_head(config) -> bool:
@@ -233,7 +297,10 @@ def read_settings(path: Path) -> dict:
             f"{path} is not a saved pyterrier_kdcl reranker (no {KDCL_CONFIG}); "
             "to load a Hugging Face model directory use kdcl.CrossEncoder(path) instead"
         )
-    return json.loads(config_file.read_text())
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is corrupt ({err}); save the reranker again") from err
 
 
 def load_saved_ranker(path: Path, settings: dict, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -242,10 +309,20 @@ def load_saved_ranker(path: Path, settings: dict, dtype: torch.dtype, trust_remo
         return build_ranker(str(path), settings["pooling"], dtype, trust_remote_code)
     from peft import PeftModel
 
-    base = build_ranker(resolve_source(settings["base_model"]), settings["pooling"], dtype, trust_remote_code,
-                        pad_token_id=settings.get("pad_token_id"))
+    base_model = settings["base_model"]
+    try:
+        base = build_ranker(resolve_source(base_model), settings["pooling"], dtype, trust_remote_code,
+                            pad_token_id=settings.get("pad_token_id"))
+    except (OSError, ValueError) as err:
+        raise OSError(f"{path} holds a LoRA adapter whose base model {base_model!r} cannot be loaded ({err}). Put "
+                      f"the base model back, or set base_model in {path / KDCL_CONFIG} to where it is now") from err
     adapter = path / ADAPTER_DIR
-    if isinstance(base, ClassifierRanker):
-        return ClassifierRanker(PeftModel.from_pretrained(base.model, adapter, is_trainable=True))
-    base.score.load_state_dict(load_file(path / HEAD_FILE))
-    return LastTokenRanker(PeftModel.from_pretrained(base.backbone, adapter, is_trainable=True), base.score)
+    try:
+        if isinstance(base, ClassifierRanker):
+            return ClassifierRanker(PeftModel.from_pretrained(base.model, adapter, is_trainable=True))
+        base.score.load_state_dict(load_file(path / HEAD_FILE))
+        return LastTokenRanker(PeftModel.from_pretrained(base.backbone, adapter, is_trainable=True), base.score)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(f"the LoRA adapter in {path} does not fit its base model {base_model!r} "
+                         f"({type(err).__name__}: {err}); base_model in {path / KDCL_CONFIG} names another model "
+                         "than the one it was trained on") from err
