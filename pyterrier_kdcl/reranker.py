@@ -73,6 +73,7 @@ class CrossEncoder(pt.Transformer):
         if template is None and self.ranker.pooling == "last":
             template = RANKLLAMA_TEMPLATE
         self.template = template
+        models.check_max_length(self.ranker, max_length, self.model_name)
         self.max_length = max_length
         self.encoder = PairEncoder(self.tokenizer, max_length, template)
 
@@ -133,20 +134,26 @@ class CrossEncoder(pt.Transformer):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, merge_lora: bool = False, device=None, dtype=None,
-             **overrides) -> CrossEncoder:
-        """Loads what :meth:`save` wrote; ``merge_lora=True`` folds an adapter into the base weights."""
+             trust_remote_code: bool = False, **overrides) -> CrossEncoder:
+        """Loads what :meth:`save` wrote; ``merge_lora=True`` folds an adapter into the base weights.
+
+        A directory saved with ``trust_remote_code=True`` runs code it ships: it loads only when the caller
+        passes ``trust_remote_code=True`` too (a downloaded directory cannot switch it on by itself)."""
         path = Path(path)
         settings = models.read_settings(path)
+        if settings.get("trust_remote_code") and not trust_remote_code:
+            raise ValueError(f"{path} was saved with trust_remote_code=True, so loading it runs Python code from "
+                             "the model's files; if you trust them, pass trust_remote_code=True to load()")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = _resolve_dtype(dtype or settings.get("dtype"), device)
-        ranker = models.load_saved_ranker(path, settings, torch_dtype, settings.get("trust_remote_code", False))
+        ranker = models.load_saved_ranker(path, settings, torch_dtype, trust_remote_code)
         if merge_lora:
             ranker = models.merge_lora(ranker)
         kwargs = {k: settings[k] for k in ("batch_size", "max_length", "text_field", "template") if k in settings}
         kwargs.update(overrides)
-        tokenizer = models.load_tokenizer(str(path))
+        tokenizer = models.load_tokenizer(str(path), trust_remote_code)
         return cls(settings.get("model_name", str(path)), device=device, dtype=torch_dtype, _ranker=ranker,
-                   _tokenizer=tokenizer, **kwargs)
+                   _tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs)
 
     def merge_lora(self) -> CrossEncoder:
         """Folds a LoRA adapter into the base weights in place (for serving); returns self."""
