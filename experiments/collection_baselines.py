@@ -76,7 +76,8 @@ def run(dataset_id: str, models: list[str], sample: int | None) -> tuple[dict, o
         systems.append(bm25 >> reranker(dataset_id, model))
         names.append(f"BM25 >> {model}")
     start = time.time()
-    table = pt.Experiment(systems, topics, qrels, MEASURES, names=names, baseline=0, test="t", round=4)
+    table = pt.Experiment(systems, topics, qrels, MEASURES, names=names, baseline=0, test="t", round=4,
+                          validate="ignore")  # pyterrier_dr scorers cannot be inspected on an empty frame
     docs = sum(1 for _ in dataset.get_corpus_iter(verbose=False))
     info = {"dataset": dataset_id, "queries": len(topics), "docs": docs,
             "seconds": round(time.time() - start, 1), "results": table.to_dict(orient="records")}
