@@ -63,6 +63,11 @@ def checkpoint_bytes(module: nn.Module) -> int:
 def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: TrainingState) -> Path:
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # from a killed run: only one process writes here
+        shutil.rmtree(leftover, ignore_errors=True)
+    target = root / f"{PREFIX}{state.step:08d}"
+    if target.exists():  # this step is on disk already (same step, same weights): never delete a good checkpoint
+        return target
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_file(trainable_state(module), tmp / "weights.safetensors")
@@ -75,15 +80,23 @@ def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: Train
                    tmp / "optimizer.pt")
         fields = {k: v for k, v in asdict(state).items() if k != "best_weights"}
         (tmp / "state.json").write_text(json.dumps(fields))
-        target = root / f"{PREFIX}{state.step:08d}"
-        if target.exists():
-            shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as err:
+        kept = _complete(root)
+        raise OSError(err.errno, f"could not write a checkpoint to {root} ({err}); the last complete checkpoint "
+                      f"{kept[-1].name if kept else '(none)'} is kept. Free space, then fit(..., resume=True)") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in _complete(root)[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return target
+
+
+def _remove(checkpoint: Path) -> None:
+    """Renames first, so a kill during the deletion never leaves a half-deleted ``step-*`` directory."""
+    doomed = checkpoint.with_name(f".old-{checkpoint.name}")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler) -> TrainingState | None:
@@ -93,10 +106,11 @@ def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler) -> Tr
         return None
     path = complete[-1]
     weights = load_file(path / "weights.safetensors")
-    expected = {name for name, p in module.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise ValueError(f"checkpoint {path} was written for another model or LoRA setting "
-                         f"({len(set(weights) ^ expected)} parameter names differ); use a fresh output_dir")
+    expected = {name: p.shape for name, p in module.named_parameters() if p.requires_grad}
+    differ = set(weights) ^ set(expected) or {k for k in weights if weights[k].shape != expected[k]}
+    if differ:
+        raise ValueError(f"checkpoint {path} was written for another model or LoRA setting ({len(differ)} "
+                         f"parameters differ in name or shape, e.g. {sorted(differ)[0]}); use a fresh output_dir")
     module.load_state_dict(weights, strict=False)
     saved = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
