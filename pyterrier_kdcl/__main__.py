@@ -1,0 +1,7 @@
+"""``python -m pyterrier_kdcl experiment CONFIG [--out DIR]``: the ``kdcl`` command without the console script."""
+
+import sys
+
+from pyterrier_kdcl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``kdcl`` command: ``kdcl experiment CONFIG [--out DIR] [--check]``.
+
+``experiment`` validates the config, trains the teacher and the students, evaluates them with pt.Experiment and
+writes tables, plots and a verdict to ``--out`` (default ``runs/<config name>``); a rerun reuses finished work.
+``--check`` only validates the config and prints what would run and how many (query, document) pairs each
+step scores, to size a run before starting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kdcl", description="Rerankers trained by distillation vs contrastive "
+                                     "learning, in PyTerrier.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("experiment", help="run a KD-vs-CL experiment from a config file",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("config", help="a YAML or TOML experiment config (see docs/experiment.md)")
+    ex.add_argument("--out", help="output directory (default: runs/<config name>)")
+    ex.add_argument("--check", action="store_true", help="validate the config and print the plan; train nothing")
+    ex.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return experiment(args)
+
+
+def experiment(args) -> int:
+    from pyterrier_kdcl.experiment_config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: invalid config: {err}", file=sys.stderr)
+        return 2
+    from pyterrier_kdcl.experiment import ExperimentRunner, default_out
+    from pyterrier_kdcl.experiment_plan import plan
+
+    out = args.out or default_out(config)
+    if args.check:
+        print(f"config {args.config} is valid; output would go to {out}\n")
+        print(plan(config))
+        return 0
+    started = time.perf_counter()
+    result = ExperimentRunner(config, out, verbose=not args.quiet).run()
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\n{result.report.summary_markdown}\n\n{result.report.verdict}\n")
+    print(f"finished in {minutes:.1f} min; tables, plots and report.md are in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Runs the KD-vs-CL experiment of a config: train the teacher, train every student both ways, evaluate, report.
+
+Everything goes to one output directory::
+
+    config.json                     the validated config as run
+    teacher/                        model/ (CrossEncoder.save), log.csv, stage.json; done.json is written last
+    teacher-scores/                 the teacher score cache, shared by every distilled student
+    students/<name>/<CL|KD>/seed-<s>/   one training run each, laid out like teacher/
+    runs/<collection>/              pt.Experiment's save_dir: a run file per system, aggregated.csv, perquery.csv
+    tables/  plots/  report.md  timings.json
+
+A rerun reuses what is finished: a stage whose ``done.json`` carries the fingerprint of its current settings is
+not trained again, and run files of unchanged systems are read back instead of recomputed. A stage whose
+settings changed is trained afresh; a crashed stage resumes from its last checkpoint.
+
+Example::
+
+    from pyterrier_kdcl.experiment import run_experiment
+    result = run_experiment("experiments/quick.yaml", out="runs/quick")
+    print(result.summary_markdown)
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyterrier as pt
+import torch
+
+from pyterrier_kdcl import experiment_data, reporting
+from pyterrier_kdcl.experiment_config import (
+    ExperimentConfig,
+    Model,
+    Student,
+    data_label,
+    evaluation_collections,
+    load_config,
+)
+from pyterrier_kdcl.reranker import CrossEncoder
+from pyterrier_kdcl.training import ContrastiveTrainer, DistillationTrainer
+
+FORMAT = 1  # bump when a change to this file makes old stages meaningless
+DONE, STAGE = "done.json", "stage.json"
+_CL_ONLY, _KD_ONLY = {"temperature"}, {"teacher_temperature", "student_temperature"}
+_NOT_TRAINER_ARGS = _CL_ONLY | _KD_ONLY
+
+
+# -- stages ----------------------------------------------------------------------------------------------------
+def fingerprint(*parts) -> str:
+    """A short hash of JSON-able settings: what decides a stage's output."""
+    return hashlib.sha256(json.dumps([FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Stage:
+    """One training run in its own directory. ``done.json`` is written last and names the settings' fingerprint."""
+
+    path: Path
+    fingerprint: str
+    description: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def is_done(self) -> bool:
+        done = _read_json(self.path / DONE)
+        return bool(done) and done.get("fingerprint") == self.fingerprint and self.model_dir.is_dir()
+
+    def begin(self, log) -> None:
+        """Clears what other settings left here; keeps this setting's checkpoints so training resumes."""
+        started = _read_json(self.path / STAGE)
+        if self.path.exists() and (not started or started.get("fingerprint") != self.fingerprint):
+            log(f"{self.description}: settings changed since {self.path} was written; training afresh")
+            shutil.rmtree(self.path)
+        elif started:
+            log(f"{self.description}: resuming from {self.path}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / DONE).unlink(missing_ok=True)
+        _write_json(self.path / STAGE, {"fingerprint": self.fingerprint, "description": self.description})
+
+    def finish(self, info: dict) -> None:
+        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)  # the model is saved; resumption is over
+        _write_json(self.path / DONE, {"fingerprint": self.fingerprint, **info})
+
+    def info(self) -> dict:
+        return _read_json(self.path / DONE) or {}
+
+    def log_frame(self) -> pd.DataFrame | None:
+        path = self.path / "log.csv"
+        return pd.read_csv(path) if path.exists() else None
+
+
+class LazyReranker(pt.Transformer):
+    """A reranker loaded (by ``loader()``) only while it reranks, so reused runs never load a model at all."""
+
+    def __init__(self, name: str, loader):
+        self.name, self.loader = name, loader
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        if len(inp) == 0:  # pt.inspect and pt.Experiment's validation ask with an empty frame
+            return pt.model.add_ranks(inp.assign(score=pd.Series(dtype="float64")))
+        model = self.loader()
+        large = _is_large(model)
+        try:
+            return model(inp)
+        finally:
+            del model
+            _free(large)
+
+    def __repr__(self) -> str:
+        return f"LazyReranker({self.name!r})"
+
+
+def _is_large(model) -> bool:
+    ranker = getattr(model, "ranker", None)
+    return ranker is None or sum(p.numel() for p in ranker.parameters()) > 50_000_000
+
+
+def _free(large: bool) -> None:
+    """Returns a dropped model's memory; only after a large one (a full garbage collection costs ~0.3 s)."""
+    if large:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# -- results ---------------------------------------------------------------------------------------------------
+@dataclass
+class TrainedModel:
+    """A model the experiment trained or was given: where it is, and its training log."""
+
+    name: str              # "teacher" or "<student>-<objective>-s<seed>"
+    role: str              # "teacher" or "student"
+    objective: str         # "CL", "KD" or "given"
+    seed: int | None
+    fingerprint: str
+    student: str | None = None
+    loader: object = field(default=None, repr=False)
+    log: pd.DataFrame | None = field(default=None, repr=False)
+    seconds: float = 0.0
+    reused: bool = False
+
+
+@dataclass
+class CollectionResult:
+    """The evaluation of every system on one collection."""
+
+    label: str
+    in_domain: bool
+    table: pd.DataFrame          # pt.Experiment's output: means and significance against the baseline
+    perquery: pd.DataFrame       # name, qid, measure, value
+    queries: int
+    depth: int
+    seconds: float
+
+
+@dataclass
+class ExperimentResult:
+    config: ExperimentConfig
+    out: Path
+    models: list[TrainedModel]
+    collections: list[CollectionResult]
+    report: reporting.Report
+    seconds: float
+
+    @property
+    def summary_markdown(self) -> str:
+        return self.report.summary_markdown
+
+
+# -- the runner ------------------------------------------------------------------------------------------------
+class ExperimentRunner:
+    """Runs one config into one output directory. ``run()`` does everything; each step can run alone."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, *, verbose: bool = True):
+        self.config = config
+        self.out = Path(out)
+        self.verbose = verbose
+        self.timings: dict[str, float] = {}
+        self._frames: dict[str, tuple] = {}
+
+    def log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[kdcl] {message}", flush=True)
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def frames(self, data, min_label: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """(topics, qrels, candidates with text) of ``data``, built once per run."""
+        key = fingerprint(asdict(data), self.config.sample_seed, min_label)
+        if key not in self._frames:
+            started = time.perf_counter()
+            topics, qrels = experiment_data.topics_and_qrels(data, self.config.sample_seed, min_label)
+            res = experiment_data.candidates(data, topics)
+            self._frames[key] = (topics, qrels, res)
+            self.log(f"{data.dataset}: {len(topics)} queries, {len(res)} candidates "
+                     f"({time.perf_counter() - started:.1f}s)")
+        return self._frames[key]
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def new_reranker(self, spec: Model, seed: int | None = None) -> CrossEncoder:
+        """``spec`` as a CrossEncoder; with ``seed``, a fresh head is initialised from it (CL and KD start alike)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs = {"batch_size": spec.batch_size, "max_length": spec.max_length, "device": self.config.device,
+                  "verbose": self.verbose}
+        if (Path(spec.model) / "kdcl.json").exists():  # a saved CrossEncoder: continue from it
+            return CrossEncoder.load(spec.model, dtype=spec.dtype, **kwargs)
+        return CrossEncoder(spec.model, lora=spec.lora, template=spec.template, pooling=spec.pooling,
+                            dtype=spec.dtype, **kwargs)
+
+    def _load_saved(self, path: Path, spec: Model):
+        return lambda: CrossEncoder.load(path, device=self.config.device, batch_size=spec.batch_size,
+                                         verbose=self.verbose)
+
+    def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:
+        args = {k: v for k, v in self.config.training_args(spec).items() if k not in _NOT_TRAINER_ARGS}
+        if args.get("negatives_window") is not None:
+            args["negatives_window"] = tuple(args["negatives_window"])
+        # positives the first stage missed still make groups: their text comes from the collection
+        return {**args, "seed": seed, "output_dir": stage.path, "verbose": self.verbose,
+                "text_source": experiment_data.text_stage(data)}
+
+    def _data_settings(self, data) -> dict:
+        validation = asdict(self.config.validation) if self.config.validation else None
+        return {"train": asdict(data), "validation": validation, "sample_seed": self.config.sample_seed}
+
+    def _model_settings(self, spec: Model, objective: str) -> dict:
+        drop = _KD_ONLY if objective == "CL" else _CL_ONLY
+        training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
+        settings = {k: v for k, v in asdict(spec).items() if k not in ("training", "data", "name", "batch_size")}
+        return {"model": settings, "training": training, "objective": objective}
+
+    def _fit(self, trainer, stage: Stage, data, min_label: int) -> dict:
+        _, qrels, res = self.frames(data, min_label)
+        va_res = va_qrels = None
+        if self.config.validation is not None:
+            _, va_qrels, va_res = self.frames(self.config.validation, min_label)
+        started = time.perf_counter()
+        log = trainer.fit(res, qrels, va_res, va_qrels, resume=True)
+        seconds = time.perf_counter() - started
+        if not stage.model_dir.is_dir():  # a trainer that does not save by itself
+            trainer.reranker.save(stage.model_dir)
+            log.to_csv(stage.path / "log.csv", index=False)
+        stats = getattr(trainer, "group_stats", None)
+        return {"seconds": seconds, "steps": len(log), "groups": asdict(stats) if stats is not None else None,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def teacher(self) -> TrainedModel:
+        """Trains the teacher with contrastive learning (or takes it as given); reuses a finished one."""
+        cfg, spec = self.config, self.config.teacher
+        seed = spec.seed if spec.seed is not None else cfg.seeds[0]
+        if spec.train == "none":
+            fp = fingerprint("given teacher", spec.model, spec.max_length, spec.template, spec.pooling, spec.lora)
+            model = TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: self.new_reranker(spec))
+            return model
+        data = spec.data or cfg.train
+        stage = Stage(self.out / "teacher", fingerprint(self._model_settings(spec, "CL"), self._data_settings(data),
+                                                        seed), f"teacher {spec.name} ({spec.model}, CL)")
+        model = TrainedModel("teacher", "teacher", "CL", seed, stage.fingerprint,
+                             loader=self._load_saved(stage.model_dir, spec))
+        return self._run_stage(model, stage, spec, data, lambda: ContrastiveTrainer(
+            self.new_reranker(spec, seed), temperature=cfg.training_args(spec)["temperature"],
+            **self._trainer_kwargs(spec, seed, stage, data)))
+
+    def student(self, spec: Student, objective: str, seed: int, teacher: TrainedModel) -> TrainedModel:
+        """Trains one student with one objective and seed; reuses a finished one."""
+        cfg = self.config
+        parts = [self._model_settings(spec, objective), self._data_settings(cfg.train), seed]
+        if objective == "KD":
+            parts.append(teacher.fingerprint)
+        stage = Stage(self.out / "students" / spec.name / objective / f"seed-{seed}", fingerprint(*parts),
+                      f"student {spec.name} ({spec.model}, {objective}, seed {seed})")
+        model = TrainedModel(f"{spec.name}-{objective}-s{seed}", "student", objective, seed, stage.fingerprint,
+                             student=spec.name, loader=self._load_saved(stage.model_dir, spec))
+        args = cfg.training_args(spec)
+
+        def trainer():
+            kwargs = self._trainer_kwargs(spec, seed, stage, cfg.train)
+            if objective == "CL":
+                return ContrastiveTrainer(self.new_reranker(spec, seed), temperature=args["temperature"], **kwargs)
+            teacher_model = teacher.loader()  # loaded before the student: the seed fixes the student's head
+            return DistillationTrainer(self.new_reranker(spec, seed), teacher_model,
+                                       teacher_temperature=args["teacher_temperature"],
+                                       student_temperature=args["student_temperature"],
+                                       teacher_cache=self.out / "teacher-scores", **kwargs)
+
+        return self._run_stage(model, stage, spec, cfg.train, trainer)
+
+    def _run_stage(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer) -> TrainedModel:
+        if stage.is_done():
+            self.log(f"{stage.description}: done already, reusing {stage.model_dir}")
+            model.reused = True
+        else:
+            stage.begin(self.log)
+            self.log(f"{stage.description}: training")
+            min_label = self.config.training_args(spec)["min_label"]
+            trainer = make_trainer()
+            info = self._fit(trainer, stage, data, min_label)
+            large = _is_large(trainer.reranker)
+            del trainer
+            _free(large)
+            stage.finish(info)
+            self.log(f"{stage.description}: trained in {info['seconds']:.0f}s")
+        model.seconds = float(stage.info().get("seconds", 0.0))
+        model.log = stage.log_frame()
+        self.timings[f"train {model.name}"] = model.seconds
+        return model
+
+    def models(self) -> list[TrainedModel]:
+        """The teacher, then every student × objective × seed (trained in that order, teacher first)."""
+        teacher = self.teacher()
+        out = [teacher]
+        for seed in self.config.seeds:
+            for spec in self.config.students:
+                for objective in spec.objectives:
+                    out.append(self.student(spec, objective, seed, teacher))
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, models: list[TrainedModel]) -> list[CollectionResult]:
+        return [self.evaluate_collection(label, data, in_domain, models)
+                for label, data, in_domain in evaluation_collections(self.config)]
+
+    def evaluate_collection(self, label: str, data, in_domain: bool, models: list[TrainedModel]) -> CollectionResult:
+        """One ``pt.Experiment`` over BM25, the teacher and every student, with significance tests."""
+        import ir_measures
+
+        ev = self.config.evaluation
+        started = time.perf_counter()
+        topics, qrels, res = self.frames(data)
+        first = pt.Transformer.from_df(res)
+        systems = {"BM25": first}
+        systems.update({m.name: first >> LazyReranker(m.name, m.loader) for m in self._table_order(models)})
+        data_fp = fingerprint(asdict(data), self.config.sample_seed)
+        prints = {"BM25": data_fp, **{m.name: fingerprint(data_fp, m.fingerprint) for m in models}}
+        save_dir = self.out / "runs" / label
+        self._drop_stale_runs(save_dir, prints)
+        names = list(systems)
+        measures = [ir_measures.parse_measure(m) for m in ev.measures]
+        self.log(f"evaluating {len(names)} systems on {label}: {len(topics)} queries × {data.depth} candidates")
+        table = pt.Experiment(list(systems.values()), topics, qrels, measures, names=names,
+                              baseline=names.index(self._baseline_name()), test=ev.test,
+                              correction=ev.correction, correction_alpha=ev.alpha, save_dir=str(save_dir),
+                              save_mode="reuse", verbose=self.verbose)
+        perquery = pd.read_csv(save_dir / "perquery.csv", dtype={"qid": str})
+        perquery = perquery[perquery["name"].isin(names)].reset_index(drop=True)
+        seconds = time.perf_counter() - started
+        self.timings[f"evaluate {label}"] = seconds
+        return CollectionResult(label, in_domain, table, perquery, len(topics), data.depth, seconds)
+
+    def _table_order(self, models: list[TrainedModel]) -> list[TrainedModel]:
+        """The teacher, then students in config order, CL before KD, seeds in order."""
+        students = [s.name for s in self.config.students]
+
+        def key(m: TrainedModel):
+            if m.role == "teacher":
+                return (-1, 0, 0)
+            return (students.index(m.student), ("CL", "KD").index(m.objective), self.config.seeds.index(m.seed))
+
+        return sorted(models, key=key)
+
+    def _baseline_name(self) -> str:
+        baseline = self.config.evaluation.baseline
+        if baseline in ("BM25", "teacher"):
+            return baseline
+        return f"{baseline}-s{self.config.seeds[0]}"  # a student's baseline: its run with the first seed
+
+    def _drop_stale_runs(self, save_dir: Path, prints: dict[str, str]) -> None:
+        """Deletes run files written under other settings (or unreadable), then records the current settings."""
+        save_dir.mkdir(parents=True, exist_ok=True)
+        known = _read_json(save_dir / "systems.json") or {}
+        for name, fp in prints.items():
+            run = save_dir / f"{name}.res.gz"
+            if not run.exists():
+                continue
+            stale = known.get(name) != fp
+            if not stale:
+                try:
+                    pt.io.read_results(str(run))
+                except Exception:  # a run file cut short by a crash
+                    stale = True
+            if stale:
+                self.log(f"{save_dir.name}: recomputing {name} (its settings changed or its run file is broken)")
+                run.unlink()
+        _write_json(save_dir / "systems.json", {**known, **prints})
+
+    # -- everything ------------------------------------------------------------------------------------------
+    def run(self) -> ExperimentResult:
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json(self.out / "config.json", self.config.to_dict())
+        self.log(f"experiment {self.config.name!r} → {self.out}")
+        models = self.models()
+        collections = self.evaluate(models)
+        report = reporting.write_report(self.config, models, collections, self.out)
+        seconds = time.perf_counter() - started
+        _write_json(self.out / "timings.json", {
+            "total_seconds": seconds, "stages": self.timings,
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": os.cpu_count(), "python": platform.python_version()},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return ExperimentResult(self.config, self.out, models, collections, report, seconds)
+
+
+def default_out(config: str | Path | ExperimentConfig) -> Path:
+    """``runs/<config name>`` under the working directory."""
+    name = config.name if isinstance(config, ExperimentConfig) else load_config(config, check_environment=False).name
+    return Path("runs") / name
+
+
+def run_experiment(config: str | Path | dict | ExperimentConfig, out: str | Path | None = None, *,
+                   verbose: bool = True) -> ExperimentResult:
+    """Validates ``config`` (a file, dict or :class:`ExperimentConfig`), runs it into ``out``; returns the result.
+
+    ``out`` defaults to ``runs/<config name>``. A rerun into the same directory reuses every finished stage.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    return ExperimentRunner(cfg, out or default_out(cfg), verbose=verbose).run()
+
+
+__all__ = ["ExperimentResult", "ExperimentRunner", "LazyReranker", "Stage", "data_label", "default_out",
+           "run_experiment"]

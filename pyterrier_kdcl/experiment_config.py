@@ -1,0 +1,559 @@
+"""The KD-vs-CL experiment's config file: its schema, defaults and validation.
+
+A config is YAML (or TOML, or an already-parsed dict). :func:`load_config` checks it completely before anything
+is trained: unknown keys, wrong types, impossible values, dataset ids that ir_datasets does not know, kdcl
+collections that are not built, and local paths that do not exist. Every error names the key path, for example
+``students[1].training.learning_rate: expected a number, got 'fast'``. All problems are reported at once.
+
+Relative paths inside a config are relative to the config file. See ``docs/experiment.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+OBJECTIVES = ("CL", "KD")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # names become file names and table labels
+RESERVED_NAMES = {"BM25", "teacher"}
+
+# Trainer settings: the defaults of every training run, overridden by the config's top-level ``training``
+# section and then by a model's own ``training`` section. Types are checked like any other key.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "group_size": 8,               # 1 positive + 7 hard negatives (Tevatron's default)
+    "epochs": 1,
+    "batch_size": 4,               # queries (groups) per optimizer step
+    "learning_rate": 1e-4,         # suits a fresh scoring head (OFFLINE.md: 3e-5 left the loss at ln 8)
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "gradient_accumulation_steps": 1,
+    "validate_every": None,        # steps; None = once per epoch
+    "metric": "nDCG@10",           # validation metric that picks the best checkpoint
+    "patience": None,
+    "min_label": 1,
+    "negatives_window": None,      # [first, last) candidate ranks negatives are drawn from; None = all
+    "insufficient": "skip",        # a query with too few negatives: "skip" it or "replace" (draw with replacement)
+    "precision": "auto",
+    "gradient_checkpointing": False,
+    "checkpoint_every": None,      # steps between checkpoints; None = at each validation
+    "temperature": 1.0,            # contrastive (InfoNCE) temperature
+    "teacher_temperature": 2.0,    # distillation: Tevatron's reranker KD recipe
+    "student_temperature": 1.0,
+}
+_TRAINING_TYPES: dict[str, Any] = {
+    "group_size": int, "epochs": int, "batch_size": int, "learning_rate": float, "warmup_ratio": float,
+    "weight_decay": float, "max_grad_norm": float | None, "gradient_accumulation_steps": int,
+    "validate_every": int | None, "metric": str, "patience": int | None, "min_label": int,
+    "negatives_window": list[int] | None, "insufficient": Literal["skip", "replace"],
+    "precision": Literal["auto", "fp32", "bf16", "fp16"], "gradient_checkpointing": bool,
+    "checkpoint_every": int | None, "temperature": float,
+    "teacher_temperature": float, "student_temperature": float,
+}
+
+
+class ConfigError(ValueError):
+    """The config is invalid; ``problems`` lists every ``key.path: what is wrong`` found."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# -- the schema ------------------------------------------------------------------------------------------------
+@dataclass
+class FirstStage:
+    """Where candidates come from: ``bm25`` (PISA over ``index``, default the dataset's own documents),
+    ``scoreddocs`` (the dataset's own run, e.g. MS MARCO's BM25 top 1000) or ``run`` (a TREC run file)."""
+
+    kind: Literal["bm25", "scoreddocs", "run"] = "bm25"
+    index: str | None = None
+    path: str | None = None
+
+
+@dataclass
+class Data:
+    """Topics, qrels and candidates of one collection (for training, validation or evaluation)."""
+
+    dataset: str                                # "irds:<ir_datasets id>"
+    name: str | None = None                     # label in tables and file names (default: from the id)
+    queries: int | None = None                  # sample this many judged queries (seeded); None = all
+    depth: int = 100                            # first-stage candidates per query
+    first_stage: FirstStage = field(default_factory=FirstStage)
+    text: str | list[str] = "text"              # document field(s) the rerankers read (joined by a space)
+    query_field: str | None = None              # topics variant for datasets with several query fields
+    qrels_variant: str | None = None
+
+
+@dataclass
+class Model:
+    """A reranker: a packaged short name (``minilm-l6``), a hub id, a local model dir or a saved CrossEncoder."""
+
+    name: str
+    model: str
+    lora: bool | dict | None = None
+    max_length: int = 256
+    batch_size: int = 32                        # pairs per forward pass at inference
+    template: str | None = None
+    pooling: Literal["classifier", "last"] | None = None
+    dtype: str | None = None
+    training: dict = field(default_factory=dict)  # overrides of the top-level training settings
+
+
+@dataclass
+class Teacher(Model):
+    name: str = "teacher"
+    model: str = ""
+    train: Literal["contrastive", "none"] = "contrastive"  # "none": use ``model`` as it is (already trained)
+    seed: int | None = None                     # default: the first of ``seeds``
+    data: Data | None = None                    # its own training data (default: the experiment's ``train``)
+
+
+@dataclass
+class Student(Model):
+    objectives: list[Literal["CL", "KD"]] = field(default_factory=lambda: list(OBJECTIVES))
+
+
+@dataclass
+class Evaluation:
+    in_domain: list[Data]
+    out_of_domain: list[Data] = field(default_factory=list)
+    measures: list[str] = field(default_factory=lambda: ["nDCG@10", "RR@10", "R@10"])
+    main_measure: str = "nDCG@10"               # the measure of the summary table, KD−CL tests and verdict
+    baseline: str = "BM25"                      # "BM25", "teacher" or "<student>-<objective>"
+    test: Literal["t", "wilcoxon"] = "t"
+    correction: str | None = "holm"
+    alpha: float = 0.05
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    train: Data
+    teacher: Teacher
+    students: list[Student]
+    evaluation: Evaluation
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [42])
+    validation: Data | None = None
+    training: dict = field(default_factory=dict)
+    device: str | None = None
+    sample_seed: int = 0                        # which queries are sampled: fixed across seeds and systems
+    source: str | None = None                   # the file it was read from (set by load_config)
+
+    def training_args(self, model: Model) -> dict:
+        """The trainer settings of ``model``: defaults < top-level ``training`` < the model's ``training``."""
+        return {**TRAINING_DEFAULTS, **self.training, **model.training}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def load_config(config: str | os.PathLike | dict, *, check_environment: bool = True) -> ExperimentConfig:
+    """Reads and validates a config file (``.yaml``/``.yml``/``.toml``) or dict; raises :class:`ConfigError`.
+
+    ``check_environment`` also checks what lies outside the file: dataset ids, built collections, local paths.
+
+    >>> cfg = load_config("experiments/quick.yaml")  # doctest: +SKIP
+    >>> cfg.students[0].objectives
+    ['CL', 'KD']
+    """
+    base, source = Path.cwd(), None
+    if isinstance(config, dict):
+        data = config
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError([f"config file {str(path)!r} does not exist"])
+        source, base = str(path), path.resolve().parent
+        data = _parse(path)
+    problems: list[str] = []
+    cfg = _build(ExperimentConfig, data, "", problems)
+    if cfg is not None:
+        cfg.source = source
+        _check_semantics(cfg, problems)
+        if not problems:
+            _resolve_paths(cfg, base)
+        if check_environment and not problems:
+            _check_environment(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _parse(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # a parser's own message says where the syntax is wrong
+        raise ConfigError([f"cannot parse: {e}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping of keys to values"], str(path))
+    return data
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls, data, path: str, problems: list[str]):
+    """``data`` (a dict) → an instance of dataclass ``cls``, appending ``key.path: problem`` strings."""
+    if not isinstance(data, dict):
+        problems.append(f"{path or 'config'}: expected a mapping, got {_show(data)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{_join(path, key)}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        key_path = _join(path, name)
+        if name in data:
+            values[name] = _check(hints[name], data[name], key_path, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{key_path}: required key is missing")
+            values[name] = None  # reported; the rest is still checked, so one run lists every problem
+    return cls(**values)
+
+
+def _check(tp, value, path: str, problems: list[str]):
+    """``value`` checked against type ``tp`` (and converted where harmless: int → float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:  # the first option that accepts the value without a problem
+            trial: list[str] = []
+            result = _check(option, value, path, trial)
+            if not trial:
+                return result
+        if len(options) == 1:
+            return _check(options[0], value, path, problems)
+        problems.append(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{path}: expected one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {_show(value)}")
+            return []
+        return [_check(args[0], v, _join(path, i), problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_show(value)}")
+            return {}
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {_show(value)}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {_show(value)}")
+        return value
+    if tp in (str, bool) and not isinstance(value, tp):
+        problems.append(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+    return value
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+# -- meaning ---------------------------------------------------------------------------------------------------
+def data_label(data: Data) -> str:
+    """The table label of a collection: its ``name``, else the id's meaningful part (``faq/python`` → ``python``)."""
+    if data.name:
+        return data.name
+    parts = data.dataset.removeprefix("irds:").split("/")
+    parts = [p for p in parts if p not in ("kdcl", "faq", "beir", "test", "judged", "small")] or parts
+    return "-".join(parts)
+
+
+def evaluation_collections(cfg: ExperimentConfig) -> list[tuple[str, Data, bool]]:
+    """(label, data, in_domain) of every evaluation collection, in config order."""
+    return ([(data_label(d), d, True) for d in cfg.evaluation.in_domain]
+            + [(data_label(d), d, False) for d in cfg.evaluation.out_of_domain])
+
+
+def system_names(cfg: ExperimentConfig) -> list[str]:
+    """Names a baseline may take: BM25, teacher and ``<student>-<objective>``."""
+    return ["BM25", "teacher"] + [f"{s.name}-{o}" for s in cfg.students for o in s.objectives]
+
+
+def _check_semantics(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Checks what types cannot say, part by part.
+
+    A part whose types were wrong can trip a check (None where a list was due): its problem is reported
+    already, so the trip is ignored and the other parts are still checked.
+    """
+    for check in (_check_top, _check_datas, _check_models, _check_evaluation):
+        before = len(problems)
+        try:
+            check(cfg, problems)
+        except (TypeError, AttributeError, ValueError):
+            if not problems:
+                raise
+            del problems[before:]
+
+
+def _check_top(cfg: ExperimentConfig, problems: list[str]) -> None:
+    _check_name("name", cfg.name, problems)
+    if cfg.seeds is not None and not cfg.seeds:
+        problems.append("seeds: give at least one seed")
+    if cfg.seeds and len(set(map(str, cfg.seeds))) != len(cfg.seeds):
+        problems.append(f"seeds: seeds repeat: {cfg.seeds}")
+    _check_training("training", cfg.training, problems)
+
+
+def _check_datas(cfg: ExperimentConfig, problems: list[str]) -> None:
+    ev = cfg.evaluation
+    datas = [("train", cfg.train), ("validation", cfg.validation)]
+    datas += [("teacher.data", cfg.teacher.data)] if cfg.teacher else []
+    datas += [(f"evaluation.in_domain[{i}]", d) for i, d in enumerate(ev.in_domain or [])] if ev else []
+    datas += [(f"evaluation.out_of_domain[{i}]", d) for i, d in enumerate(ev.out_of_domain or [])] if ev else []
+    for path, data in datas:
+        if data is not None:
+            _check_data(path, data, problems)
+    if ev is not None:
+        if not ev.in_domain and not ev.out_of_domain:
+            problems.append("evaluation: give at least one collection in in_domain or out_of_domain")
+        labels = [label for label, _, _ in evaluation_collections(cfg)]
+        for label in sorted({x for x in labels if labels.count(x) > 1}):
+            problems.append(f"evaluation: two collections are labelled {label!r}; give them distinct 'name's")
+
+
+def _check_models(cfg: ExperimentConfig, problems: list[str]) -> None:
+    if cfg.teacher is not None:
+        _check_model("teacher", cfg.teacher, problems)
+        if not cfg.teacher.model:
+            problems.append("teacher.model: required key is missing (a model to train, or with train: none a "
+                            "trained reranker)")
+    if cfg.students is None:
+        return
+    if not cfg.students:
+        problems.append("students: give at least one student")
+    students = [(i, s) for i, s in enumerate(cfg.students) if s is not None]
+    names = [s.name for _, s in students]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"students: two students are named {name!r}; names must be unique")
+    for i, s in students:
+        _check_model(f"students[{i}]", s, problems)
+        if s.name in RESERVED_NAMES:
+            problems.append(f"students[{i}].name: {s.name!r} is reserved for a baseline system")
+        if not s.objectives:
+            problems.append(f"students[{i}].objectives: give at least one of {', '.join(OBJECTIVES)}")
+        if len(set(s.objectives)) != len(s.objectives):
+            problems.append(f"students[{i}].objectives: objectives repeat: {s.objectives}")
+
+
+def _check_evaluation(cfg: ExperimentConfig, problems: list[str]) -> None:
+    ev = cfg.evaluation
+    if ev is None:
+        return
+    measures = []
+    for i, m in enumerate(ev.measures):
+        parsed = _parse_measure(m, f"evaluation.measures[{i}]", problems)
+        if parsed is not None:
+            measures.append(parsed)
+    main = _parse_measure(ev.main_measure, "evaluation.main_measure", problems)
+    if main is not None and measures and main not in measures:
+        problems.append(f"evaluation.main_measure: {ev.main_measure!r} must be one of evaluation.measures")
+    if cfg.students is not None and all(s is not None for s in cfg.students) \
+            and ev.baseline not in system_names(cfg):
+        problems.append(f"evaluation.baseline: {ev.baseline!r} is not a system; choose one of "
+                        f"{', '.join(system_names(cfg))}")
+    if ev.correction is not None:
+        _check_correction(ev.correction, problems)
+    if not 0 < ev.alpha < 1:
+        problems.append(f"evaluation.alpha: must lie between 0 and 1, got {ev.alpha}")
+
+
+def _check_name(path: str, name: str, problems: list[str]) -> None:
+    if isinstance(name, str) and not NAME_PATTERN.match(name):
+        problems.append(f"{path}: {name!r} must start with a letter or digit and hold only letters, digits and "
+                        "._+- (it names files)")
+
+
+def _check_data(path: str, data: Data, problems: list[str]) -> None:
+    if not isinstance(data.dataset, str) or not data.dataset.startswith("irds:"):
+        problems.append(f"{path}.dataset: expected an ir_datasets id starting with 'irds:', got {_show(data.dataset)}")
+    if data.name is not None:
+        _check_name(f"{path}.name", data.name, problems)
+    if isinstance(data.queries, int) and data.queries < 1:
+        problems.append(f"{path}.queries: must be at least 1 (or null for all), got {data.queries}")
+    if isinstance(data.depth, int) and data.depth < 1:
+        problems.append(f"{path}.depth: must be at least 1, got {data.depth}")
+    fs = data.first_stage
+    if fs.kind == "run" and not fs.path:
+        problems.append(f"{path}.first_stage.path: required when kind is 'run' (a TREC run file)")
+    if fs.kind != "run" and fs.path:
+        problems.append(f"{path}.first_stage.path: only used when kind is 'run'")
+    if fs.kind != "bm25" and fs.index:
+        problems.append(f"{path}.first_stage.index: only used when kind is 'bm25'")
+    if isinstance(data.text, list) and not data.text:
+        problems.append(f"{path}.text: give at least one document field")
+
+
+def _check_model(path: str, model: Model, problems: list[str]) -> None:
+    _check_name(f"{path}.name", model.name, problems)
+    if isinstance(model.max_length, int) and model.max_length < 16:
+        problems.append(f"{path}.max_length: must be at least 16, got {model.max_length}")
+    if isinstance(model.batch_size, int) and model.batch_size < 1:
+        problems.append(f"{path}.batch_size: must be at least 1, got {model.batch_size}")
+    if model.dtype is not None and model.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        problems.append(f"{path}.dtype: expected float32, bfloat16 or float16, got {_show(model.dtype)}")
+    if model.template is not None and ("{query}" not in model.template or "{text}" not in model.template):
+        problems.append(f"{path}.template: must contain {{query}} and {{text}}")
+    _check_training(f"{path}.training", model.training, problems)
+
+
+def _check_training(path: str, training: dict, problems: list[str]) -> None:
+    for key, value in training.items():
+        if key not in _TRAINING_TYPES:
+            close = difflib.get_close_matches(str(key), _TRAINING_TYPES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_TRAINING_TYPES)}"
+            problems.append(f"{_join(path, key)}: unknown training setting{hint}")
+            continue
+        trial: list[str] = []
+        checked = _check(_TRAINING_TYPES[key], value, _join(path, key), trial)
+        problems.extend(trial)
+        if not trial:
+            training[key] = checked
+    positive = ("group_size", "epochs", "batch_size", "gradient_accumulation_steps", "validate_every", "patience",
+                "checkpoint_every",
+                "learning_rate", "temperature", "teacher_temperature", "student_temperature")
+    for key in positive:
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"{_join(path, key)}: must be positive, got {value}")
+    window = training.get("negatives_window")
+    if isinstance(window, list) and (len(window) != 2 or not 0 <= window[0] < window[1]):
+        problems.append(f"{_join(path, 'negatives_window')}: expected [first, last] ranks with first < last, "
+                        f"got {window}")
+    if isinstance(training.get("group_size"), int) and training["group_size"] < 2:
+        problems.append(f"{_join(path, 'group_size')}: needs a positive and at least one negative (>= 2)")
+    if "metric" in training and isinstance(training["metric"], str):
+        _parse_measure(training["metric"], _join(path, "metric"), problems)
+
+
+def _parse_measure(name: str, path: str, problems: list[str]):
+    import ir_measures
+
+    try:
+        return ir_measures.parse_measure(name)
+    except Exception:
+        problems.append(f"{path}: {name!r} is not an ir_measures measure (e.g. nDCG@10, RR@10, R@100)")
+        return None
+
+
+def _check_correction(method: str, problems: list[str]) -> None:
+    try:
+        from statsmodels.stats.multitest import multipletests
+
+        multipletests([0.01, 0.02], method=method)
+    except ImportError:
+        problems.append("evaluation.correction: needs statsmodels (pip install statsmodels)")
+    except Exception:
+        problems.append(f"evaluation.correction: {method!r} is not a statsmodels multipletests method "
+                        "(e.g. holm, bonferroni, fdr_bh)")
+
+
+# -- paths and the world outside the file ----------------------------------------------------------------------
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("./", "../", "/", "~")) or value.startswith(".\\")
+
+
+def _resolve(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
+    for model in [cfg.teacher, *cfg.students]:
+        if isinstance(model.model, str) and (_looks_like_path(model.model) or (base / model.model).exists()):
+            model.model = _resolve(model.model, base)
+    for data in _all_data(cfg):
+        if data.first_stage.path:
+            data.first_stage.path = _resolve(data.first_stage.path, base)
+
+
+def _all_data(cfg: ExperimentConfig) -> list[Data]:
+    datas = [cfg.train, cfg.validation, cfg.teacher.data, *cfg.evaluation.in_domain, *cfg.evaluation.out_of_domain]
+    return [d for d in datas if d is not None]
+
+
+def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
+    import ir_datasets
+
+    from pyterrier_kdcl import datasets as kdcl_datasets  # registers the kdcl collections
+    from pyterrier_kdcl.datasets import registry
+
+    paths = {id(d): p for p, d in [("train", cfg.train), ("validation", cfg.validation),
+                                   ("teacher.data", cfg.teacher.data)] if d is not None}
+    paths.update({id(d): f"evaluation.in_domain[{i}]" for i, d in enumerate(cfg.evaluation.in_domain)})
+    paths.update({id(d): f"evaluation.out_of_domain[{i}]" for i, d in enumerate(cfg.evaluation.out_of_domain)})
+    for data in _all_data(cfg):
+        path = paths[id(data)]
+        ids = [(f"{path}.dataset", data.dataset)]
+        if data.first_stage.index:
+            ids.append((f"{path}.first_stage.index", "irds:" + data.first_stage.index.removeprefix("irds:")))
+        for key, dataset_id in ids:
+            bare = dataset_id.removeprefix("irds:")
+            if bare not in ir_datasets.registry:
+                close = difflib.get_close_matches(bare, list(ir_datasets.registry), n=1)
+                hint = f"; did you mean 'irds:{close[0]}'?" if close else ""
+                problems.append(f"{key}: ir_datasets does not know {dataset_id!r}{hint}")
+                continue
+            folder = registry.collection_of(bare)
+            if folder is not None and not kdcl_datasets.is_built(folder.name):
+                problems.append(f"{key}: the kdcl collection {folder.name!r} is not built; build it once with "
+                                "`python -m pyterrier_kdcl.datasets build`")
+        if data.first_stage.path and not Path(data.first_stage.path).is_file():
+            problems.append(f"{path}.first_stage.path: run file {data.first_stage.path!r} does not exist")
+    models = [("teacher.model", cfg.teacher)] + [(f"students[{i}].model", s) for i, s in enumerate(cfg.students)]
+    for key, model in models:
+        if model.model and _looks_like_path(model.model) and not Path(model.model).exists():
+            problems.append(f"{key}: local model {model.model!r} does not exist")

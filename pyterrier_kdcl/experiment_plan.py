@@ -1,0 +1,104 @@
+"""What a config will run, and roughly what it costs, before anything runs (``kdcl experiment --check``).
+
+On a CPU, evaluation costs as much as training: every reranker scores queries × depth pairs per collection.
+The plan counts the (query, document) pairs each step scores or trains on, and for the packaged models
+estimates CPU minutes from speeds measured on a 2-core AMD EPYC (AVX2, fp32) — a guide for sizing a config,
+not a promise. Counts use the sampled query numbers (or ir_datasets' query counts when a collection is used
+whole), so they are upper bounds: queries without a judged positive among the candidates are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pyterrier_kdcl.experiment_config import ExperimentConfig, Model, evaluation_collections
+
+# pairs per second at max_length 128 on the 2-core CPU: (inference, training incl. backward and AdamW)
+CPU_PAIRS_PER_SECOND = {
+    "minilm-l3": (70.0, 19.0),
+    "minilm-l6": (35.0, 9.5),
+    "mpnet-base": (7.0, 1.9),
+    "gemma3-270m": (3.5, 1.2),
+}
+
+
+def _queries(data) -> int | None:
+    if data.queries is not None:
+        return data.queries
+    try:
+        import ir_datasets
+
+        import pyterrier_kdcl.datasets  # noqa: F401 — registers the kdcl collections
+
+        return ir_datasets.load(data.dataset.removeprefix("irds:")).queries_count()
+    except Exception:
+        return None
+
+
+def _speed(model: Model, training: bool) -> float | None:
+    speeds = CPU_PAIRS_PER_SECOND.get(model.model)
+    if speeds is None:
+        return None
+    # attention is a small share at these lengths: cost grows about linearly with the tokens per pair
+    return speeds[1 if training else 0] * 128 / max(model.max_length, 64)
+
+
+def _minutes(pairs: int | None, speed: float | None) -> float | None:
+    return None if pairs is None or speed is None else pairs / speed / 60
+
+
+def plan(cfg: ExperimentConfig) -> str:
+    """A table of steps with pair counts and rough CPU minutes."""
+    rows: list[tuple[str, int | None, float | None]] = []
+    n_val = _queries(cfg.validation) if cfg.validation else 0
+    val_depth = cfg.validation.depth if cfg.validation else 0
+
+    def training_rows(label: str, model: Model, data, objective: str, seeds: int) -> None:
+        args = cfg.training_args(model)
+        n = _queries(data)
+        pairs = None if n is None else n * args["group_size"] * args["epochs"]
+        steps = None if n is None else math.ceil(n / args["batch_size"]) * args["epochs"]
+        validations = 0
+        if cfg.validation and steps:
+            validations = args["epochs"] if not args["validate_every"] else math.ceil(steps / args["validate_every"])
+        val_pairs = None if n_val is None else n_val * val_depth * validations
+        train_min = _minutes(pairs, _speed(model, True))
+        val_min = _minutes(val_pairs, _speed(model, False))
+        total = None if train_min is None or val_min is None else (train_min + val_min) * seeds
+        count = None if pairs is None else (pairs + (val_pairs or 0)) * seeds
+        times = f" × {seeds} seeds" if seeds > 1 else ""
+        rows.append((f"train {label} ({model.model}, {objective}){times}: {pairs} pairs, {validations} "
+                     f"validations of {val_pairs if validations else 0} pairs", count, total))
+
+    teacher = cfg.teacher
+    if teacher.train != "none":
+        training_rows("teacher", teacher, teacher.data or cfg.train, "CL", 1)
+    kd_students = [s for s in cfg.students if "KD" in s.objectives]
+    if kd_students:
+        args = cfg.training_args(kd_students[0])
+        n = _queries(cfg.train)
+        pairs = None if n is None else n * args["group_size"] * args["epochs"] * len(cfg.seeds)
+        rows.append((f"teacher scores for distillation (cached; shared by {len(kd_students)} students)", pairs,
+                     _minutes(pairs, _speed(teacher, False))))
+    for s in cfg.students:
+        for objective in s.objectives:
+            training_rows(s.name, s, cfg.train, objective, len(cfg.seeds))
+    rerankers = [teacher] + [s for s in cfg.students for _ in s.objectives for _ in cfg.seeds]
+    for label, data, in_domain in evaluation_collections(cfg):
+        n = _queries(data)
+        pairs = None if n is None else n * data.depth
+        minutes = [_minutes(pairs, _speed(m, False)) for m in rerankers]
+        total = None if any(m is None for m in minutes) else sum(minutes)
+        where = "in domain" if in_domain else "out of domain"
+        rows.append((f"evaluate on {label} ({where}): {n} queries × {data.depth} candidates × {len(rerankers)} "
+                     "rerankers", None if pairs is None else pairs * len(rerankers), total))
+    lines = [f"{'pairs':>10}  {'~CPU min':>8}  step"]
+    for text, pairs, minutes in rows:
+        shown = "?" if minutes is None else f"{minutes:.1f}"
+        lines.append(f"{'?' if pairs is None else pairs:>10}  {shown:>8}  {text}")
+    known = [m for _, _, m in rows if m is not None]
+    if len(known) == len(rows):
+        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core EPYC, fp32; plus model loading)")
+    else:
+        lines.append("\n'?': no CPU speed on record for that model (or no query count); run it to find out")
+    return "\n".join(lines)

@@ -1,0 +1,403 @@
+"""The KD-vs-CL experiment runner end to end on tiny models and a tiny local ir_datasets collection.
+
+The collection is registered here from files in a temporary folder (docs, queries, qrels, a scoreddocs run and a
+TREC run file), so every first-stage kind runs without network or built collections.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pyterrier_kdcl import experiment as experiment_module
+from pyterrier_kdcl.experiment import ExperimentRunner, run_experiment
+from pyterrier_kdcl.experiment_config import ConfigError, load_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TOPICS = "read write open close list copy move print change install remove link".split()
+PREFIX = "kdcl-test-experiment"
+
+
+def _write_collection(root: Path) -> None:
+    """Docs about 12 topics; queries ask for one topic; the relevant doc says the topic word twice."""
+    rng = random.Random(0)
+    filler = "system file user data command option value page text manual".split()
+    docs, queries, qrels, scored = [], {}, [], []
+    for t, word in enumerate(TOPICS):
+        for k in range(3):
+            body = " ".join(rng.choice(filler) for _ in range(12))
+            text = f"how to {word} {word} things {body}" if k == 0 else f"{body} {word} {rng.choice(TOPICS)}"
+            docs.append((f"d{t}-{k}", text))
+    for split, count in (("train", 16), ("dev", 6), ("test", 8), ("ood", 6)):
+        queries[split] = []
+        for i in range(count):
+            t = (i * 5 + len(split)) % len(TOPICS)
+            qid = f"{split}{i}"
+            queries[split].append((qid, f"{TOPICS[t]} a thing number {i}"))
+            qrels.append((split, qid, f"d{t}-0"))
+            others = rng.sample([d for d, _ in docs if not d.startswith(f"d{t}-")], 5)
+            for r, docno in enumerate([f"d{t}-0", *others]):
+                scored.append((split, qid, docno, r))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "docs.tsv").write_text("".join(f"{d}\t{t}\n" for d, t in docs))
+    for split, rows in queries.items():
+        (root / f"{split}.queries.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in rows))
+        (root / f"{split}.qrels").write_text("".join(f"{q} 0 {d} 1\n" for s, q, d in qrels if s == split))
+        # the positive is not always first: rotate it to rank 2 for half the queries
+        lines = []
+        for s, q, d, r in scored:
+            if s == split:
+                rank = (r + 2) % 6 if int(q[len(split):]) % 2 else r
+                lines.append(f"{q} Q0 {d} {rank + 1} {10 - rank} fixture\n")
+        (root / f"{split}.run").write_text("".join(lines))
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory):
+    """Registers irds:kdcl-test-experiment/{train,dev,test,ood}; returns the folder with its files."""
+    import ir_datasets
+    from ir_datasets.datasets.base import Dataset
+    from ir_datasets.formats import TrecQrels, TrecScoredDocs, TsvDocs, TsvQueries
+    from ir_datasets.util import LocalDownload
+
+    root = tmp_path_factory.mktemp("collection")
+    _write_collection(root)
+    docs = TsvDocs(LocalDownload(root / "docs.tsv"), namespace=PREFIX, lang="en")
+    for split in ("train", "dev", "test", "ood"):
+        name = f"{PREFIX}/{split}"
+        if name not in ir_datasets.registry:
+            ir_datasets.registry.register(name, Dataset(
+                docs, TsvQueries(LocalDownload(root / f"{split}.queries.tsv"), namespace=PREFIX, lang="en"),
+                TrecQrels(LocalDownload(root / f"{split}.qrels"), {1: "relevant"}),
+                TrecScoredDocs(LocalDownload(root / f"{split}.run"))))
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models gain nothing from a second thread, and on a busy machine OpenMP's waiting for it costs 100×
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory, monkeypatch):
+    # BM25 indexes of non-kdcl datasets go under KDCL_DATA/indexes: keep them out of the user's data
+    monkeypatch.setenv("KDCL_DATA", str(tmp_path_factory.getbasetemp() / "kdcl-data"))
+
+
+def tiny_config(tiny_model, collection: Path) -> dict:
+    bert, bert2 = str(tiny_model("bert")), str(tiny_model("bert", seed=1))
+    qwen = str(tiny_model("qwen2"))
+    return {
+        "name": "tiny",
+        "description": "tiny models on a tiny collection",
+        "seeds": [1, 2],
+        "train": {"dataset": f"irds:{PREFIX}/train", "depth": 6},
+        "validation": {"dataset": f"irds:{PREFIX}/dev", "depth": 5},
+        "training": {"group_size": 4, "batch_size": 4, "learning_rate": 1e-3, "validate_every": 2},
+        "teacher": {"model": bert, "max_length": 32, "training": {"epochs": 2}},
+        "students": [
+            {"name": "bert-small", "model": bert2, "max_length": 32},
+            {"name": "qwen-lora", "model": qwen, "lora": {"r": 4, "lora_alpha": 8}, "max_length": 32,
+             "objectives": ["CL", "KD"]},
+        ],
+        "evaluation": {
+            "in_domain": [{"dataset": f"irds:{PREFIX}/test", "depth": 5, "name": "tiny-test"}],
+            "out_of_domain": [
+                {"dataset": f"irds:{PREFIX}/ood", "depth": 5, "name": "ood-scored",
+                 "first_stage": {"kind": "scoreddocs"}},
+                {"dataset": f"irds:{PREFIX}/ood", "depth": 4, "name": "ood-run", "queries": 5,
+                 "first_stage": {"kind": "run", "path": str(collection / "ood.run")}},
+            ],
+            "measures": ["nDCG@10", "RR@10", "R@3"],
+        },
+    }
+
+
+class Counter:
+    """Counts trainer constructions by wrapping the trainer classes the runner uses."""
+
+    def __init__(self, monkeypatch):
+        self.made: list[str] = []
+        for name in ("ContrastiveTrainer", "DistillationTrainer"):
+            original = getattr(experiment_module, name)
+
+            def make(*args, _original=original, _name=name, **kwargs):
+                self.made.append(f"{_name}:{kwargs['output_dir']}")
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(experiment_module, name, make)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, collection, tmp_path_factory):
+    """One complete run of the tiny config (shared: it is the expensive part)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tiny_model, collection)
+    result = run_experiment(copy.deepcopy(cfg), out, verbose=False)
+    return cfg, out, result
+
+
+def test_end_to_end_writes_models_runs_tables_plots_and_verdict(finished_run):
+    cfg, out, result = finished_run
+    assert (out / "teacher" / "model" / "kdcl.json").exists() and (out / "teacher" / "done.json").exists()
+    for student in ("bert-small", "qwen-lora"):
+        for objective in ("CL", "KD"):
+            for seed in (1, 2):
+                stage = out / "students" / student / objective / f"seed-{seed}"
+                assert (stage / "done.json").exists() and (stage / "model" / "kdcl.json").exists()
+                assert not (stage / "checkpoints").exists()  # removed once the model is saved
+                assert len(pd.read_csv(stage / "log.csv")) > 0
+    assert any((out / "teacher-scores").iterdir())  # the KD students' teacher score cache
+    systems = ["BM25", "teacher"] + [f"{s}-{o}-s{seed}" for s in ("bert-small", "qwen-lora") for o in ("CL", "KD")
+                                     for seed in (1, 2)]
+    for label in ("tiny-test", "ood-scored", "ood-run"):
+        runs = out / "runs" / label
+        assert {f"{n}.res.gz" for n in systems} <= {p.name for p in runs.iterdir()}
+        assert (runs / "perquery.csv").exists()
+        table = pd.read_csv(out / "tables" / f"{label}.csv")
+        assert list(table["name"]) == systems
+        for m in ("nDCG@10", "RR@10", "R@3"):
+            for column in (m, f"{m} +", f"{m} -", f"{m} p-value", f"{m} p-value corrected", f"{m} reject"):
+                assert column in table.columns, column
+        assert table.loc[table["name"] == "BM25", "nDCG@10 p-value"].isna().all()  # the baseline
+        assert table.loc[table["name"] != "BM25", "nDCG@10 p-value"].notna().any()
+        means = pd.read_csv(out / "tables" / f"{label}.mean.csv")
+        assert list(means["system"]) == ["BM25", "teacher", "bert-small CL", "bert-small KD", "qwen-lora CL",
+                                         "qwen-lora KD"]
+        assert means.loc[2:, "nDCG@10 std"].notna().all()  # two seeds
+        assert (out / "tables" / f"{label}.md").read_text().startswith("| name |")
+    # a reranked run holds exactly the first stage's candidates
+    bm25 = pd.read_csv(out / "runs" / "ood-run" / "BM25.res.gz", sep=r"\s+", header=None)
+    student = pd.read_csv(out / "runs" / "ood-run" / "qwen-lora-KD-s1.res.gz", sep=r"\s+", header=None)
+    assert len(bm25) == len(student) == 5 * 4
+
+    summary = pd.read_csv(out / "tables" / "summary.csv")
+    assert list(summary["system"]) == ["BM25", "teacher", "bert-small CL", "bert-small KD", "qwen-lora CL",
+                                       "qwen-lora KD"]
+    for column in ("tiny-test", "ood-scored", "ood-run", "OOD mean", "OOD mean std"):
+        assert column in summary.columns
+    ood = summary[["ood-scored", "ood-run"]].mean(axis=1)
+    assert (summary["OOD mean"] - ood).abs().max() < 1e-9  # per-seed OOD means averaged = mean of means
+    summary_md = (out / "tables" / "summary.md").read_text()
+    assert "tiny-test (in domain)" in summary_md and " ± " in summary_md
+
+    kd = pd.read_csv(out / "tables" / "kd_vs_cl.csv")
+    assert set(kd["student"]) == {"bert-small", "qwen-lora"}
+    pooled = kd[kd["scope"] == "pooled"]
+    assert set(pooled["collection"]) == {"in domain (tiny-test)", "out of domain"}
+    for column in ("CL", "KD", "KD-CL", "CI low", "CI high", "p", "p (Holm)", "significant", "winner"):
+        assert column in kd.columns
+    row = kd[(kd["scope"] == "collection") & (kd["collection"] == "tiny-test")].iloc[0]
+    assert row["queries"] == 8 and abs(row["KD"] - row["CL"] - row["KD-CL"]) < 1e-9
+    ood_rows = kd[(kd["student"] == "bert-small") & (kd["scope"] == "collection") & ~kd["in_domain"]]
+    assert pooled[(pooled["student"] == "bert-small") & ~pooled["in_domain"]]["queries"].item() == \
+        ood_rows["queries"].sum()
+
+    for plot in ("kd_minus_cl.png", "training_curves.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "Verdict" in report and "bert-small" in report and "plots/kd_minus_cl.png" in report
+    assert "Verdict" in result.report.verdict
+    assert json.loads((out / "timings.json").read_text())["total_seconds"] > 0
+
+
+def test_rerun_reuses_every_stage_and_run(finished_run, monkeypatch):
+    cfg, out, first = finished_run
+    counter = Counter(monkeypatch)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a finished model was loaded again")
+
+    monkeypatch.setattr(experiment_module.CrossEncoder, "load", no_loading)
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.res.gz")}
+    result = run_experiment(copy.deepcopy(cfg), out, verbose=False)
+    assert counter.made == []
+    assert all(m.reused for m in result.models)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.res.gz")} == before
+    pd.testing.assert_frame_equal(result.report.summary, first.report.summary)
+
+
+def test_changed_setting_retrains_only_what_depends_on_it(finished_run, tmp_path, monkeypatch):
+    cfg, out, _ = finished_run
+    shutil.copytree(out, tmp_path / "out")
+    cfg = copy.deepcopy(cfg)
+    cfg["students"][0]["training"] = {"teacher_temperature": 4.0}  # a KD setting of one student
+    counter = Counter(monkeypatch)
+    result = run_experiment(cfg, tmp_path / "out", verbose=False)
+    students = tmp_path / "out" / "students" / "bert-small" / "KD"
+    assert sorted(counter.made) == [f"DistillationTrainer:{students / 'seed-1'}",
+                                    f"DistillationTrainer:{students / 'seed-2'}"]
+    assert sorted(m.name for m in result.models if not m.reused) == ["bert-small-KD-s1", "bert-small-KD-s2"]
+    changed = json.loads((tmp_path / "out" / "runs" / "tiny-test" / "systems.json").read_text())
+    unchanged = json.loads((out / "runs" / "tiny-test" / "systems.json").read_text())
+    assert {n for n in changed if changed[n] != unchanged[n]} == {"bert-small-KD-s1", "bert-small-KD-s2"}
+
+
+def test_a_crashed_stage_resumes_from_its_checkpoint(tiny_model, collection, tmp_path, monkeypatch):
+    from pyterrier_kdcl.training import RerankerTrainer
+
+    cfg = tiny_config(tiny_model, collection)
+    cfg.update(seeds=[1], students=cfg["students"][:1])
+    cfg["students"][0]["objectives"] = ["CL"]
+    cfg["evaluation"] = {"in_domain": cfg["evaluation"]["in_domain"], "baseline": "teacher"}
+    cfg["training"].update(checkpoint_every=1, validate_every=None)
+    original = RerankerTrainer._step
+    calls = {"n": 0}
+
+    def crash_at_the_fourth_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RerankerTrainer, "_step", crash_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    teacher = tmp_path / "teacher"
+    assert not (teacher / "done.json").exists() and any((teacher / "checkpoints").iterdir())
+    fits = []
+    original_fit = RerankerTrainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        fits.append(kwargs.get("resume"))
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(RerankerTrainer, "fit", recording_fit)
+    result = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    assert fits == [True, True]
+    log = result.models[0].log
+    assert list(log["step"]) == list(range(1, len(log) + 1))  # resumed: the steps before the crash are kept
+    assert calls["n"] == 4 + (len(log) - 3) + len(result.models[1].log)
+
+
+def test_a_given_teacher_is_used_as_is(finished_run, tiny_model, collection, tmp_path, monkeypatch):
+    _, out, _ = finished_run
+    cfg = tiny_config(tiny_model, collection)
+    cfg.update(seeds=[1], students=cfg["students"][:1])
+    cfg["evaluation"]["out_of_domain"] = []
+    cfg["teacher"] = {"model": str(out / "teacher" / "model"), "train": "none", "batch_size": 8}
+    counter = Counter(monkeypatch)
+    result = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    assert not (tmp_path / "teacher").exists()
+    assert len(counter.made) == 2 and all("students" in m for m in counter.made)
+    assert result.models[0].objective == "given"
+    given = pd.read_csv(tmp_path / "tables" / "tiny-test.csv").set_index("name")
+    trained = pd.read_csv(out / "tables" / "tiny-test.csv").set_index("name")
+    assert given.loc["teacher", "nDCG@10"] == pytest.approx(trained.loc["teacher", "nDCG@10"])
+
+
+# -- configs -----------------------------------------------------------------------------------------------------
+def _problems(cfg: dict, **kwargs) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, **kwargs)
+    return err.value.problems
+
+
+def test_config_errors_name_the_key_path(tiny_model, collection):
+    good = tiny_config(tiny_model, collection)
+    load_config(copy.deepcopy(good))  # valid as it is
+
+    bad = copy.deepcopy(good)
+    bad["students"][1]["objectivs"] = ["KD"]
+    bad["students"][0]["training"] = {"learning_rate": "fast", "epoch": 2}
+    bad["teacher"]["max_length"] = "long"
+    bad["evaluation"]["measures"] = ["nDCG@10", "NotAMeasure"]
+    bad["evaluation"]["baseline"] = "nobody"
+    bad["evaluation"]["out_of_domain"][0]["first_stage"]["kind"] = "dense"
+    bad["seeds"] = [1, "two"]
+    del bad["train"]
+    problems = "\n".join(_problems(bad))
+    for expected in (
+        "students[1].objectivs: unknown key; did you mean 'objectives'?",
+        "students[0].training.learning_rate: expected a number, got 'fast'",
+        "students[0].training.epoch: unknown training setting; did you mean 'epochs'?",
+        "teacher.max_length: expected an integer, got 'long'",
+        "evaluation.measures[1]: 'NotAMeasure' is not an ir_measures measure",
+        "evaluation.baseline: 'nobody' is not a system",
+        "evaluation.out_of_domain[0].first_stage.kind: expected one of 'bm25', 'scoreddocs', 'run', got 'dense'",
+        "seeds[1]: expected an integer, got 'two'",
+        "train: required key is missing",
+    ):
+        assert expected in problems, f"{expected!r} not in:\n{problems}"
+
+
+def test_config_errors_for_things_outside_the_file(tiny_model, collection, tmp_path):
+    bad = tiny_config(tiny_model, collection)
+    bad["teacher"]["model"] = "./no/such/model"
+    bad["evaluation"]["out_of_domain"][1]["first_stage"]["path"] = str(tmp_path / "missing.run")
+    bad["evaluation"]["in_domain"][0]["dataset"] = f"irds:{PREFIX}/tset"
+    problems = "\n".join(_problems(bad))
+    assert "teacher.model: local model" in problems and "does not exist" in problems
+    assert "evaluation.out_of_domain[1].first_stage.path: run file" in problems
+    assert f"evaluation.in_domain[0].dataset: ir_datasets does not know 'irds:{PREFIX}/tset'; did you mean " \
+           f"'irds:{PREFIX}/test'?" in problems
+    assert load_config(bad, check_environment=False)  # the schema alone is fine
+
+
+def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_path):
+    cfg = tiny_config(tiny_model, collection)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ood.run").write_text((collection / "ood.run").read_text())
+    cfg["evaluation"]["out_of_domain"][1]["first_stage"]["path"] = "runs/ood.run"
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path)
+    assert loaded.evaluation.out_of_domain[1].first_stage.path == str(tmp_path / "runs" / "ood.run")
+    assert loaded.source == str(path)
+    path.write_text("name: x\n  bad: [indent")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["quick", "cpu-paper", "cpu-llm", "paper"])
+def test_shipped_configs_parse_and_validate(name):
+    path = EXPERIMENTS / f"{name}.yaml"
+    cfg = load_config(path, check_environment=False)
+    assert cfg.students and (cfg.evaluation.in_domain or cfg.evaluation.out_of_domain)
+    assert all({"CL", "KD"} <= set(s.objectives) for s in cfg.students)
+    try:
+        load_config(path)
+    except ConfigError as err:  # only collections not built on this machine may be missing
+        assert all("is not built" in p for p in err.problems), err.problems
+
+
+def test_check_prints_the_plan_and_trains_nothing(tiny_model, collection, tmp_path, capsys):
+    from pyterrier_kdcl.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_model, collection)))
+    assert main(["experiment", str(path), "--check", "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "train teacher" in text and "evaluate on ood-run" in text and "5 queries × 4 candidates" in text
+    assert not (tmp_path / "out").exists()
+    path.write_text(yaml.safe_dump({**tiny_config(tiny_model, collection), "sedes": [1]}))
+    assert main(["experiment", str(path)]) == 2
+    assert "sedes: unknown key; did you mean 'seeds'?" in capsys.readouterr().err
+
+
+def test_plan_of_the_quick_config_fits_its_budget():
+    from pyterrier_kdcl.experiment_plan import plan
+
+    text = plan(load_config(EXPERIMENTS / "quick.yaml", check_environment=False))
+    minutes = float(text.rsplit("about ", 1)[1].split(" CPU minutes")[0])
+    assert minutes <= 17, text  # 20 minutes on the 2-core CPU, with room for loading and first stages
+
+
+def test_runner_steps_can_run_alone(finished_run, tiny_model, collection):
+    cfg, out, _ = finished_run
+    runner = ExperimentRunner(load_config(copy.deepcopy(cfg)), out, verbose=False)
+    teacher = runner.teacher()
+    assert teacher.reused and teacher.log is not None and {"step", "loss", "metric"} <= set(teacher.log.columns)
