@@ -218,8 +218,8 @@ def _check(folder: Path, splits: list[str]) -> None:
         assert meta["counts"][split]["queries"] == len(queries) == queries.qid.nunique()
         assert set(qrels.qid) == set(queries.qid) and set(qrels.label) == {"1"}
         assert set(qrels.docno) <= set(docs)
-        text = dict(zip(queries.qid, queries["query"]))
-        for qid, docno in zip(qrels.qid, qrels.docno):
+        text = dict(zip(queries.qid, queries["query"], strict=True))
+        for qid, docno in zip(qrels.qid, qrels.docno, strict=True):
             assert not collection.leaks(text[qid], docs[docno]["text"]), (qid, docno)
     for name, digest in meta["files"].items():
         assert collection._sha256(folder / name) == digest, name

@@ -67,7 +67,8 @@ def _rst_sections(source: str) -> list[tuple[int, str, str]]:
         heads.append((i, nxt, styles.index(style), title))
         i = nxt
     ends = [h[0] for h in heads[1:]] + [len(lines)]
-    return [(level, title, "\n".join(lines[start:end])) for (_, start, level, title), end in zip(heads, ends)]
+    pairs = zip(heads, ends, strict=True)
+    return [(level, title, "\n".join(lines[start:end])) for (_, start, level, title), end in pairs]
 
 
 def python_pairs(pkg: Package) -> Iterable[tuple[str, str, str]]:

@@ -103,9 +103,7 @@ class _Escapes:
                 out.append("-")
             elif e in "e\\E":
                 out.append("\\")
-            elif e in " ~0":
-                out.append(" ")
-            elif e == "t":
+            elif e in " ~0t":
                 out.append(" ")
             elif e in "&)%|^:c{}pdruaRjO!?":
                 pass
