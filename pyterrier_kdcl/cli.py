@@ -47,6 +47,8 @@ def experiment(args) -> int:
         return 0
     started = time.perf_counter()
     result = ExperimentRunner(config, out, verbose=not args.quiet).run()
+    if result is None:  # not the main process of a multi-process run: that one reports
+        return 0
     minutes = (time.perf_counter() - started) / 60
     print(f"\n{result.report.summary_markdown}\n\n{result.report.verdict}\n")
     print(f"finished in {minutes:.1f} min; tables, plots and report.md are in {out}")

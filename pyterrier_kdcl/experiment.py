@@ -55,6 +55,31 @@ _CL_ONLY, _KD_ONLY = {"temperature"}, {"teacher_temperature", "student_temperatu
 _NOT_TRAINER_ARGS = _CL_ONLY | _KD_ONLY
 
 
+# -- processes -------------------------------------------------------------------------------------------------
+class Processes:
+    """One process, or several under ``accelerate launch`` / ``torchrun``: all of them train (DDP, through the
+    trainer's Accelerator); only the main one writes stage markers, evaluates and reports."""
+
+    def __init__(self):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState()
+
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    @property
+    def device(self):
+        return None if self.state is None else self.state.device
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
 # -- stages ----------------------------------------------------------------------------------------------------
 def fingerprint(*parts) -> str:
     """A short hash of JSON-able settings: what decides a stage's output."""
@@ -93,8 +118,14 @@ class Stage:
         done = _read_json(self.path / DONE)
         return bool(done) and done.get("fingerprint") == self.fingerprint and self.model_dir.is_dir()
 
-    def begin(self, log) -> None:
+    def begin(self, log, processes: Processes | None = None) -> None:
         """Clears what other settings left here; keeps this setting's checkpoints so training resumes."""
+        processes = processes or Processes()
+        if processes.is_main:
+            self._begin(log)
+        processes.wait()
+
+    def _begin(self, log) -> None:
         started = _read_json(self.path / STAGE)
         if self.path.exists() and (not started or started.get("fingerprint") != self.fingerprint):
             log(f"{self.description}: settings changed since {self.path} was written; training afresh")
@@ -105,9 +136,12 @@ class Stage:
         (self.path / DONE).unlink(missing_ok=True)
         _write_json(self.path / STAGE, {"fingerprint": self.fingerprint, "description": self.description})
 
-    def finish(self, info: dict) -> None:
-        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)  # the model is saved; resumption is over
-        _write_json(self.path / DONE, {"fingerprint": self.fingerprint, **info})
+    def finish(self, info: dict, processes: Processes | None = None) -> None:
+        processes = processes or Processes()
+        if processes.is_main:
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)  # the model is saved; resuming is over
+            _write_json(self.path / DONE, {"fingerprint": self.fingerprint, **info})
+        processes.wait()
 
     def info(self) -> dict:
         return _read_json(self.path / DONE) or {}
@@ -205,9 +239,11 @@ class ExperimentRunner:
         self.verbose = verbose
         self.timings: dict[str, float] = {}
         self._frames: dict[str, tuple] = {}
+        self.processes = Processes()
+        self.device = config.device or self.processes.device  # under DDP, each process its own GPU
 
     def log(self, message: str) -> None:
-        if self.verbose:
+        if self.verbose and self.processes.is_main:
             print(f"[kdcl] {message}", flush=True)
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -228,7 +264,7 @@ class ExperimentRunner:
         """``spec`` as a CrossEncoder; with ``seed``, a fresh head is initialised from it (CL and KD start alike)."""
         if seed is not None:
             torch.manual_seed(seed)
-        kwargs = {"batch_size": spec.batch_size, "max_length": spec.max_length, "device": self.config.device,
+        kwargs = {"batch_size": spec.batch_size, "max_length": spec.max_length, "device": self.device,
                   "verbose": self.verbose}
         if (Path(spec.model) / "kdcl.json").exists():  # a saved CrossEncoder: continue from it
             return CrossEncoder.load(spec.model, dtype=spec.dtype, **kwargs)
@@ -236,7 +272,7 @@ class ExperimentRunner:
                             dtype=spec.dtype, **kwargs)
 
     def _load_saved(self, path: Path, spec: Model):
-        return lambda: CrossEncoder.load(path, device=self.config.device, batch_size=spec.batch_size,
+        return lambda: CrossEncoder.load(path, device=self.device, batch_size=spec.batch_size,
                                          verbose=self.verbose)
 
     def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:
@@ -265,7 +301,7 @@ class ExperimentRunner:
         started = time.perf_counter()
         log = trainer.fit(res, qrels, va_res, va_qrels, resume=True)
         seconds = time.perf_counter() - started
-        if not stage.model_dir.is_dir():  # a trainer that does not save by itself
+        if not stage.model_dir.is_dir() and self.processes.is_main:  # a trainer that does not save by itself
             trainer.reranker.save(stage.model_dir)
             log.to_csv(stage.path / "log.csv", index=False)
         stats = getattr(trainer, "group_stats", None)
@@ -318,7 +354,7 @@ class ExperimentRunner:
             self.log(f"{stage.description}: done already, reusing {stage.model_dir}")
             model.reused = True
         else:
-            stage.begin(self.log)
+            stage.begin(self.log, self.processes)
             self.log(f"{stage.description}: training")
             min_label = self.config.training_args(spec)["min_label"]
             trainer = make_trainer()
@@ -326,8 +362,8 @@ class ExperimentRunner:
             large = _is_large(trainer.reranker)
             del trainer
             _free(large)
-            stage.finish(info)
-            self.log(f"{stage.description}: trained in {info['seconds']:.0f}s")
+            stage.finish(info, self.processes)
+            self.log(f"{stage.description}: trained in {info['seconds']:.1f}s")
         model.seconds = float(stage.info().get("seconds", 0.0))
         model.log = stage.log_frame()
         self.timings[f"train {model.name}"] = model.seconds
@@ -412,12 +448,17 @@ class ExperimentRunner:
         _write_json(save_dir / "systems.json", {**known, **prints})
 
     # -- everything ------------------------------------------------------------------------------------------
-    def run(self) -> ExperimentResult:
+    def run(self) -> ExperimentResult | None:
+        """Trains what is not trained yet, evaluates and reports. Under several processes all of them train
+        and the main one evaluates and reports; the others return None."""
         started = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "config.json", self.config.to_dict())
+        if self.processes.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _write_json(self.out / "config.json", self.config.to_dict())
         self.log(f"experiment {self.config.name!r} → {self.out}")
         models = self.models()
+        if not self.processes.is_main:
+            return None
         collections = self.evaluate(models)
         report = reporting.write_report(self.config, models, collections, self.out)
         seconds = time.perf_counter() - started
@@ -436,7 +477,7 @@ def default_out(config: str | Path | ExperimentConfig) -> Path:
 
 
 def run_experiment(config: str | Path | dict | ExperimentConfig, out: str | Path | None = None, *,
-                   verbose: bool = True) -> ExperimentResult:
+                   verbose: bool = True) -> ExperimentResult | None:
     """Validates ``config`` (a file, dict or :class:`ExperimentConfig`), runs it into ``out``; returns the result.
 
     ``out`` defaults to ``runs/<config name>``. A rerun into the same directory reuses every finished stage.

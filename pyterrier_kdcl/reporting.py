@@ -325,26 +325,34 @@ def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def plot_training_curves(models, path: Path, window: int = 10) -> Path | None:
-    """Training loss (moving average over ``window`` steps) and validation metric per step, one line per model."""
-    logs = [(m.name, m.log) for m in models if m.log is not None and len(m.log)]
+def plot_training_curves(models, path: Path, metric: str = "metric", window: int = 10) -> Path | None:
+    """Loss per step (moving average over ``window`` steps) for CL and for KD runs — their scales differ — and the
+    validation metric per step; one colour per model throughout."""
+    logs = [m for m in models if m.log is not None and len(m.log)]
     if not logs:
         return None
     plt = _pyplot()
-    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, log in logs:
+    fig, (cl_ax, kd_ax, metric_ax) = plt.subplots(1, 3, figsize=(14, 3.9))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(logs):
+        colour, style = colours[i % len(colours)], ("-", "--", ":", "-.")[(i // len(colours)) % 4]
+        log = m.log
         loss = log["loss"].rolling(window, min_periods=1).mean()
-        (line,) = loss_ax.plot(log["step"], loss, label=name, linewidth=1.2)
+        (kd_ax if m.objective == "KD" else cl_ax).plot(log["step"], loss, color=colour, linestyle=style,
+                                                       label=m.name, linewidth=1.2)
         if "metric" in log and log["metric"].notna().any():
             valid = log[log["metric"].notna()]
-            metric_ax.plot(valid["step"], valid["metric"], marker="o", markersize=3, color=line.get_color(),
-                           label=name, linewidth=1.2)
-    loss_ax.set(xlabel="step", ylabel=f"training loss (moving average, {window} steps)", title="Loss")
-    metric_ax.set(xlabel="step", ylabel="validation metric", title="Validation")
-    if not metric_ax.lines:
-        metric_ax.text(0.5, 0.5, "no validation set configured", ha="center", va="center",
-                       transform=metric_ax.transAxes)
-    loss_ax.legend(fontsize=7)
+            metric_ax.plot(valid["step"], valid["metric"], marker="o", markersize=3, color=colour, linestyle=style,
+                           label=m.name, linewidth=1.2)
+    cl_ax.set(xlabel="step", ylabel=f"loss (moving average of {window} steps)", title="CL: InfoNCE")
+    kd_ax.set(xlabel="step", title="KD: KL to the teacher")
+    metric_ax.set(xlabel="step", ylabel=f"validation {metric}", title="Validation")
+    for ax in (cl_ax, kd_ax, metric_ax):
+        if ax.lines:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no validation set" if ax is metric_ax else "no such runs", ha="center",
+                    va="center", transform=ax.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -378,7 +386,8 @@ def write_report(config, models, collections, out: Path) -> Report:
     save(kd, "kd_vs_cl")
     text = verdict(config, summary, kd)
     plot_files = [plot_kd_minus_cl(config, kd, plots / "kd_minus_cl.png"),
-                  plot_training_curves(models, plots / "training_curves.png")]
+                  plot_training_curves(models, plots / "training_curves.png",
+                                       _measure(config.training_args(config.teacher)["metric"]))]
     files.extend(p for p in plot_files if p is not None)
     report = _report_markdown(config, summary_md, kd, text, per_collection, models, plot_files, out)
     (out / "report.md").write_text(report, encoding="utf-8")
@@ -399,6 +408,6 @@ def _report_markdown(config, summary_md, kd, text, per_collection, models, plot_
     trained = [m for m in models if m.objective != "given"]
     if trained:
         rows = pd.DataFrame([{"model": m.name, "objective": m.objective, "seed": m.seed,
-                              "training seconds": round(m.seconds), "reused": m.reused} for m in trained])
+                              "training seconds": round(m.seconds, 1), "reused": m.reused} for m in trained])
         parts += ["## Training", markdown(rows)]
     return "\n\n".join(p for p in parts if p) + "\n"
