@@ -1,0 +1,250 @@
+"""Serving rerankers: an opt-in fast CPU path, and scoring sharded across worker processes or devices.
+
+* :func:`optimize_for_cpu` quantises a ``CrossEncoder``'s linear layers to int8 in place (dynamic
+  quantisation: int8 weights, activations quantised per batch). The reranker keeps its one scoring path —
+  ``score_pairs``/``transform`` call the same ``ranker`` module, now with int8 matrix products.
+* :class:`ShardedScorer` reranks a result frame with several copies of one reranker, one worker process per
+  device (or several CPU workers), each query's rows all in one shard. The merged frame has the scores,
+  ranks and row order that the single-process reranker gives.
+
+What it never does: an optimised reranker is for inference only — train and save the float32 model, and
+optimise after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import torch
+from torch import nn
+
+from pyterrier_kdcl import models
+from pyterrier_kdcl.reranker import CrossEncoder, _check_strings, _validate_result_frame
+
+OPTIMIZATIONS = ("int8",)
+_MIN_QUANTIZED_FEATURES = 16  # one-logit scoring heads stay float32: they cost nothing and set the scale
+
+
+def optimize_for_cpu(reranker: CrossEncoder, method: str = "int8") -> CrossEncoder:
+    """Makes ``reranker`` faster on CPU, in place, and returns it: dynamic int8 quantisation of its linear layers.
+
+    See ``benchmarks/README.md`` for its speed and effectiveness against float32. Scores change slightly (int8
+    rounding), rankings barely. Activations are quantised with one scale per batch, so a pair's int8 score also
+    varies slightly with the other pairs in its batch (float32 scores do not). A LoRA adapter is merged first.
+    The reranker can no longer be trained or saved: keep the float32 checkpoint and optimise after loading it.
+
+    Example::
+
+        reranker = optimize_for_cpu(kdcl.CrossEncoder.load("my-reranker", device="cpu"))
+        pipeline = bm25 >> pt.text.get_text(dataset, "text") >> reranker
+
+    Args:
+        method: ``"int8"`` (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` but one-logit heads).
+    """
+    if not isinstance(reranker, CrossEncoder):
+        raise TypeError(f"optimize_for_cpu needs a kdcl.CrossEncoder, got {type(reranker).__name__}")
+    if method not in OPTIMIZATIONS:
+        raise ValueError(f"method must be one of {OPTIMIZATIONS}, got {method!r}")
+    if reranker.device.type != "cpu":
+        raise ValueError(
+            f"optimize_for_cpu quantises for CPU, but {reranker!r} is on {reranker.device}; on a GPU load it in "
+            "bfloat16 instead: kdcl.CrossEncoder.load(path, dtype='bf16')"
+        )
+    if is_optimized(reranker):
+        return reranker
+    if reranker.dtype != torch.float32:
+        raise ValueError(f"int8 quantisation starts from float32 weights; {reranker!r} is {reranker.dtype}: "
+                         "load it with dtype='fp32'")
+    if models.has_lora(reranker.ranker):
+        reranker.merge_lora()
+    ranker = reranker.ranker.eval()
+    targets = {name for name, module in ranker.named_modules()
+               if isinstance(module, nn.Linear) and module.out_features >= _MIN_QUANTIZED_FEATURES}
+    if not targets:
+        raise ValueError(f"{reranker!r} has no linear layers to quantise")
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is deprecated in favour of torchao, but its fbgemm kernels are still the
+        # fastest CPU int8 path in torch 2.13: per-token int8 through torch._int_mm measured 2-4x slower here
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+        reranker.ranker = torch.ao.quantization.quantize_dynamic(ranker, targets, dtype=torch.qint8, inplace=True)
+    reranker.ranker.requires_grad_(False)
+    reranker.optimized = method
+    return reranker
+
+
+def is_optimized(reranker: CrossEncoder) -> bool:
+    """Whether :func:`optimize_for_cpu` has been applied (such a reranker scores, but neither trains nor saves)."""
+    return getattr(reranker, "optimized", None) is not None
+
+
+# -- sharded scoring ---------------------------------------------------------------------------------------------
+class ShardedScorer(pt.Transformer):
+    """Reranks with one copy of a reranker per worker process, each query's rows in one shard; results as one.
+
+    Workers start at the first non-empty frame (``pt.Experiment`` probes with empty frames first, which are
+    answered without them), each loading the reranker saved with ``CrossEncoder.save``, and stay up for the
+    next frames until :meth:`close` (or the end of the program, or a ``with`` block).
+
+    Example::
+
+        reranker = kdcl.CrossEncoder.load("my-reranker")
+        with ShardedScorer(reranker, devices=["cuda:0", "cuda:1"]) as sharded:   # or workers=2 on CPU
+            pt.Experiment([bm25 >> text >> reranker, bm25 >> text >> sharded], topics, qrels, ["nDCG@10"])
+
+    Scripts that use it need the ``if __name__ == "__main__":`` guard: workers start with ``spawn``.
+
+    Args:
+        reranker: a ``CrossEncoder`` (saved once to a temporary directory) or the directory of a saved one.
+        devices: one worker per entry (``"cuda:0"``, ``"cpu"``); default every CUDA device, else ``workers``
+            CPU workers.
+        workers: number of CPU workers when ``devices`` is not given (default 2).
+        threads: torch threads per CPU worker (default: the cores shared out between them).
+        optimize: ``"int8"`` applies :func:`optimize_for_cpu` in each CPU worker.
+        batch_size, max_length: override the saved settings in the workers.
+    """
+
+    schematic = {"label": "ShardedScorer"}
+
+    def __init__(self, reranker: CrossEncoder | str | os.PathLike, *, devices: list[str] | None = None,
+                 workers: int | None = None, threads: int | None = None, optimize: str | None = None,
+                 batch_size: int | None = None, max_length: int | None = None, verbose: bool = False):
+        if optimize is not None and optimize not in OPTIMIZATIONS:
+            raise ValueError(f"optimize must be None or one of {OPTIMIZATIONS}, got {optimize!r}")
+        if devices is None:
+            gpus = torch.cuda.device_count()
+            devices = [f"cuda:{i}" for i in range(gpus)] if gpus and workers is None else ["cpu"] * (workers or 2)
+        elif workers is not None and workers != len(devices):
+            raise ValueError(f"workers={workers} but {len(devices)} devices: give one or the other")
+        if not devices:
+            raise ValueError("ShardedScorer needs at least one device or worker")
+        if optimize and any(torch.device(d).type != "cpu" for d in devices):
+            raise ValueError("optimize='int8' is a CPU path; on GPUs save and load the reranker in bfloat16")
+        self.devices = [str(d) for d in devices]
+        cpu_workers = sum(torch.device(d).type == "cpu" for d in self.devices)
+        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+        self.optimize = optimize
+        self.overrides = {k: v for k, v in (("batch_size", batch_size), ("max_length", max_length)) if v is not None}
+        self.verbose = verbose
+        self._tmp = None
+        if isinstance(reranker, CrossEncoder):
+            if is_optimized(reranker):
+                raise ValueError("pass the float32 reranker with optimize='int8': an optimised one cannot be saved")
+            self.text_field = reranker.text_field
+            self.name = repr(reranker)
+            self._tmp = tempfile.mkdtemp(prefix="kdcl-sharded-")
+            self.path = Path(self._tmp) / "reranker"
+            reranker.save(self.path)
+        else:
+            self.path = Path(reranker)
+            settings = models.read_settings(self.path)  # fails early, with a clear message, on a wrong directory
+            self.text_field = settings.get("text_field", "text")
+            self.name = f"CrossEncoder.load({str(self.path)!r})"
+        self._pools: list[ProcessPoolExecutor] | None = None
+        self._stop = None  # stops the running workers: on close(), garbage collection or exit
+        if self._tmp is not None:  # the saved copy outlives close(), so that the next frame can restart workers
+            weakref.finalize(self, shutil.rmtree, self._tmp, True)
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        _validate_result_frame(inp, self.text_field, self)
+        if len(inp) == 0:
+            return pt.model.add_ranks(inp.assign(score=pd.Series(dtype="float64")))
+        _check_strings(inp["query"], "query")
+        _check_strings(inp[self.text_field], self.text_field)
+        scores = self.score_pairs(inp["qid"], inp["query"], inp[self.text_field])
+        out = pt.model.add_ranks(inp.assign(score=scores.astype("float64")))
+        return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+    def score_pairs(self, qids, queries, texts) -> np.ndarray:
+        """Scores in input order; rows sharing a qid are scored by the same worker."""
+        queries, texts = np.asarray(list(queries), dtype=object), np.asarray(list(texts), dtype=object)
+        shards = shard_by_query(np.asarray(list(qids)), len(self.devices))
+        pools = self._start()
+        futures = [(rows, pool.submit(_score, queries[rows].tolist(), texts[rows].tolist()))
+                   for rows, pool in zip(shards, pools) if len(rows)]
+        out = np.empty(len(queries), dtype=np.float32)
+        for rows, future in futures:
+            out[rows] = future.result()
+        return out
+
+    # -- workers -------------------------------------------------------------------------------------------------
+    def _start(self) -> list[ProcessPoolExecutor]:
+        if self._pools is None:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
+            self._pools = [
+                ProcessPoolExecutor(1, mp_context=context, initializer=_load_worker,
+                                    initargs=(str(self.path), device, self.threads, self.optimize, self.overrides,
+                                              self.verbose))
+                for device in self.devices
+            ]
+            self._stop = weakref.finalize(self, _shutdown, self._pools)
+        return self._pools
+
+    def close(self) -> None:
+        """Stops the workers (the next frame starts them again)."""
+        if self._stop is not None:
+            self._stop()
+        self._pools = self._stop = None
+
+    def __enter__(self) -> ShardedScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ShardedScorer({self.name}, devices={self.devices})"
+
+
+def score_sharded(reranker: CrossEncoder | str | os.PathLike, frame: pd.DataFrame, **kwargs) -> pd.DataFrame:
+    """Reranks ``frame`` once with a :class:`ShardedScorer` (same arguments), then stops its workers."""
+    with ShardedScorer(reranker, **kwargs) as scorer:
+        return scorer(frame)
+
+
+def shard_by_query(qids: np.ndarray, shards: int) -> list[np.ndarray]:
+    """Row positions per shard: whole queries, largest first onto the least-loaded shard (balanced by rows)."""
+    codes = pd.factorize(qids)[0]
+    sizes = np.bincount(codes)
+    loads = [0] * shards
+    owner = np.empty(len(sizes), dtype=np.int64)
+    for query in np.argsort(-sizes, kind="stable"):
+        shard = loads.index(min(loads))
+        owner[query] = shard
+        loads[shard] += sizes[query]
+    row_owner = owner[codes]
+    return [np.flatnonzero(row_owner == shard) for shard in range(shards)]
+
+
+def _shutdown(pools: list[ProcessPoolExecutor]) -> None:
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- inside a worker process -------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _load_worker(path: str, device: str, threads: int, optimize: str | None, overrides: dict, verbose: bool):
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads)
+    reranker = CrossEncoder.load(path, device=device, verbose=verbose, **overrides)
+    if optimize:
+        optimize_for_cpu(reranker, optimize)
+    _WORKER["reranker"] = reranker
+
+
+def _score(queries: list[str], texts: list[str]) -> np.ndarray:
+    return _WORKER["reranker"].score_pairs(queries, texts)

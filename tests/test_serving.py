@@ -1,0 +1,148 @@
+"""The fast CPU path (int8) against float32, and sharded scoring against single-process scoring."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import pyterrier_kdcl as kdcl
+from pyterrier_kdcl import models
+from pyterrier_kdcl.serving import ShardedScorer, is_optimized, optimize_for_cpu, score_sharded, shard_by_query
+
+TEXTS = ["read from a file descriptor", "list directory contents and more", "copy files and directories",
+         "print a line of text to the standard output, then a newline", "change file mode bits",
+         "open and possibly create a file", "the quick brown fox jumps over the lazy dog"]
+QUERIES = ["read file", "how do I list a directory", "copy", "print text", "file permissions"]
+
+
+def frame(n_queries=5, docs_per_query=6):
+    rows = [{"qid": f"q{q}", "query": QUERIES[q % len(QUERIES)], "docno": f"d{q}-{d}",
+             "text": " ".join(TEXTS[(q + d + i) % len(TEXTS)] for i in range(1 + d % 3))}
+            for q in range(n_queries) for d in range(docs_per_query)]
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=0).reset_index(drop=True)  # qids interleaved
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny BERT reranker whose scores spread (a default-initialised tiny model scores every pair alike)."""
+    from tiny_models import tiny_config, wordpiece_tokenizer
+    from transformers import BertForSequenceClassification
+
+    source = tmp_path_factory.mktemp("tiny-bert-wide")
+    tokenizer = wordpiece_tokenizer()
+    config = tiny_config("bert", len(tokenizer))
+    config.update({"num_labels": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                   "initializer_range": 0.1})
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    path = tmp_path_factory.mktemp("serving") / "reranker"
+    kdcl.CrossEncoder(source, verbose=False, device="cpu", batch_size=4).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded(saved):
+    scorer = ShardedScorer(saved, workers=2, threads=1)
+    yield scorer
+    scorer.close()
+
+
+# -- int8 ------------------------------------------------------------------------------------------------------
+def test_int8_scores_are_close_to_float32_and_rank_alike(saved):
+    inp = frame()
+    fp32 = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)
+    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    assert is_optimized(int8) and not is_optimized(fp32)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.ranker.modules())
+    a, b = fp32.score_pairs(inp["query"], inp["text"]), int8.score_pairs(inp["query"], inp["text"])
+    spread = a.max() - a.min()
+    assert spread > 0.1
+    assert np.abs(a - b).max() < 0.15 * spread
+    assert spearmanr(a, b).statistic > 0.9
+    out = int8(inp)
+    assert len(out) == len(inp) and out.groupby("qid")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+
+
+def test_int8_keeps_one_logit_heads_in_float32(saved):
+    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    classifier = int8.ranker.model.classifier
+    assert type(classifier) is torch.nn.Linear and classifier.weight.dtype == torch.float32
+
+
+def test_int8_is_idempotent_and_answers_empty_frames(saved):
+    reranker = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    assert optimize_for_cpu(reranker) is reranker
+    assert len(reranker(frame().iloc[:0])) == 0
+
+
+def test_int8_merges_a_lora_adapter_first(tiny_model):
+    reranker = kdcl.CrossEncoder(tiny_model("bert"), lora={"r": 4}, device="cpu", verbose=False)
+    inp = frame(2, 3)
+    before = reranker.score_pairs(inp["query"], inp["text"])
+    optimize_for_cpu(reranker)
+    assert not models.has_lora(reranker.ranker)
+    after = reranker.score_pairs(inp["query"], inp["text"])
+    assert np.abs(after - before).max() < 0.1 * (before.max() - before.min()) + 1e-3
+
+
+def test_unknown_method_is_refused(saved):
+    with pytest.raises(ValueError, match="int8"):
+        optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int4")
+
+
+# -- sharding ---------------------------------------------------------------------------------------------------
+def test_shards_hold_whole_queries_and_balance_rows():
+    qids = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 3 + ["d"] * 1 + ["a"])
+    shards = shard_by_query(qids, 2)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(qids)))
+    owners = [{q for q in qids[rows]} for rows in shards]
+    assert not owners[0] & owners[1]
+    assert sorted(len(rows) for rows in shards) == [6, 7]
+    assert [len(rows) for rows in shard_by_query(qids, 8)].count(0) == 4
+
+
+def test_sharded_scoring_equals_single_process(saved, sharded):
+    inp = frame()
+    single = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)(inp)
+    out = sharded(inp)
+    pd.testing.assert_frame_equal(out.drop(columns="score"), single.drop(columns="score"))
+    np.testing.assert_allclose(out["score"], single["score"], rtol=0, atol=1e-6)
+    again = sharded(inp.iloc[::-1])  # workers stay up between frames
+    pd.testing.assert_frame_equal(again, out)
+
+
+def test_sharded_scoring_answers_empty_frames_without_workers(saved):
+    scorer = ShardedScorer(saved, workers=2)
+    out = scorer(frame().iloc[:0])
+    assert len(out) == 0 and {"qid", "docno", "score", "rank"} <= set(out.columns)
+    assert scorer._pools is None
+    single = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)(frame().iloc[:0])
+    assert list(out.columns) == list(single.columns)
+
+
+def test_sharded_scoring_from_a_reranker_object_with_fewer_queries_than_workers(tiny_model):
+    reranker = kdcl.CrossEncoder(tiny_model("bert"), device="cpu", verbose=False)
+    inp = frame(1, 5)
+    out = score_sharded(reranker, inp, workers=2, threads=1)
+    np.testing.assert_allclose(out["score"], reranker(inp)["score"], rtol=0, atol=1e-6)
+
+
+def test_sharded_int8_scores_like_int8_in_process(saved):
+    """Not bit for bit: dynamic quantisation scales activations per batch, and shards batch differently."""
+    inp = frame()
+    local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))(inp)
+    out = score_sharded(saved, inp, workers=2, threads=1, optimize="int8")
+    merged = local.merge(out, on=["qid", "docno"], suffixes=("_local", "_sharded"))
+    assert len(merged) == len(inp)
+    spread = np.ptp(merged["score_local"])
+    assert np.abs(merged["score_local"] - merged["score_sharded"]).max() < 0.15 * spread
+    assert spearmanr(merged["score_local"], merged["score_sharded"]).statistic > 0.9
+
+
+def test_sharding_refuses_optimised_rerankers_and_wrong_directories(saved, tmp_path):
+    with pytest.raises(ValueError, match="float32 reranker"):
+        ShardedScorer(optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)))
+    with pytest.raises(FileNotFoundError, match="not a saved pyterrier_kdcl reranker"):
+        ShardedScorer(tmp_path)
