@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+
+from pyterrier_kdcl.inputs import PairEncoder  # noqa: E402
 
 DATASET = "kdcl/manpages/test"
 
@@ -83,6 +84,55 @@ def fixed_head_checkpoint(model: str = "minilm-l6", seed: int = 0) -> Path:
         torch.manual_seed(seed)
         kdcl.CrossEncoder(model, device="cpu", verbose=False).save(path)
     return path
+
+
+class PrecutPairEncoder(PairEncoder):
+    """``PairEncoder`` that tokenizes only a prefix of long documents: the change recommended for ``inputs.py``.
+
+    The model sees at most ``max_length`` tokens, yet the tokenizer reads every character of a document first
+    (man pages average 34 KB; tokenizing them costs as much as the model's forward pass). A document longer
+    than ``CHARS_PER_TOKEN * max_length`` characters is cut at the last space before that point: the tokens of
+    a prefix that ends at a space are the first tokens of the whole text for tokenizers that split words at
+    whitespace (WordPiece, byte-level BPE, Metaspace). Where the prefix yields too few tokens to fill the budget
+    (long unbroken strings), the pair is encoded again from the whole text, so the ids are always those of
+    ``PairEncoder``.
+    """
+
+    CHARS_PER_TOKEN = 12  # English averages 4-5 characters per word piece
+
+    def encode(self, queries, texts):
+        texts = list(texts)
+        limit = self.CHARS_PER_TOKEN * self.max_length
+        cut = [t[: max(t.rfind(" ", 0, limit), 1)] if len(t) > limit else t for t in texts]
+        pairs = super().encode(queries, cut)
+        again = [i for i, p in enumerate(pairs) if cut[i] is not texts[i] and len(p.input_ids) < self.max_length]
+        if again:
+            redone = super().encode([queries[i] for i in again], [texts[i] for i in again])
+            for i, pair in zip(again, redone):
+                pairs[i] = pair
+        return pairs
+
+
+def with_precut(reranker):
+    """The reranker with :class:`PrecutPairEncoder` in place of its encoder (same model, same settings)."""
+    reranker.encoder = PrecutPairEncoder(reranker.tokenizer, reranker.max_length, reranker.template)
+    return reranker
+
+
+class ForwardTimer:
+    """Seconds spent inside ``module.forward`` (the model alone: no tokenization, batching or copying)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.seconds = 0.0
+        self._start = None
+        module.register_forward_pre_hook(self._before)
+        module.register_forward_hook(self._after)
+
+    def _before(self, *_):
+        self._start = time.perf_counter()
+
+    def _after(self, *_):
+        self.seconds += time.perf_counter() - self._start
 
 
 # -- hardware ------------------------------------------------------------------------------------------------
