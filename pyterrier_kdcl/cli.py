@@ -45,6 +45,9 @@ def experiment(args) -> int:
         print(f"config {args.config} is valid; output would go to {out}\n")
         print(plan(config))
         return 0
+    if not args.quiet:
+        print(f"plan of {args.config} (rough CPU minutes for packaged models; see --check):\n{plan(config)}\n",
+              flush=True)
     started = time.perf_counter()
     result = ExperimentRunner(config, out, verbose=not args.quiet).run()
     if result is None:  # not the main process of a multi-process run: that one reports

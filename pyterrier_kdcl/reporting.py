@@ -39,8 +39,9 @@ class Report:
 # -- systems ---------------------------------------------------------------------------------------------------
 def system_groups(config) -> list[dict]:
     """Every row of the summary: its label, student, objective, and its system names (one per seed)."""
+    teacher = "teacher" if config.teacher.name == "teacher" else f"teacher {config.teacher.name}"
     rows = [{"system": "BM25", "student": None, "objective": None, "names": ["BM25"]},
-            {"system": "teacher", "student": None, "objective": "CL" if config.teacher.train != "none" else "given",
+            {"system": teacher, "student": None, "objective": "CL" if config.teacher.train != "none" else "given",
              "names": ["teacher"]}]
     for s in config.students:
         for o in s.objectives:
@@ -262,7 +263,7 @@ def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame) -> str:
 def _teacher_sentence(summary: pd.DataFrame, main: str) -> str:
     """KD can only pass on what the teacher knows: say how the teacher compares with its students."""
     cols = [c for c in summary.columns if c not in ("system", "student", "objective") and not c.endswith(" std")]
-    teacher = summary[summary["system"] == "teacher"]
+    teacher = summary[summary["student"].isna() & (summary["system"] != "BM25")]
     students = summary[summary["student"].notna()]
     if teacher.empty or students.empty or not cols:
         return ""
