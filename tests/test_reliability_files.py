@@ -26,6 +26,15 @@ from pyterrier_kdcl.artifacts import fetch, file_sha256
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def scores(ce):
     return ce.score_pairs(["read a file", "copy"], ["read from a file descriptor", "copy files"], progress=False)
 

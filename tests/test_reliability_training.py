@@ -23,6 +23,15 @@ from pyterrier_kdcl.teachers import CheckedTeacher, TeacherScores
 from pyterrier_kdcl.training import RerankerTrainer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ce(tiny_model):
     return kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
