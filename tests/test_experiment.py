@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -23,6 +24,11 @@ from pyterrier_kdcl.experiment_config import ConfigError, load_config
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TOPICS = "read write open close list copy move print change install remove link".split()
 PREFIX = "kdcl-test-experiment"
+
+
+# the functional form keeps real types in __annotations__ (pt.text.get_text reads them), despite the
+# `from __future__ import annotations` above
+TitledDoc = NamedTuple("TitledDoc", [("doc_id", str), ("title", str), ("text", str)])  # noqa: UP014
 
 
 def _write_collection(root: Path) -> None:
@@ -46,7 +52,7 @@ def _write_collection(root: Path) -> None:
             for r, docno in enumerate([f"d{t}-0", *others]):
                 scored.append((split, qid, docno, r))
     root.mkdir(parents=True, exist_ok=True)
-    (root / "docs.tsv").write_text("".join(f"{d}\t{t}\n" for d, t in docs))
+    (root / "docs.tsv").write_text("".join(f"{d}\t{d.split('-')[0]} page\t{t}\n" for d, t in docs))
     for split, rows in queries.items():
         (root / f"{split}.queries.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in rows))
         (root / f"{split}.qrels").write_text("".join(f"{q} 0 {d} 1\n" for s, q, d in qrels if s == split))
@@ -69,7 +75,7 @@ def collection(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("collection")
     _write_collection(root)
-    docs = TsvDocs(LocalDownload(root / "docs.tsv"), namespace=PREFIX, lang="en")
+    docs = TsvDocs(LocalDownload(root / "docs.tsv"), doc_cls=TitledDoc, namespace=PREFIX, lang="en")
     for split in ("train", "dev", "test", "ood"):
         name = f"{PREFIX}/{split}"
         if name not in ir_datasets.registry:
@@ -81,13 +87,18 @@ def collection(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from a second thread, and on a busy machine OpenMP's waiting for it costs 100×
+def _fast_cpu():
+    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP's waiting for it costs 100×.
+    # statsmodels' Holm correction calls gc.collect() (~0.5 s with torch loaded): freezing what exists makes it cheap.
+    import gc
+
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    gc.freeze()
     yield
+    gc.unfreeze()
     torch.set_num_threads(threads)
 
 
@@ -283,20 +294,32 @@ def test_a_crashed_stage_resumes_from_its_checkpoint(tiny_model, collection, tmp
     assert calls["n"] == 4 + (len(log) - 3) + len(result.models[1].log)
 
 
-def test_a_given_teacher_is_used_as_is(finished_run, tiny_model, collection, tmp_path, monkeypatch):
+def test_a_given_teacher_a_recurrent_student_and_other_data_settings(finished_run, tiny_model, collection, tmp_path,
+                                                                     monkeypatch):
+    """The remaining stage kinds of paper.yaml: a teacher used as given, a Mamba student trained fully, a BM25
+    index shared through first_stage.index, documents from several fields, an explicit query field."""
     _, out, _ = finished_run
     cfg = tiny_config(tiny_model, collection)
-    cfg.update(seeds=[1], students=cfg["students"][:1])
-    cfg["evaluation"]["out_of_domain"] = []
+    cfg.update(seeds=[1], students=[{"name": "mamba", "model": str(tiny_model("mamba")), "max_length": 32}])
     cfg["teacher"] = {"model": str(out / "teacher" / "model"), "train": "none", "batch_size": 8}
+    cfg["evaluation"] = {"in_domain": [{"dataset": f"irds:{PREFIX}/test", "depth": 5, "text": ["title", "text"],
+                                        "query_field": "text", "first_stage": {"index": f"{PREFIX}/train"}}]}
     counter = Counter(monkeypatch)
+    import pyterrier_kdcl.datasets as kdcl_datasets
+
+    indexed, bm25 = [], kdcl_datasets.bm25
+    monkeypatch.setattr(kdcl_datasets, "bm25", lambda name, **kw: indexed.append(name) or bm25(name, **kw))
     result = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
     assert not (tmp_path / "teacher").exists()
-    assert len(counter.made) == 2 and all("students" in m for m in counter.made)
+    assert f"{PREFIX}/test" not in indexed and f"{PREFIX}/train" in indexed  # test reranks the train index's BM25
+    assert sorted(m.split(":")[0] for m in counter.made) == ["ContrastiveTrainer", "DistillationTrainer"]
     assert result.models[0].objective == "given"
-    given = pd.read_csv(tmp_path / "tables" / "tiny-test.csv").set_index("name")
-    trained = pd.read_csv(out / "tables" / "tiny-test.csv").set_index("name")
-    assert given.loc["teacher", "nDCG@10"] == pytest.approx(trained.loc["teacher", "nDCG@10"])
+    assert [c.label for c in result.collections] == [PREFIX]  # from the id, without the split name "test"
+    table = pd.read_csv(tmp_path / "tables" / f"{PREFIX}.csv")
+    assert list(table["name"]) == ["BM25", "teacher", "mamba-CL-s1", "mamba-KD-s1"]
+    runner = ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False)
+    _, _, res = runner.frames(runner.config.evaluation.in_domain[0])
+    assert res["text"].str.match(r"^d\d+ page (how to|\w+ )").all()  # title, then text
 
 
 # -- configs -----------------------------------------------------------------------------------------------------
@@ -401,3 +424,24 @@ def test_runner_steps_can_run_alone(finished_run, tiny_model, collection):
     runner = ExperimentRunner(load_config(copy.deepcopy(cfg)), out, verbose=False)
     teacher = runner.teacher()
     assert teacher.reused and teacher.log is not None and {"step", "loss", "metric"} <= set(teacher.log.columns)
+
+
+def test_holm_matches_statsmodels():
+    import numpy as np
+    from statsmodels.stats.multitest import multipletests
+
+    from pyterrier_kdcl.reporting import _holm
+
+    p = np.array([0.01, np.nan, 0.04, 0.03, 0.5, 0.001])
+    ok = ~np.isnan(p)
+    expected = multipletests(p[ok], method="holm")[1]
+    assert np.allclose(_holm(p)[ok], expected) and np.isnan(_holm(p)[1])
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pyterrier_kdcl", "experiment", str(tmp_path / "none.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "does not exist" in done.stderr
