@@ -172,6 +172,16 @@ class LazyReranker(pt.Transformer):
         return f"LazyReranker({self.name!r})"
 
 
+def _files_of(path: str) -> list | None:
+    """Names, sizes and modification times of a local model's files: a given teacher replaced on disk is a new
+    teacher (its students are distilled again). None for hub ids and short names."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    return sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in folder.rglob("*") if f.is_file())
+
+
 def _is_large(model) -> bool:
     ranker = getattr(model, "ranker", None)
     return ranker is None or sum(p.numel() for p in ranker.parameters()) > 50_000_000
@@ -313,7 +323,8 @@ class ExperimentRunner:
         cfg, spec = self.config, self.config.teacher
         seed = spec.seed if spec.seed is not None else cfg.seeds[0]
         if spec.train == "none":
-            fp = fingerprint("given teacher", spec.model, spec.max_length, spec.template, spec.pooling, spec.lora)
+            fp = fingerprint("given teacher", spec.model, _files_of(spec.model), spec.max_length, spec.template,
+                             spec.pooling, spec.lora)
             model = TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: self.new_reranker(spec))
             return model
         data = spec.data or cfg.train

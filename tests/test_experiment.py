@@ -385,6 +385,27 @@ def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_
         load_config(path)
 
 
+def test_toml_configs_load_too(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(f"""
+name = "toml"
+seeds = [1, 2]
+[train]
+dataset = "irds:{PREFIX}/train"
+[teacher]
+model = "minilm-l6"
+[[students]]
+name = "small"
+model = "minilm-l3"
+[students.training]
+learning_rate = 5e-5
+[evaluation]
+in_domain = [{{dataset = "irds:{PREFIX}/test", depth = 5}}]
+""")
+    cfg = load_config(path, check_environment=False)
+    assert cfg.seeds == [1, 2] and cfg.training_args(cfg.students[0])["learning_rate"] == 5e-5
+
+
 @pytest.mark.parametrize("name", ["quick", "cpu-paper", "cpu-llm", "paper"])
 def test_shipped_configs_parse_and_validate(name):
     path = EXPERIMENTS / f"{name}.yaml"
