@@ -3,7 +3,7 @@ fp32 matmul peak, FLOP counts, and timing that alternates between contenders so 
 
 The machine these run on has 2 cores shared with other jobs, so absolute figures drift by tens of percent
 from minute to minute. Every goal is therefore a ratio measured within one run, with the contenders timed
-in alternation (A, B, A, B, ...) and the median of the per-round ratios reported.
+in rotation (A B, B A, ... or A B C, B C A, C A B, ...) and the median of the per-round ratios reported.
 """
 
 from __future__ import annotations
@@ -53,14 +53,16 @@ def machine() -> str:
 
 
 # -- data ----------------------------------------------------------------------------------------------------
-def bm25_frame(dataset: str = DATASET, queries: int = 20, depth: int = 50, offset: int = 0) -> pd.DataFrame:
-    """BM25's top ``depth`` with text for ``queries`` topics of ``dataset`` (in topic order, from ``offset``)."""
+def bm25_frame(dataset: str = DATASET, queries: int = 20, depth: int = 50, offset: int = 0,
+               topics: pd.DataFrame | None = None) -> pd.DataFrame:
+    """BM25's top ``depth`` with text for ``topics``, or ``queries`` topics of ``dataset`` in order from ``offset``."""
     import pyterrier as pt
 
     import pyterrier_kdcl as kdcl
 
     ds = pt.get_dataset("irds:" + dataset)
-    topics = ds.get_topics().iloc[offset : offset + queries]
+    if topics is None:
+        topics = ds.get_topics().iloc[offset : offset + queries]
     pipeline = kdcl.datasets.bm25(dataset, num_results=depth) >> pt.text.get_text(ds, "text")
     return pipeline(topics).reset_index(drop=True)
 
@@ -135,6 +137,35 @@ class ForwardTimer:
         self.seconds += time.perf_counter() - self._start
 
 
+def trained_checkpoint(model: str = "minilm-l6", queries: int = 300, depth: int = 30, max_length: int = 128,
+                       seed: int = 0) -> Path:
+    """A reranker that ranks meaningfully: ``model`` CL-trained on kdcl/manpages/train, saved once.
+
+    ContrastiveTrainer, groups of 1 positive + 7 BM25 negatives (of the top ``depth``), 4 queries a step, one
+    epoch over the first ``queries`` training queries, lr 1e-4 with 10% warm-up, max_length ``max_length``
+    (the recipe that learned in the collection's prototype). About 5-10 minutes on 2 cores the first time.
+    """
+    import pyterrier as pt
+
+    import pyterrier_kdcl as kdcl
+
+    path = cache_dir() / f"{model}-cl{queries}-len{max_length}-seed{seed}"
+    if (path / "kdcl.json").exists():
+        return path
+    train = "kdcl/manpages/train"
+    frame = bm25_frame(train, queries=queries, depth=depth)
+    torch.manual_seed(seed)
+    reranker = with_precut(kdcl.CrossEncoder(model, device="cpu", max_length=max_length, verbose=False))
+    trainer = kdcl.ContrastiveTrainer(reranker, group_size=8, batch_size=4, epochs=1, learning_rate=1e-4,
+                                      warmup_ratio=0.1, seed=seed)
+    start = time.perf_counter()
+    log = trainer.fit(frame, pt.get_dataset("irds:" + train).get_qrels())
+    print(f"trained {path.name}: {int(log['step'].max())} steps, {int(log['pairs'].max())} pairs, "
+          f"{time.perf_counter() - start:.0f}s, final loss {log['loss'].tail(10).mean():.3f} (ln 8 = 2.079)")
+    reranker.save(path)
+    return path
+
+
 # -- hardware ------------------------------------------------------------------------------------------------
 def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> float:
     """Achieved fp32 GFLOP/s of a square ``size`` matmul with torch's threads (one measurement)."""
@@ -167,15 +198,22 @@ def bert_flops(lengths, config) -> float:
 
 
 # -- timing --------------------------------------------------------------------------------------------------
+def rotation(names: list[str], round_: int) -> list[str]:
+    """The order of round ``round_``: rotated each round, so every contender runs in every position equally often
+    (A B C, B C A, C A B; with two: A B, B A). Under shifting background load, a fixed middle slot is an advantage."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
+
+
 def alternate(contenders: dict, rounds: int, warmup: bool = True) -> dict[str, list[float]]:
-    """Times each ``name -> fn()`` once per round, in alternating order (A B, B A, ...); seconds per call."""
+    """Times each ``name -> fn()`` once per round, in rotating order; seconds per call."""
     names = list(contenders)
     if warmup:
         for name in names:
             contenders[name]()
     times = {name: [] for name in names}
     for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
+        for name in rotation(names, r):
             start = time.perf_counter()
             contenders[name]()
             times[name].append(time.perf_counter() - start)

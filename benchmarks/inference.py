@@ -1,12 +1,13 @@
 """Inference: kdcl.CrossEncoder against sentence-transformers' CrossEncoder.predict, same checkpoint, same pairs.
 
-    python benchmarks/inference.py                      # 1,024 pairs in 4 slices (about 5 minutes on 2 cores)
+    python benchmarks/inference.py                      # 1,024 pairs in 6 slices (about 6 minutes on 2 cores)
     python benchmarks/inference.py --pairs 4096 --slices 8
 
 Both libraries load one directory: ``CrossEncoder("minilm-l6")`` with a seeded fresh head, saved once
 (``common.fixed_head_checkpoint``). The pairs are BM25's top 50 for the first queries of kdcl/manpages/test,
 with text. Batch 32, max_length 256, float32, CPU. The pairs are cut into slices; each slice is scored by
-every contender in turn, the order alternating from slice to slice, and the machine's fp32 matmul peak is
+every contender in turn, the order rotating from slice to slice (each contender in each position
+equally often), and the machine's fp32 matmul peak is
 measured before each slice, so each slice's ratios compare runs that shared the same background load.
 
 Contenders: ``kdcl`` (the package as it is), ``st`` (sentence-transformers, its logits: activation Identity),
@@ -30,6 +31,7 @@ from common import (
     header,
     matmul_peak,
     real_pairs,
+    rotation,
     with_precut,
 )
 
@@ -39,7 +41,7 @@ import pyterrier_kdcl as kdcl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1024)
-    parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--slices", type=int, default=6, help="a multiple of the contenders")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--model", default="minilm-l6")
@@ -85,7 +87,7 @@ def main() -> None:
         peak = matmul_peak(0.3)
         flops = bert_flops(lengths[lo:hi], config)
         row = {"slice": i, "pairs": hi - lo, "peak": peak, "gflop": flops / 1e9}
-        for name in names if i % 2 == 0 else reversed(names):
+        for name in rotation(names, i):
             forward_before = timers[name].seconds
             start = time.perf_counter()
             scores[name][lo:hi] = contenders[name](queries[lo:hi], texts[lo:hi])

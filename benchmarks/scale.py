@@ -1,0 +1,141 @@
+"""Scale: memory of a fit against training-set size, and reranking time against candidates per query.
+
+    python benchmarks/scale.py                          # 8 vs 24 training queries; 10/100/1000 candidates (~6 min)
+    python benchmarks/scale.py --queries 40 --rerank-max-length 256
+    python benchmarks/scale.py --only memory            # or --only rerank
+
+1. Peak RSS of a ``minilm-l6`` ContrastiveTrainer fit (group 8, 4 queries a step, max_length 256, one epoch)
+   with 1x and 3x the training queries of kdcl/manpages/train, each fit in its own fresh process. Reported:
+   the process's peak RSS (``getrusage``), its RSS when ``fit`` starts (model and training frame loaded), and
+   the highest RSS sampled every 20 ms during ``fit``. Goal: peak within 10% between 1x and 3x.
+2. ``CrossEncoder.transform`` time with 10, 100 and 1000 candidates per query: for each query the candidates
+   are drawn (seeded) from its BM25 top 1000, so every size sees documents of the same length distribution.
+   Goal: linear (time per pair flat; log-log slope from 10 to 1000 candidates near 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from common import bm25_frame, fixed_head_checkpoint, header
+
+TRAIN = "kdcl/manpages/train"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", type=int, default=8, help="training queries of the 1x fit (3x: three times)")
+    parser.add_argument("--max-length", type=int, default=256, help="max_length of the fits")
+    parser.add_argument("--rerank-queries", type=int, default=2)
+    parser.add_argument("--rerank-max-length", type=int, default=64,
+                        help="max_length for the reranking sizes (the model's cost per pair does not change linearity)")
+    parser.add_argument("--only", choices=["memory", "rerank"])
+    parser.add_argument("--child-fit", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_fit:
+        return child_fit(args.child_fit, args.max_length)
+    header("scale: memory against training queries, reranking time against candidates")
+    if args.only != "rerank":
+        memory(args.queries, args.max_length)
+    if args.only != "memory":
+        rerank(args.rerank_queries, args.rerank_max_length)
+
+
+# -- 1. memory ---------------------------------------------------------------------------------------------------
+def memory(queries: int, max_length: int) -> None:
+    fixed_head_checkpoint()  # built here, not inside the measured processes
+    runs = {}
+    for factor in (1, 3):
+        command = [sys.executable, __file__, "--child-fit", str(factor * queries), "--max-length", str(max_length)]
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if out.returncode:
+            sys.exit(f"fit with {factor * queries} queries failed:\n{out.stderr[-3000:]}")
+        runs[factor] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = runs[factor]
+        print(f"{factor}x: {r['queries']} queries, {r['steps']} steps, {r['pairs']} pairs in {r['seconds']:.0f}s; "
+              f"RSS at fit start {r['rss_start_mb']:.0f} MB, max during fit {r['rss_fit_mb']:.0f} MB, "
+              f"process peak {r['peak_mb']:.0f} MB; training frame {r['frame_mb']:.0f} MB", flush=True)
+    one, three = runs[1], runs[3]
+    growth1, growth3 = one["rss_fit_mb"] - one["rss_start_mb"], three["rss_fit_mb"] - three["rss_start_mb"]
+    print(f"fit's own growth (max during fit - RSS at start): 1x {growth1:.0f} MB, 3x {growth3:.0f} MB")
+    print(f"ratio peak RSS 3x/1x: {three['peak_mb'] / one['peak_mb']:.3f} (goal <= 1.10)")
+
+
+def child_fit(queries: int, max_length: int) -> None:
+    import psutil
+    import pyterrier as pt
+
+    import pyterrier_kdcl as kdcl
+
+    frame = bm25_frame(TRAIN, queries=queries, depth=30)
+    qrels = pt.get_dataset("irds:" + TRAIN).get_qrels()
+    reranker = kdcl.CrossEncoder.load(fixed_head_checkpoint(), device="cpu", verbose=False, max_length=max_length)
+    trainer = kdcl.ContrastiveTrainer(reranker, group_size=8, batch_size=4, epochs=1, seed=0, verbose=False)
+    process = psutil.Process()
+    start_rss = process.memory_info().rss
+    highest = [start_rss]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            highest[0] = max(highest[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    log = trainer.fit(frame, qrels)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    mb = 1024 * 1024
+    print(json.dumps({
+        "queries": queries, "steps": int(log["step"].max()), "pairs": int(log["pairs"].max()), "seconds": seconds,
+        "rss_start_mb": start_rss / mb, "rss_fit_mb": highest[0] / mb,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "frame_mb": frame.memory_usage(deep=True).sum() / mb,
+    }))
+
+
+# -- 2. reranking time ---------------------------------------------------------------------------------------------
+def rerank(queries: int, max_length: int, sizes=(10, 100, 1000), repeats=(5, 2, 1)) -> None:
+    import pyterrier_kdcl as kdcl
+
+    pool = bm25_frame("kdcl/manpages/test", queries=queries, depth=max(sizes))
+    reranker = kdcl.CrossEncoder.load(fixed_head_checkpoint(), device="cpu", verbose=False, max_length=max_length)
+    reranker(pool.head(4))  # warm-up
+    frames = {k: pool.groupby("qid", group_keys=False).apply(lambda g, k=k: g.sample(n=min(k, len(g)), random_state=0))
+              for k in sizes}
+    times = {k: [] for k in sizes}
+    schedule = [k for rep in range(max(repeats)) for k, n in zip(sizes, repeats) if rep < n]
+    for k in schedule:  # interleaved: 10, 100, 1000, 10, 100, 10, ...
+        start = time.perf_counter()
+        out = reranker(frames[k])
+        times[k].append(time.perf_counter() - start)
+        assert len(out) == len(frames[k])
+    print(f"\nreranking {queries} queries, max_length {max_length} (median of {', '.join(map(str, repeats))} runs)")
+    print(f"{'candidates':>10} {'pairs':>6} {'s per query':>12} {'ms per pair':>12}")
+    per_pair = {}
+    for k in sizes:
+        seconds = statistics.median(times[k])
+        per_pair[k] = seconds / len(frames[k])
+        print(f"{k:>10} {len(frames[k]):>6} {seconds / queries:>12.2f} {1000 * per_pair[k]:>12.1f}")
+    per_query = {k: statistics.median(times[k]) / queries for k in sizes}
+    slope = math.log(per_query[sizes[-1]] / per_query[sizes[0]]) / math.log(sizes[-1] / sizes[0])
+    spread = max(per_pair.values()) / min(per_pair.values())
+    print(f"time per pair: largest/smallest {spread:.2f}")
+    print(f"log-log slope of time vs candidates ({sizes[0]} to {sizes[-1]}): {slope:.3f} (linear: 1.0)")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
