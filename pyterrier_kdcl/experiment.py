@@ -311,6 +311,8 @@ class ExperimentRunner:
         started = time.perf_counter()
         log = trainer.fit(res, qrels, va_res, va_qrels, resume=True)
         seconds = time.perf_counter() - started
+        if "seconds" in log and len(log):  # the trainer's clock carries over a resumed run's earlier steps
+            seconds = max(seconds, float(log["seconds"].max()))
         if not stage.model_dir.is_dir() and self.processes.is_main:  # a trainer that does not save by itself
             trainer.reranker.save(stage.model_dir)
             log.to_csv(stage.path / "log.csv", index=False)
