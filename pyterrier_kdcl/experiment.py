@@ -271,7 +271,8 @@ class ExperimentRunner:
 
     # -- models ----------------------------------------------------------------------------------------------
     def new_reranker(self, spec: Model, seed: int | None = None) -> CrossEncoder:
-        """``spec`` as a CrossEncoder; with ``seed``, a fresh head is initialised from it (CL and KD start alike)."""
+        """``spec`` as a CrossEncoder; ``seed`` fixes what the global RNG draws (a LoRA adapter's initial weights),
+        so the CL and the KD run of one seed start from identical weights."""
         if seed is not None:
             torch.manual_seed(seed)
         kwargs = {"batch_size": spec.batch_size, "max_length": spec.max_length, "device": self.device,

@@ -300,7 +300,7 @@ def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     students = list(dict.fromkeys(kd["student"]))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(students) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(students) + 2), 3.6))
     for offset, in_domain, colour, label in ((-0.12, True, "tab:blue", IN_DOMAIN),
                                              (0.12, False, "tab:orange", OUT_OF_DOMAIN)):
         pooled = kd[(kd["scope"] == "pooled") & (kd["in_domain"] == in_domain)].set_index("student")
@@ -318,7 +318,7 @@ def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(students)), students)
     ax.set_ylabel(f"KD − CL ({_measure(config.evaluation.main_measure)})")
-    ax.set_title("Distillation minus contrastive learning (95% CI; dots: single collections)", fontsize=9)
+    ax.set_title("KD − CL per student (pooled, 95% CI; dots: single collections)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
