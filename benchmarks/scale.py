@@ -27,6 +27,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 from common import bm25_frame, fixed_head_checkpoint, header
 
 TRAIN = "kdcl/manpages/train"
@@ -113,8 +114,8 @@ def rerank(queries: int, max_length: int, sizes=(10, 100, 1000), repeats=(5, 2, 
     pool = bm25_frame("kdcl/manpages/test", queries=queries, depth=max(sizes))
     reranker = kdcl.CrossEncoder.load(fixed_head_checkpoint(), device="cpu", verbose=False, max_length=max_length)
     reranker(pool.head(4))  # warm-up
-    frames = {k: pool.groupby("qid", group_keys=False).apply(lambda g, k=k: g.sample(n=min(k, len(g)), random_state=0))
-              for k in sizes}
+    groups = [g for _, g in pool.groupby("qid", sort=False)]
+    frames = {k: pd.concat([g.sample(n=min(k, len(g)), random_state=0) for g in groups]) for k in sizes}
     times = {k: [] for k in sizes}
     schedule = [k for rep in range(max(repeats)) for k, n in zip(sizes, repeats) if rep < n]
     for k in schedule:  # interleaved: 10, 100, 1000, 10, 100, 10, ...

@@ -1,5 +1,7 @@
 """The fast CPU path (int8) against float32, and sharded scoring against single-process scoring."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +10,14 @@ from scipy.stats import spearmanr
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl import models
-from pyterrier_kdcl.serving import ShardedScorer, is_optimized, optimize_for_cpu, score_sharded, shard_by_query
+from pyterrier_kdcl.serving import (
+    FFN_OUTPUT,
+    ShardedScorer,
+    is_optimized,
+    optimize_for_cpu,
+    score_sharded,
+    shard_by_query,
+)
 
 TEXTS = ["read from a file descriptor", "list directory contents and more", "copy files and directories",
          "print a line of text to the standard output, then a newline", "change file mode bits",
@@ -55,7 +64,9 @@ def test_int8_scores_are_close_to_float32_and_rank_alike(saved):
     fp32 = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)
     int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
     assert is_optimized(int8) and not is_optimized(fp32)
-    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.ranker.modules())
+    quantized = [m for m in int8.ranker.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    layers = [m for m in quantized if hasattr(m, "weight")]
+    assert layers and all(m.weight().qscheme() == torch.per_channel_affine for m in layers)
     a, b = fp32.score_pairs(inp["query"], inp["text"]), int8.score_pairs(inp["query"], inp["text"])
     spread = a.max() - a.min()
     assert spread > 0.1
@@ -69,6 +80,14 @@ def test_int8_keeps_one_logit_heads_in_float32(saved):
     int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
     classifier = int8.ranker.model.classifier
     assert type(classifier) is torch.nn.Linear and classifier.weight.dtype == torch.float32
+
+
+def test_keep_float_leaves_the_matching_layers_in_float32(saved):
+    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), keep_float=FFN_OUTPUT)
+    layers = dict(int8.ranker.named_modules())
+    kept = [n for n in layers if re.search(FFN_OUTPUT, n)]
+    assert kept and all(type(layers[n]) is torch.nn.Linear for n in kept)
+    assert type(layers["model.bert.encoder.layer.0.attention.output.dense"]) is not torch.nn.Linear
 
 
 def test_int8_is_idempotent_and_answers_empty_frames(saved):
