@@ -8,11 +8,11 @@ nDCG means something only for a model that ranks: a fresh head ranks at random. 
 ``minilm-l6`` CL-trained for a few minutes on kdcl/manpages/train (``common.trained_checkpoint``: built once,
 then cached). Both variants load that checkpoint and rerank the same BM25 candidates of a seeded sample of
 test queries, batch 32, max_length 256, slice by slice in a balanced rotating order.
-Variants: ``fp32``; ``int8`` (``optimize_for_cpu(reranker)``); ``int8-ffn32`` (``keep_float=FFN_OUTPUT``: the
-feed-forward output projections, where most of the int8 error arises, stay float32). Figures: end-to-end
-pairs/s (tokenization included), model-only pairs/s (time inside the forward pass), nDCG@10 of BM25 and of
-each variant on the sample, each int8 variant's difference from fp32 with its 95% interval over queries, and
-how much a pair's score moves when it is batched with other pairs.
+Variants: ``fp32``; ``int8`` (``optimize_for_cpu(reranker)``: every linear layer int8 but the feed-forward
+output projections, where most of the int8 error arises); ``int8-all`` (``keep_float=None``: every linear
+layer int8). Figures: end-to-end pairs/s (tokenization included), model-only pairs/s (time inside the forward
+pass), nDCG@10 of BM25 and of each variant on the sample, each int8 variant's difference from fp32 with its
+95% interval over queries, and how much a pair's score moves when it is batched with other pairs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from common import DATASET, ForwardTimer, bm25_frame, header, rotation, trained_
 from scipy import stats
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl.serving import FFN_OUTPUT, optimize_for_cpu
+from pyterrier_kdcl.serving import optimize_for_cpu
 
 
 def main() -> None:
@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=60, help="test queries, sampled with --seed")
     parser.add_argument("--depth", type=int, default=20, help="BM25 candidates per query")
     parser.add_argument("--slices", type=int, default=6, help="a multiple of the number of variants")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "int8-ffn32"],
-                        choices=["fp32", "int8", "int8-ffn32"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "int8-all"],
+                        choices=["fp32", "int8", "int8-all"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--train-queries", type=int, default=800)
@@ -57,7 +57,7 @@ def main() -> None:
     settings = {"device": "cpu", "verbose": False, "batch_size": args.batch_size, "max_length": args.max_length}
     variants = {"fp32": kdcl.CrossEncoder.load(path, **settings),
                 "int8": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings)),
-                "int8-ffn32": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings), keep_float=FFN_OUTPUT)}
+                "int8-all": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings), keep_float=None)}
     variants = {name: variants[name] for name in args.variants}
     if args.precut:
         for reranker in variants.values():

@@ -62,7 +62,7 @@ def sharded(saved):
 def test_int8_scores_are_close_to_float32_and_rank_alike(saved):
     inp = frame()
     fp32 = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)
-    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), keep_float=None)
     assert is_optimized(int8) and not is_optimized(fp32)
     quantized = [m for m in int8.ranker.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
     layers = [m for m in quantized if hasattr(m, "weight")]
@@ -82,12 +82,13 @@ def test_int8_keeps_one_logit_heads_in_float32(saved):
     assert type(classifier) is torch.nn.Linear and classifier.weight.dtype == torch.float32
 
 
-def test_keep_float_leaves_the_matching_layers_in_float32(saved):
-    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), keep_float=FFN_OUTPUT)
-    layers = dict(int8.ranker.named_modules())
+def test_feed_forward_outputs_stay_float32_by_default(saved):
+    layers = dict(optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)).ranker.named_modules())
     kept = [n for n in layers if re.search(FFN_OUTPUT, n)]
-    assert kept and all(type(layers[n]) is torch.nn.Linear for n in kept)
+    assert kept == [f"model.bert.encoder.layer.{i}.output.dense" for i in range(2)]
+    assert all(type(layers[n]) is torch.nn.Linear for n in kept)
     assert type(layers["model.bert.encoder.layer.0.attention.output.dense"]) is not torch.nn.Linear
+    assert type(layers["model.bert.encoder.layer.0.intermediate.dense"]) is not torch.nn.Linear
 
 
 def test_int8_is_idempotent_and_answers_empty_frames(saved):
