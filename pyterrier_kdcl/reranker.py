@@ -51,6 +51,7 @@ class CrossEncoder(pt.Transformer):
     """
 
     schematic = {"label": "CrossEncoder", "help_url": None}  # help_url set: PyTerrier would look it up online
+    optimized: str | None = None  # set by serving.optimize_for_cpu: int8 weights score, but neither save nor train
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 32, max_length: int = 256,
                  text_field: str = "text", template: str | None = None, pooling: str | None = None,
@@ -121,6 +122,7 @@ class CrossEncoder(pt.Transformer):
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Writes the reranker to ``path`` (atomically: a crash never leaves a half-written directory)."""
+        self.check_float_weights("save")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -162,11 +164,18 @@ class CrossEncoder(pt.Transformer):
 
     def fingerprint(self) -> str:
         """A hash of the weights and settings: two rerankers with the same fingerprint score alike."""
+        self.check_float_weights("fingerprint (a teacher score cache key)")
         digest = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
         for name, tensor in sorted(self.ranker.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    def check_float_weights(self, action: str) -> None:
+        """Refuses ``action`` on a reranker whose weights ``optimize_for_cpu`` turned into int8."""
+        if self.optimized is not None:
+            raise ValueError(f"{self!r} was optimised for CPU serving ({self.optimized}) and cannot {action}: "
+                             "do it with the float checkpoint, then call optimize_for_cpu after loading it")
 
     def _settings(self) -> dict:
         return {

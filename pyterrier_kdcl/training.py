@@ -62,6 +62,7 @@ class RerankerTrainer(pt.Estimator):
                  gradient_checkpointing: bool = False, checkpoint_every: int | None = None, verbose: bool = True):
         if not isinstance(reranker, CrossEncoder):
             raise TypeError(f"reranker must be a kdcl.CrossEncoder, got {type(reranker).__name__}")
+        reranker.check_float_weights("train")
         needs = getattr(loss, "needs", {"labels"})
         if "teacher_scores" in needs and teacher is None:
             raise ValueError(f"{loss!r} needs teacher scores: pass teacher= (any transformer that scores rows)")
@@ -134,7 +135,8 @@ class RerankerTrainer(pt.Estimator):
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         reranker.ranker.train()
         params = [p for p in reranker.ranker.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay), lr=self.learning_rate)
+        optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay), lr=self.learning_rate,
+                                      fused=_fused_adamw_fits(params))
         batches_per_epoch = _batches_per_epoch(len(sampler), self.batch_size, world)
         steps_per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
         total_steps = steps_per_epoch * self.epochs
@@ -292,6 +294,12 @@ def _chunks(batches, size: int):
     batches = iter(batches)
     while chunk := list(itertools.islice(batches, size)):
         yield chunk
+
+
+def _fused_adamw_fits(params: list[torch.Tensor]) -> bool:
+    """The fused AdamW kernel (one pass over all parameters) where torch has one: on CPU it steps MiniLM's 22.7M
+    parameters in tens of milliseconds instead of seconds (Hugging Face's Trainer defaults to it too)."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

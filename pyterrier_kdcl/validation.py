@@ -35,6 +35,9 @@ class Validator:
             # every validation would measure 0 and the "best" weights would be the first ones: refuse
             raise ValueError(f"none of the {self.frame['qid'].nunique()} validation queries has qrels "
                              f"(e.g. qid {self.frame['qid'].iloc[0]!r}): pass the qrels of the validation topics")
+        # the mean is over the validation queries: qrels of other queries (a whole split's, with sampled topics)
+        # would count as zeros and shrink every figure in the log
+        qrels = qrels[qrels["qid"].isin(set(self.frame["qid"]))]
         self.qrels = pd.DataFrame({"query_id": qrels["qid"], "doc_id": qrels["docno"], "relevance": qrels["label"]})
 
     def evaluate(self) -> float:

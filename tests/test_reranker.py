@@ -103,6 +103,22 @@ def test_truncation_cuts_the_document_never_the_query(tiny_model, fam):
         assert pair.input_ids[-1] == ce.tokenizer.eos_token_id  # EOS survives truncation
 
 
+@pytest.mark.parametrize("fam", ["bert", "qwen2"])
+def test_long_documents_are_tokenized_from_a_prefix_with_the_same_ids(tiny_model, fam, monkeypatch):
+    ce = kdcl.CrossEncoder(tiny_model(fam), verbose=False, max_length=32)
+    texts = ["copy files, and directories! " * 400,  # cut to a prefix: ~11 KB → 384 characters
+             "x" * 1000 + " tail",                   # no space inside the prefix: encoded again whole
+             "y" * 300]                              # shorter than 12 × max_length: untouched
+    queries = ["copy", "x", "y"]
+    whole = ce.encoder._encode(queries, texts)
+    seen = []
+    tokenize = ce.encoder._encode
+    monkeypatch.setattr(ce.encoder, "_encode", lambda q, t: seen.append([len(x) for x in t]) or tokenize(q, t))
+    assert [p.input_ids for p in ce.encoder.encode(queries, texts)] == [p.input_ids for p in whole]
+    assert seen[0][0] < 12 * 32 < len(texts[0])
+    assert seen[1] == [len(texts[1])]
+
+
 def test_other_pairs_in_a_batch_do_not_change_a_long_pairs_score(tiny_model):
     ce = kdcl.CrossEncoder(tiny_model("llama"), verbose=False, max_length=24)
     long_text = "copy files and directories " * 50

@@ -107,6 +107,17 @@ def test_int8_merges_a_lora_adapter_first(tiny_model):
     assert np.abs(after - before).max() < 0.1 * (before.max() - before.min()) + 1e-3
 
 
+def test_int8_reranker_refuses_to_save_fingerprint_or_train(saved, tmp_path):
+    reranker = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    with pytest.raises(ValueError, match="cannot save.*float checkpoint"):
+        reranker.save(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+    with pytest.raises(ValueError, match="cannot fingerprint"):
+        reranker.fingerprint()
+    with pytest.raises(ValueError, match="cannot train"):
+        kdcl.ContrastiveTrainer(reranker)
+
+
 def test_unknown_method_is_refused(saved):
     with pytest.raises(ValueError, match="int8"):
         optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int4")

@@ -107,6 +107,15 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model):
     assert Validator(ce, res, qrels, "RR@10").evaluate() > 0.8
 
 
+def test_validation_averages_over_the_validation_queries_only(tiny_model):
+    res, qrels = training_frames(n_queries=24)
+    ce = student(tiny_model)
+    few = res[res["qid"].isin(["q0", "q1", "q2"])]
+    on_all_qrels = Validator(ce, few, qrels, "RR@10").evaluate()
+    assert on_all_qrels > 0
+    assert on_all_qrels == Validator(ce, few, qrels[qrels["qid"].isin(["q0", "q1", "q2"])], "RR@10").evaluate()
+
+
 def test_same_seed_same_data_gives_identical_weights(tiny_model):
     res, qrels = training_frames(8)
     runs = []
