@@ -8,7 +8,6 @@ in a balanced rotation (A B C, C B A, B C A, A C B, ...) and the median of the p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
@@ -20,8 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-
-from pyterrier_kdcl.inputs import PairEncoder  # noqa: E402
 
 DATASET = "kdcl/manpages/test"
 
@@ -89,39 +86,6 @@ def fixed_head_checkpoint(model: str = "minilm-l6", seed: int = 0) -> Path:
     return path
 
 
-class PrecutPairEncoder(PairEncoder):
-    """``PairEncoder`` that tokenizes only a prefix of long documents: the change recommended for ``inputs.py``.
-
-    The model sees at most ``max_length`` tokens, yet the tokenizer reads every character of a document first
-    (man pages average 34 KB; tokenizing them costs as much as the model's forward pass). A document longer
-    than ``CHARS_PER_TOKEN * max_length`` characters is cut at the last space before that point: the tokens of
-    a prefix that ends at a space are the first tokens of the whole text for tokenizers that split words at
-    whitespace (WordPiece, byte-level BPE, Metaspace). Where the prefix yields too few tokens to fill the budget
-    (long unbroken strings), the pair is encoded again from the whole text, so the ids are always those of
-    ``PairEncoder``.
-    """
-
-    CHARS_PER_TOKEN = 12  # English averages 4-5 characters per word piece
-
-    def encode(self, queries, texts):
-        texts = list(texts)
-        limit = self.CHARS_PER_TOKEN * self.max_length
-        cut = [t[: max(t.rfind(" ", 0, limit), 1)] if len(t) > limit else t for t in texts]
-        pairs = super().encode(queries, cut)
-        again = [i for i, p in enumerate(pairs) if cut[i] is not texts[i] and len(p.input_ids) < self.max_length]
-        if again:
-            redone = super().encode([queries[i] for i in again], [texts[i] for i in again])
-            for i, pair in zip(again, redone):
-                pairs[i] = pair
-        return pairs
-
-
-def with_precut(reranker):
-    """The reranker with :class:`PrecutPairEncoder` in place of its encoder (same model, same settings)."""
-    reranker.encoder = PrecutPairEncoder(reranker.tokenizer, reranker.max_length, reranker.template)
-    return reranker
-
-
 class ForwardTimer:
     """Seconds spent inside ``module.forward`` (the model alone: no tokenization, batching or copying)."""
 
@@ -156,37 +120,15 @@ def trained_checkpoint(model: str = "minilm-l6", queries: int = 800, depth: int 
     train = "kdcl/manpages/train"
     frame = bm25_frame(train, queries=queries, depth=depth)
     torch.manual_seed(seed)
-    reranker = with_precut(kdcl.CrossEncoder(model, device="cpu", max_length=max_length, verbose=False))
+    reranker = kdcl.CrossEncoder(model, device="cpu", max_length=max_length, verbose=False)
     trainer = kdcl.ContrastiveTrainer(reranker, group_size=8, batch_size=4, epochs=1, learning_rate=1e-4,
                                       warmup_ratio=0.1, seed=seed)
     start = time.perf_counter()
-    with fused_adamw():
-        log = trainer.fit(frame, pt.get_dataset("irds:" + train).get_qrels())
+    log = trainer.fit(frame, pt.get_dataset("irds:" + train).get_qrels())
     print(f"trained {path.name}: {int(log['step'].max())} steps, {int(log['pairs'].max())} pairs, "
           f"{time.perf_counter() - start:.0f}s, final loss {log['loss'].tail(10).mean():.3f} (ln 8 = 2.079)")
     reranker.save(path)
     return path
-
-
-@contextlib.contextmanager
-def fused_adamw():
-    """Within the block, ``torch.optim.AdamW`` is the fused kernel: the change recommended for ``training.py``.
-
-    On CPU, torch's default (for-loop / foreach) AdamW step over MiniLM's 22.7M parameters takes seconds on this
-    machine; the fused one (CPU support since torch 2.4) takes tens of milliseconds. Hugging Face's Trainer, and so
-    sentence-transformers' CrossEncoderTrainer, defaults to ``optim="adamw_torch_fused"`` (transformers 5).
-    """
-    plain = torch.optim.AdamW
-
-    class FusedAdamW(plain):
-        def __init__(self, params, *args, **kwargs):
-            super().__init__(params, *args, **{**kwargs, "fused": True})
-
-    torch.optim.AdamW = FusedAdamW
-    try:
-        yield
-    finally:
-        torch.optim.AdamW = plain
 
 
 # -- hardware ------------------------------------------------------------------------------------------------

@@ -2,17 +2,17 @@
 
     python benchmarks/fast_inference.py                          # 60 sampled test queries, BM25 top 20
     python benchmarks/fast_inference.py --queries 931 --depth 100  # every test query, top 100 (hours on 2 cores)
-    python benchmarks/fast_inference.py --precut                 # both with the tokenization change for inputs.py
 
 nDCG means something only for a model that ranks: a fresh head ranks at random. So the model is
 ``minilm-l6`` CL-trained for a few minutes on kdcl/manpages/train (``common.trained_checkpoint``: built once,
-then cached). Both variants load that checkpoint and rerank the same BM25 candidates of a seeded sample of
+then cached). Every variant loads that checkpoint and reranks the same BM25 candidates of a seeded sample of
 test queries, batch 32, max_length 256, slice by slice in a balanced rotating order.
 Variants: ``fp32``; ``int8`` (``optimize_for_cpu(reranker)``: every linear layer int8 but the feed-forward
 output projections, where most of the int8 error arises); ``int8-all`` (``keep_float=None``: every linear
-layer int8). Figures: end-to-end pairs/s (tokenization included), model-only pairs/s (time inside the forward
-pass), nDCG@10 of BM25 and of each variant on the sample, each int8 variant's difference from fp32 with its
-95% interval over queries, and how much a pair's score moves when it is batched with other pairs.
+layer int8). Figures: end-to-end pairs/s (tokenization included, with the package's own pre-cut of long
+documents), model-only pairs/s (time inside the forward pass), nDCG@10 of BM25 and of each variant on the
+sample, each int8 variant's difference from fp32 with its 95% interval over queries, and how much a pair's
+score moves when it is batched with other pairs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import ir_measures
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-from common import DATASET, ForwardTimer, bm25_frame, header, rotation, trained_checkpoint, with_precut
+from common import DATASET, ForwardTimer, bm25_frame, header, rotation, trained_checkpoint
 from scipy import stats
 
 import pyterrier_kdcl as kdcl
@@ -43,7 +43,6 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--train-queries", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precut", action="store_true", help="use common.PrecutPairEncoder in both variants")
     args = parser.parse_args()
     header(f"fast inference: int8 (optimize_for_cpu) vs fp32, batch {args.batch_size}, max_length {args.max_length}")
 
@@ -59,9 +58,6 @@ def main() -> None:
                 "int8": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings)),
                 "int8-all": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings), keep_float=None)}
     variants = {name: variants[name] for name in args.variants}
-    if args.precut:
-        for reranker in variants.values():
-            with_precut(reranker)
     timers = {name: ForwardTimer(reranker.ranker) for name, reranker in variants.items()}
     for reranker in variants.values():
         reranker(frame.head(8))  # warm-up
