@@ -105,6 +105,10 @@ class RerankerTrainer(pt.Estimator):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reranker!r}, {self.loss!r})"
 
+    def fingerprint(self) -> str:
+        """The trained reranker's: a fitted trainer used as a teacher is cached by its weights, not its repr."""
+        return self.reranker.fingerprint()
+
     # -- fitting ---------------------------------------------------------------------------------------------
     def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
             va_qrels: pd.DataFrame | None = None, resume: bool = False) -> pd.DataFrame:

@@ -97,6 +97,18 @@ def test_teacher_scores_are_computed_once_and_cached_on_disk(tiny_model, tmp_pat
     assert teacher.rows == 6 * 4
 
 
+def test_a_fitted_trainer_as_teacher_is_cached_by_its_weights(tiny_model):
+    from pyterrier_kdcl.teachers import teacher_fingerprint
+
+    res, qrels = training_frames(6)
+    trainer = kdcl.ContrastiveTrainer(student(tiny_model), group_size=4, batch_size=2, learning_rate=1e-2,
+                                      verbose=False)
+    before = teacher_fingerprint(trainer)
+    trainer.fit(res, qrels)
+    assert teacher_fingerprint(trainer) != before  # same repr, new weights: a new cache
+    assert trainer.fingerprint() == trainer.reranker.fingerprint()
+
+
 def test_distillation_moves_the_student_towards_the_teacher(tiny_model):
     res, qrels = training_frames()
     ce = student(tiny_model)
