@@ -283,7 +283,9 @@ class ExperimentRunner:
                             dtype=spec.dtype, **kwargs)
 
     def _load_saved(self, path: Path, spec: Model):
-        return lambda: CrossEncoder.load(path, device=self.device, batch_size=spec.batch_size,
+        # a finished model only scores from here on: a LoRA adapter folded into its base scores the same (within
+        # float tolerance) without the adapter's extra matmuls
+        return lambda: CrossEncoder.load(path, merge_lora=True, device=self.device, batch_size=spec.batch_size,
                                          verbose=self.verbose)
 
     def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:

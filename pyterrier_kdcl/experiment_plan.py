@@ -2,7 +2,7 @@
 
 On a CPU, evaluation costs as much as training: every reranker scores queries × depth pairs per collection.
 The plan counts the (query, document) pairs each step scores or trains on, and for the packaged models
-estimates CPU minutes from speeds measured on a 2-core AMD EPYC (AVX2, fp32) — a guide for sizing a config,
+estimates CPU minutes from speeds measured on 2-core CPU VMs (fp32) — a guide for sizing a config,
 not a promise. Counts use the sampled query numbers (or ir_datasets' query counts when a collection is used
 whole), so they are upper bounds: queries without a judged positive among the candidates are skipped.
 """
@@ -13,10 +13,11 @@ import math
 
 from pyterrier_kdcl.experiment_config import ExperimentConfig, Model, evaluation_collections
 
-# pairs per second at max_length 128 on the 2-core CPU: (inference, training incl. backward and AdamW)
+# pairs per second at max_length 128 on the 2-core CPU: (inference, training incl. backward and AdamW);
+# the MiniLM figures as measured after the document pre-cut and fused AdamW (2026-11-27), the others before
 CPU_PAIRS_PER_SECOND = {
-    "minilm-l3": (70.0, 19.0),
-    "minilm-l6": (35.0, 9.5),
+    "minilm-l3": (70.0, 26.0),
+    "minilm-l6": (47.0, 15.0),
     "mpnet-base": (7.0, 1.9),
     "gemma3-270m": (3.5, 1.2),
 }
@@ -98,7 +99,7 @@ def plan(cfg: ExperimentConfig) -> str:
         lines.append(f"{'?' if pairs is None else pairs:>10}  {shown:>8}  {text}")
     known = [m for _, _, m in rows if m is not None]
     if len(known) == len(rows):
-        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core EPYC, fp32; plus model loading)")
+        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, fp32; plus model loading)")
     else:
         lines.append("\n'?': no CPU speed on record for that model (or no query count); run it to find out")
     return "\n".join(lines)
