@@ -114,7 +114,7 @@ class ShardedScorer(pt.Transformer):
 
         reranker = kdcl.CrossEncoder.load("my-reranker")
         with ShardedScorer(reranker, devices=["cuda:0", "cuda:1"]) as sharded:   # or workers=2 on CPU
-            pt.Experiment([bm25 >> text >> reranker, bm25 >> text >> sharded], topics, qrels, ["nDCG@10"])
+            pt.Experiment([bm25 >> text >> reranker, bm25 >> text >> sharded], topics, qrels, [nDCG @ 10])
 
     Scripts that use it need the ``if __name__ == "__main__":`` guard: workers start with ``spawn``.
 

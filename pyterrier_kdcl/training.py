@@ -35,7 +35,7 @@ class RerankerTrainer(pt.Estimator):
 
         trainer = kdcl.RerankerTrainer(kdcl.CrossEncoder("minilm-l6"), kdcl.losses.InfoNCE(), group_size=8)
         (bm25 >> text >> trainer).fit(train_topics, train_qrels, dev_topics, dev_qrels)
-        pt.Experiment([bm25, bm25 >> text >> trainer], test_topics, test_qrels, ["nDCG@10"])
+        pt.Experiment([bm25, bm25 >> text >> trainer], test_topics, test_qrels, [nDCG @ 10])  # pyterrier.measures
 
     Args:
         batch_size: queries (groups) per forward pass across all processes.
