@@ -60,9 +60,9 @@ class PairEncoder:
         unbroken strings) is encoded again from the whole text, so the ids are always the untruncated ones.
         """
         queries, texts = _valid_unicode(queries), _valid_unicode(texts)
-        limit = _CHARS_PER_TOKEN * self.max_length
         if not self._splits_at_whitespace():
             return self._encode(queries, texts)
+        limit = _CHARS_PER_TOKEN * self.max_length
         cut = [t[: max(t.rfind(" ", 0, limit), 1)] if len(t) > limit else t for t in texts]
         pairs = self._encode(queries, cut)
         again = [i for i, pair in enumerate(pairs) if cut[i] is not texts[i] and len(pair.input_ids) < self.max_length]
