@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 collections: install
-	$(PY) -m pyterrier_kdcl.datasets build
+	$(PY) -m pyterrier_kdcl.offline.datasets build
 
 lint: install
 	$(VENV)/bin/ruff check .

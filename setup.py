@@ -44,5 +44,5 @@ setup(
         "scipy",
     ],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["kdcl = pyterrier_kdcl.cli:main"]},
+    entry_points={"console_scripts": ["kdcl = pyterrier_kdcl.experiment.cli:main"]},
 )

@@ -46,8 +46,8 @@ import torch
 from common import cache_dir, fixed_head_checkpoint, header, rotation
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl.groups import GroupSampler
-from pyterrier_kdcl.teachers import TeacherScores
+from pyterrier_kdcl.training.groups import GroupSampler
+from pyterrier_kdcl.training.teachers import TeacherScores
 
 GROUP, QUERIES_PER_STEP, SEED = 8, 4, 0
 

@@ -4,7 +4,7 @@
     python experiments/collection_baselines.py --models minilm-l6   # skip the slower mpnet
     python experiments/collection_baselines.py --datasets kdcl/faq/python --out runs/baselines.json
 
-The bi-encoders are the packaged all-MiniLM-L6-v2 and all-mpnet-base-v2 (``pyterrier_kdcl.offline_models``).
+The bi-encoders are the packaged all-MiniLM-L6-v2 and all-mpnet-base-v2 (``pyterrier_kdcl.offline.packaged_models``).
 Reranking BM25's top 100 with ``SBertBiEncoder(...).text_scorer()`` encodes each retrieved document once
 per query; documents do not depend on the query, so this script encodes each corpus once into a
 pyterrier_dr FlexIndex (cached next to the collection) and scores BM25's candidates from it: the same
@@ -25,8 +25,8 @@ from pathlib import Path
 import pyterrier as pt
 from pyterrier.measures import RR, R, nDCG
 
-from pyterrier_kdcl import datasets
-from pyterrier_kdcl.datasets.registry import collection_of
+from pyterrier_kdcl.offline import datasets
+from pyterrier_kdcl.offline.datasets.registry import collection_of
 
 DATASETS = ("kdcl/manpages/dev", "kdcl/manpages/test", "kdcl/faq/python", "kdcl/faq/debian", "kdcl/faq/perl")
 MODELS = ("minilm-l6", "mpnet-base")
@@ -36,7 +36,7 @@ MEASURES = [nDCG @ 10, RR @ 10, R @ 100]
 def model_path(name: str) -> str:
     """Local directory of a packaged model; MiniLM straight from its package when the lead's module is absent."""
     try:
-        from pyterrier_kdcl.offline_models import resolve_offline_model
+        from pyterrier_kdcl.offline.packaged_models import resolve_offline_model
         return str(resolve_offline_model(name))
     except ImportError:
         if name != "minilm-l6":

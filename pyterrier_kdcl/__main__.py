@@ -2,6 +2,6 @@
 
 import sys
 
-from pyterrier_kdcl.cli import main
+from pyterrier_kdcl.experiment.cli import main
 
 sys.exit(main())

@@ -72,10 +72,10 @@ def resolve_source(model: str | os.PathLike) -> str:
     """A short offline name (``minilm-l6``) → its local directory; paths and hub ids pass through."""
     model = str(model)
     if not os.path.exists(model):
-        from pyterrier_kdcl import offline_models
+        from pyterrier_kdcl.offline import packaged_models
 
-        if offline_models.is_offline_model(model):
-            return str(offline_models.resolve_offline_model(model))
+        if packaged_models.is_offline_model(model):
+            return str(packaged_models.resolve_offline_model(model))
     return model
 
 
@@ -195,7 +195,7 @@ def _check_local_model_dir(source: str) -> None:
 
 
 def _not_found(source: str, err: Exception) -> OSError:
-    from pyterrier_kdcl.offline_models import OFFLINE_MODELS
+    from pyterrier_kdcl.offline.packaged_models import OFFLINE_MODELS
 
     return OSError(
         f"cannot load model {source!r}: not a local model directory, and the Hugging Face Hub did not serve it "

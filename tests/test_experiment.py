@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pyterrier_kdcl import experiment as experiment_module
 from pyterrier_kdcl.experiment import ExperimentRunner, run_experiment
-from pyterrier_kdcl.experiment_config import ConfigError, load_config
+from pyterrier_kdcl.experiment import runner as experiment_module
+from pyterrier_kdcl.experiment.config import ConfigError, load_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TOPICS = "read write open close list copy move print change install remove link".split()
@@ -305,7 +305,7 @@ def test_a_given_teacher_a_recurrent_student_and_other_data_settings(finished_ru
     cfg["evaluation"] = {"in_domain": [{"dataset": f"irds:{PREFIX}/test", "depth": 5, "text": ["title", "text"],
                                         "query_field": "text", "first_stage": {"index": f"{PREFIX}/train"}}]}
     counter = Counter(monkeypatch)
-    import pyterrier_kdcl.datasets as kdcl_datasets
+    import pyterrier_kdcl.offline.datasets as kdcl_datasets
 
     indexed, bm25 = [], kdcl_datasets.bm25
     monkeypatch.setattr(kdcl_datasets, "bm25", lambda name, **kw: indexed.append(name) or bm25(name, **kw))
@@ -419,7 +419,7 @@ def test_shipped_configs_parse_and_validate(name):
 
 
 def test_check_prints_the_plan_and_trains_nothing(tiny_model, collection, tmp_path, capsys):
-    from pyterrier_kdcl.cli import main
+    from pyterrier_kdcl.experiment.cli import main
 
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tiny_model, collection)))
@@ -433,7 +433,7 @@ def test_check_prints_the_plan_and_trains_nothing(tiny_model, collection, tmp_pa
 
 
 def test_plan_of_the_quick_config_fits_its_budget():
-    from pyterrier_kdcl.experiment_plan import plan
+    from pyterrier_kdcl.experiment.plan import plan
 
     text = plan(load_config(EXPERIMENTS / "quick.yaml", check_environment=False))
     minutes = float(text.rsplit("about ", 1)[1].split(" CPU minutes")[0])
@@ -451,7 +451,7 @@ def test_holm_matches_statsmodels():
     import numpy as np
     from statsmodels.stats.multitest import multipletests
 
-    from pyterrier_kdcl.reporting import _holm
+    from pyterrier_kdcl.experiment.report import _holm
 
     p = np.array([0.01, np.nan, 0.04, 0.03, 0.5, 0.001])
     ok = ~np.isnan(p)

@@ -11,7 +11,7 @@ import pyterrier_kdcl as kdcl
 DATASET = "kdcl/faq/debian"
 
 pytestmark = pytest.mark.skipif(not kdcl.datasets.is_built("faq-debian"),
-                                reason="collections not built: python -m pyterrier_kdcl.datasets build")
+                                reason="collections not built: python -m pyterrier_kdcl.offline.datasets build")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyterrier_kdcl.losses import InfoNCE, KLDistillation, ListNet, MarginMSE, RankNet, Weighted
+from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, ListNet, MarginMSE, RankNet, Weighted
 
 GROUP_SIZES = [2, 3, 8, 16]
 TEMPERATURES = [0.5, 1.0, 2.0]

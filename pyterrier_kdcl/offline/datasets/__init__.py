@@ -6,7 +6,7 @@ Importing this package registers, without building anything:
   man-page NAME descriptions as queries, the pages as documents;
 - ``kdcl/faq/python``, ``kdcl/faq/debian``, ``kdcl/faq/perl``: FAQ questions and their answers.
 
-Build them once with ``python -m pyterrier_kdcl.datasets build``; then
+Build them once with ``python -m pyterrier_kdcl.offline.datasets build``; then
 ``pt.get_dataset("irds:kdcl/manpages/test")`` works like any dataset, and :func:`bm25` gives a cached
 PISA BM25 over any of them. See ``docs/collections.md``.
 """

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
-from ..paths import data_dir
+from pyterrier_kdcl.paths import data_dir
+
 from . import collection, debian, faqs, manpages
 
 BUILDER_VERSION = 1
@@ -104,7 +105,7 @@ def unavailable_hint() -> str:
     built = [name for name in COLLECTIONS if is_built(name)]
     alternatives = [f"irds:kdcl/{n.replace('faq-', 'faq/')}" for n in built] + working_irds_datasets()
     return ("The kdcl collections are built from Debian packages (`apt-get download`, `dpkg-deb -x`): run "
-            "`python -m pyterrier_kdcl.datasets build` on a Debian/Ubuntu machine that reaches a Debian archive, "
-            "or copy a built data folder here and point KDCL_DATA at it. "
+            "`python -m pyterrier_kdcl.offline.datasets build` on a Debian/Ubuntu machine that reaches a Debian "
+            "archive, or copy a built data folder here and point KDCL_DATA at it. "
             + (f"Datasets that work here now: {', '.join(alternatives)}." if alternatives
                else "No irds: dataset has local files here (ir_datasets itself needs network for its downloads)."))

@@ -18,12 +18,12 @@ import pyterrier as pt
 import torch
 from torch import nn
 
-from pyterrier_kdcl import checkpoints
-from pyterrier_kdcl.groups import GroupSampler
-from pyterrier_kdcl.losses import InfoNCE, KLDistillation
 from pyterrier_kdcl.reranker import CrossEncoder
-from pyterrier_kdcl.teachers import TeacherScores
-from pyterrier_kdcl.validation import Validator
+from pyterrier_kdcl.training import checkpoints
+from pyterrier_kdcl.training.dev_metrics import Validator
+from pyterrier_kdcl.training.groups import GroupSampler
+from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation
+from pyterrier_kdcl.training.teachers import TeacherScores
 
 PRECISIONS = {"auto", "fp32", "no", "bf16", "fp16"}
 
@@ -47,7 +47,7 @@ class RerankerTrainer(pt.Estimator):
             ``fit(..., resume=True)`` continues from the last checkpoint.
         precision: ``"auto"`` (bf16 autocast on CUDA when supported, else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``.
         group_size, min_label, negatives_window, insufficient, text_source: see
-            :class:`~pyterrier_kdcl.groups.GroupSampler`.
+            :class:`~pyterrier_kdcl.training.groups.GroupSampler`.
     """
 
     schematic = {"label": "Trainer", "help_url": None}

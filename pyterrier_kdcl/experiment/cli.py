@@ -30,15 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def experiment(args) -> int:
-    from pyterrier_kdcl.experiment_config import ConfigError, load_config
+    from pyterrier_kdcl.experiment.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)
     except ConfigError as err:
         print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
-    from pyterrier_kdcl.experiment import ExperimentRunner, default_out
-    from pyterrier_kdcl.experiment_plan import plan
+    from pyterrier_kdcl.experiment.plan import plan
+    from pyterrier_kdcl.experiment.runner import ExperimentRunner, default_out
 
     out = args.out or default_out(config)
     if args.check:

@@ -1,4 +1,4 @@
-"""``python -m pyterrier_kdcl.datasets build [NAME …] [--force]``: build the collections ahead of time."""
+"""``python -m pyterrier_kdcl.offline.datasets build [NAME …] [--force]``: build the collections ahead of time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .debian import SourcesUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyterrier_kdcl.datasets", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pyterrier_kdcl.offline.datasets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the collections (reusing those already built)")
     b.add_argument("names", nargs="*", choices=[[], *COLLECTIONS], metavar="NAME",

@@ -13,7 +13,7 @@ both build; the one that loses the race throws its copy away. Delete a cached di
 Example::
 
     from transformers import AutoModelForSequenceClassification
-    from pyterrier_kdcl.offline_models import resolve_offline_model
+    from pyterrier_kdcl.offline.packaged_models import resolve_offline_model
 
     path = resolve_offline_model("minilm-l6")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)  # fresh scoring head
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from . import paths
+from pyterrier_kdcl import paths
 
 __all__ = ["OFFLINE_MODELS", "OfflineModel", "MissingModelPackage", "is_offline_model", "resolve_offline_model"]
 

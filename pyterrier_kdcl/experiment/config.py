@@ -528,8 +528,8 @@ def _all_data(cfg: ExperimentConfig) -> list[Data]:
 def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
     import ir_datasets
 
-    from pyterrier_kdcl import datasets as kdcl_datasets  # registers the kdcl collections
-    from pyterrier_kdcl.datasets import registry
+    from pyterrier_kdcl.offline import datasets as kdcl_datasets  # registers the kdcl collections
+    from pyterrier_kdcl.offline.datasets import registry
 
     paths = {id(d): p for p, d in [("train", cfg.train), ("validation", cfg.validation),
                                    ("teacher.data", cfg.teacher.data)] if d is not None}
@@ -550,7 +550,7 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
             folder = registry.collection_of(bare)
             if folder is not None and not kdcl_datasets.is_built(folder.name):
                 problems.append(f"{key}: the kdcl collection {folder.name!r} is not built; build it once with "
-                                "`python -m pyterrier_kdcl.datasets build`")
+                                "`python -m pyterrier_kdcl.offline.datasets build`")
         if data.first_stage.path and not Path(data.first_stage.path).is_file():
             problems.append(f"{path}.first_stage.path: run file {data.first_stage.path!r} does not exist")
     models = [("teacher.model", cfg.teacher)] + [(f"students[{i}].model", s) for i, s in enumerate(cfg.students)]

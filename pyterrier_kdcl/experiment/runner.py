@@ -37,8 +37,9 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from pyterrier_kdcl import experiment_data, reporting
-from pyterrier_kdcl.experiment_config import (
+from pyterrier_kdcl.experiment import data as experiment_data
+from pyterrier_kdcl.experiment import report as reporting
+from pyterrier_kdcl.experiment.config import (
     ExperimentConfig,
     Model,
     Student,
@@ -47,7 +48,7 @@ from pyterrier_kdcl.experiment_config import (
     load_config,
 )
 from pyterrier_kdcl.reranker import CrossEncoder
-from pyterrier_kdcl.training import ContrastiveTrainer, DistillationTrainer
+from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
 
 FORMAT = 1  # bump when a change to this file makes old stages meaningless
 DONE, STAGE = "done.json", "stage.json"

@@ -40,7 +40,8 @@ class BuiltFile:
         if force and not path.exists():
             raise CollectionNotBuilt(
                 f"collection {self.collection!r} is not built (no {path}). Build it once with "
-                f"`python -m pyterrier_kdcl.datasets build` (or `make collections`). " + builder.unavailable_hint())
+                f"`python -m pyterrier_kdcl.offline.datasets build` (or `make collections`). "
+                + builder.unavailable_hint())
         return str(path)
 
     @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from pyterrier_kdcl.groups import Group
+from pyterrier_kdcl.training.groups import Group
 
 
 def teacher_fingerprint(teacher: pt.Transformer) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pandas as pd
 import pyterrier as pt
 
-from pyterrier_kdcl.experiment_config import Data
+from pyterrier_kdcl.experiment.config import Data
 
 
 def dataset(data: Data):
     """The PyTerrier dataset of ``data`` (registering the kdcl collections first)."""
-    import pyterrier_kdcl.datasets  # noqa: F401 — registers irds:kdcl/... with ir_datasets
+    import pyterrier_kdcl.offline.datasets  # noqa: F401 — registers irds:kdcl/... with ir_datasets
 
     return pt.get_dataset(data.dataset)
 
@@ -42,7 +42,7 @@ def first_stage(data: Data) -> pt.Transformer:
     """The retriever of ``data``, cut at ``data.depth`` candidates per query."""
     fs = data.first_stage
     if fs.kind == "bm25":
-        from pyterrier_kdcl.datasets import bm25
+        from pyterrier_kdcl.offline.datasets import bm25
 
         return bm25(fs.index or data.dataset.removeprefix("irds:"), num_results=data.depth)
     if fs.kind == "scoreddocs":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from pyterrier_kdcl.experiment_config import ExperimentConfig, Model, evaluation_collections
+from pyterrier_kdcl.experiment.config import ExperimentConfig, Model, evaluation_collections
 
 # pairs per second at max_length 128 on the 2-core CPU: (inference, training incl. backward and AdamW);
 # the MiniLM figures as measured after the document pre-cut and fused AdamW (2026-11-27), the others before
@@ -29,7 +29,7 @@ def _queries(data) -> int | None:
     try:
         import ir_datasets
 
-        import pyterrier_kdcl.datasets  # noqa: F401 — registers the kdcl collections
+        import pyterrier_kdcl.offline.datasets  # noqa: F401 — registers the kdcl collections
 
         return ir_datasets.load(data.dataset.removeprefix("irds:")).queries_count()
     except Exception:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ir_measures
 import pandas as pd
 
-from pyterrier_kdcl.groups import _checked_qrels
 from pyterrier_kdcl.reranker import CrossEncoder, _check_strings
+from pyterrier_kdcl.training.groups import _checked_qrels
 
 
 class Validator:
