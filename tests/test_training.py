@@ -271,3 +271,50 @@ def test_teacher_rows_are_joined_by_qid_and_docno_not_position(tiny_model):
                         "text": ["t1", "t2", "t3"]})
     out = CheckedTeacher(Reordering())(inp)
     assert list(out["docno"]) == ["x", "y", "z"] and list(out["score"]) == [0.0, 1.0, 2.0]
+
+
+def newest_checkpoint(output_dir):
+    return sorted((output_dir / "checkpoints").iterdir())[-1]
+
+
+def test_bf16_weights_train_through_float32_master_weights(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    res, qrels = training_frames(32)
+    ce = student(tiny_model, dtype="bfloat16", device="cpu")
+    before = {k: v.detach().clone() for k, v in ce.ranker.named_parameters()}
+    kdcl.ContrastiveTrainer(ce, group_size=4, batch_size=4, learning_rate=1e-5, verbose=False,
+                            output_dir=tmp_path / "bf16").fit(res, qrels)
+    masters = load_file(newest_checkpoint(tmp_path / "bf16") / "weights.safetensors")  # the 8th and last step
+    encoder = [k for k in before if ".encoder." in k and k.endswith("weight")]
+    changed = sum(int((masters[k] != before[k].float()).sum()) for k in encoder)
+    total = sum(before[k].numel() for k in encoder)
+    # stepping the bf16 weights themselves changed 11% of them: most updates at lr 1e-5 fall below half an ulp
+    assert changed / total > 0.99, changed / total
+    # the reranker serves in its own dtype, the master weights rounded once, with a forward free of autocast
+    after = dict(ce.ranker.named_parameters())
+    assert ce.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in after.values())
+    for key, master in masters.items():
+        assert torch.equal(after[key], master.to(torch.bfloat16)), key
+    assert "_original_forward" not in ce.ranker.__dict__
+    assert np.isfinite(ce(res.head(8))["score"]).all()
+    # the process may fit in another precision afterwards (Accelerate's precision is process-wide)
+    kdcl.ContrastiveTrainer(student(tiny_model), group_size=4, batch_size=4, verbose=False).fit(res.head(32), qrels)
+
+
+def test_a_bf16_lora_student_trains_validates_and_keeps_its_dtypes(tiny_model):
+    res, qrels = training_frames(8)
+    ce = student(tiny_model, dtype="bfloat16", device="cpu", lora={"r": 4, "lora_alpha": 8})
+    before = {k: v.detach().clone() for k, v in ce.ranker.named_parameters()}
+    assert before["model.base_model.model.classifier.modules_to_save.default.weight"].dtype == torch.bfloat16
+    log = kdcl.ContrastiveTrainer(ce, group_size=4, batch_size=4, learning_rate=1e-3, verbose=False,
+                                  metric="RR@10", validate_every=1).fit(res, qrels, res, qrels)
+    assert log["metric"].notna().all()  # a bf16 base, float32 adapters and float32 master head, under autocast
+    after = dict(ce.ranker.named_parameters())
+    assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in before.items()}
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if "lora_" in k)
+
+
+def test_a_half_reranker_is_not_computed_in_the_other_half_precision(tiny_model):
+    with pytest.raises(ValueError, match="precision='bf16'"):
+        kdcl.ContrastiveTrainer(student(tiny_model, dtype="bfloat16", device="cpu"), precision="fp16")

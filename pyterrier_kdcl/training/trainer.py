@@ -8,9 +8,11 @@ groups in the same order. Hugging Face Accelerate runs the loop on one device or
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -45,7 +47,10 @@ class RerankerTrainer(pt.Estimator):
             ir_measures name. The best weights are restored at the end; ``patience`` stops early.
         output_dir: checkpoints (atomic), the final model, the log and the teacher score cache go here;
             ``fit(..., resume=True)`` continues from the last checkpoint.
-        precision: ``"auto"`` (bf16 autocast on CUDA when supported, else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        precision: the compute precision: ``"auto"`` (bf16 autocast for a bf16 reranker, and on CUDA where
+            supported; else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``. Whatever it is, the trainable weights are
+            stepped in float32 (master weights: a bf16 weight cannot hold an update below ~1/500 of its size) and
+            cast back to the reranker's dtype when ``fit`` ends, so a bf16 reranker serves in bf16 as before.
         group_size, min_label, negatives_window, insufficient, text_source: see
             :class:`~pyterrier_kdcl.training.groups.GroupSampler`.
     """
@@ -68,6 +73,11 @@ class RerankerTrainer(pt.Estimator):
             raise ValueError(f"{loss!r} needs teacher scores: pass teacher= (any transformer that scores rows)")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(reranker.dtype)
+        if half and precision in ("bf16", "fp16") and precision != half:
+            raise ValueError(f"precision={precision!r} would compute a {reranker.dtype} reranker in another half "
+                             f"precision: use precision={half!r} (or 'auto'), or build the reranker with "
+                             "dtype='float32'")
         for name, value in (("epochs", epochs), ("batch_size", batch_size),
                             ("gradient_accumulation_steps", gradient_accumulation_steps)):
             if not isinstance(value, int) or value < 1:
@@ -113,7 +123,6 @@ class RerankerTrainer(pt.Estimator):
     def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
             va_qrels: pd.DataFrame | None = None, resume: bool = False) -> pd.DataFrame:
         """Trains on ``tr_res`` (a result frame with text) and ``tr_qrels``; returns the training log."""
-        from accelerate import Accelerator
         from transformers import get_linear_schedule_with_warmup
 
         if resume and self.output_dir is None:
@@ -124,8 +133,9 @@ class RerankerTrainer(pt.Estimator):
         self.group_stats = sampler.stats
         validator = Validator(self.reranker, va_res, va_qrels, self.metric) if va_res is not None else None
 
-        accelerator = Accelerator(mixed_precision=self._mixed_precision(), cpu=self.reranker.device.type == "cpu")
-        world, rank = accelerator.num_processes, accelerator.process_index
+        mixed_precision = self._mixed_precision()
+        accelerator = _accelerator(mixed_precision, cpu=self.reranker.device.type == "cpu")
+        world = accelerator.num_processes
         if self.batch_size % world:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world} processes")
         teacher = self._teacher_scores(sampler, accelerator)
@@ -137,56 +147,73 @@ class RerankerTrainer(pt.Estimator):
         if self.gradient_checkpointing:
             reranker.ranker.backbone.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        reranker.ranker.train()
-        params = [p for p in reranker.ranker.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay), lr=self.learning_rate,
-                                      fused=_fused_adamw_fits(params))
-        batches_per_epoch = _batches_per_epoch(len(sampler), self.batch_size, world)
-        steps_per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
-        total_steps = steps_per_epoch * self.epochs
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(self.warmup_ratio * total_steps), total_steps)
-        model, optimizer = accelerator.prepare(reranker.ranker, optimizer)
+        half_dtypes = _master_weights(reranker.ranker, mixed_precision)
+        try:
+            reranker.ranker.train()
+            params = [p for p in reranker.ranker.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay), lr=self.learning_rate,
+                                          fused=_fused_adamw_fits(params))
+            batches_per_epoch = _batches_per_epoch(len(sampler), self.batch_size, world)
+            steps_per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
+            total_steps = steps_per_epoch * self.epochs
+            scheduler = get_linear_schedule_with_warmup(optimizer, round(self.warmup_ratio * total_steps),
+                                                        total_steps)
+            model, optimizer = accelerator.prepare(reranker.ranker, optimizer)
+            state = checkpoints.TrainingState()
+            if resume:
+                state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler) or state
+            loop = _Loop(model, optimizer, scheduler, params, teacher, accelerator, validator, steps_per_epoch,
+                         total_steps)
+            self._train(sampler, loop, state)
+            if state.best_weights is not None:
+                reranker.ranker.load_state_dict(state.best_weights, strict=False)
+        finally:
+            # the reranker leaves fit as it came: its own dtype, and a forward without Accelerate's autocast
+            accelerator.unwrap_model(reranker.ranker, keep_fp32_wrapper=False)
+            _restore_dtypes(reranker.ranker, half_dtypes)
+            reranker.ranker.eval()
+        self._finish(state, reranker, accelerator)
+        return self.log_
 
-        state = checkpoints.TrainingState()
-        if resume:
-            state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler) or state
-        validate_every = self.validate_every or steps_per_epoch
+    def _train(self, sampler: GroupSampler, loop: _Loop, state: checkpoints.TrainingState) -> None:
+        accelerator, reranker = loop.accelerator, self.reranker
+        world = accelerator.num_processes
+        validate_every = self.validate_every or loop.steps_per_epoch
         checkpoint_every = self.checkpoint_every or validate_every
-        bar = pt.tqdm(total=total_steps, initial=state.step, desc=repr(self), unit="step",
+        bar = pt.tqdm(total=loop.total_steps, initial=state.step, desc=repr(self), unit="step",
                       disable=not (self.verbose and accelerator.is_main_process))
         started = time.perf_counter() - state.seconds
-        stop = False
         for epoch in range(state.epoch, self.epochs):
             batches = _batches(sampler.epoch(epoch), self.batch_size, world)
             steps = itertools.islice(_chunks(batches, self.gradient_accumulation_steps), state.step_in_epoch, None)
             for step_batches in steps:
-                loss = self._step(model, optimizer, scheduler, params, step_batches, teacher, rank, world,
-                                  accelerator, state)
+                loss = self._step(loop.model, loop.optimizer, loop.scheduler, loop.params, step_batches, loop.teacher,
+                                  accelerator.process_index, world, accelerator, state)
                 state.step += 1
                 state.step_in_epoch += 1
                 state.seconds = time.perf_counter() - started
-                row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": loop.scheduler.get_last_lr()[0],
                        "seconds": state.seconds, "pairs": state.pairs}
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                end_of_epoch = state.step_in_epoch == steps_per_epoch
-                if validator is not None and (state.step % validate_every == 0 or end_of_epoch):
-                    row["metric"] = validator.evaluate()
+                end_of_epoch = state.step_in_epoch == loop.steps_per_epoch
+                stop = False
+                if loop.validator is not None and (state.step % validate_every == 0 or end_of_epoch):
+                    # in the reranker's own precision: a bf16 reranker is measured as it will serve
+                    with accelerator.autocast() if _is_half(reranker.dtype) else contextlib.nullcontext():
+                        row["metric"] = loop.validator.evaluate()
                     stop = self._keep_best(row["metric"], state, reranker)
                 state.log.append(row)
                 if end_of_epoch:
                     state.epoch, state.step_in_epoch = epoch + 1, 0
                 if self.output_dir is not None and (state.step % checkpoint_every == 0 or end_of_epoch or stop):
                     if accelerator.is_main_process:
-                        checkpoints.save(self.output_dir, reranker.ranker, optimizer, scheduler, state)
+                        checkpoints.save(self.output_dir, reranker.ranker, loop.optimizer, loop.scheduler, state)
                     accelerator.wait_for_everyone()
                 if stop:
-                    break
-            if stop:
-                break
+                    bar.close()
+                    return
         bar.close()
-        self._finish(state, reranker, accelerator)
-        return self.log_
 
     def _step(self, model, optimizer, scheduler, params, step_batches, teacher, rank, world, accelerator, state):
         total = 0.0
@@ -224,9 +251,6 @@ class RerankerTrainer(pt.Estimator):
         return self.patience is not None and state.bad_validations >= self.patience
 
     def _finish(self, state, reranker, accelerator) -> None:
-        if state.best_weights is not None:
-            reranker.ranker.load_state_dict(state.best_weights, strict=False)
-        reranker.ranker.eval()
         self.log_ = pd.DataFrame(state.log, columns=["step", "epoch", "loss", "lr", "metric", "seconds", "pairs"])
         if self.output_dir is not None and accelerator.is_main_process:
             reranker.save(self.output_dir / "model")
@@ -245,6 +269,8 @@ class RerankerTrainer(pt.Estimator):
 
     def _mixed_precision(self) -> str:
         if self.precision == "auto":
+            if _is_half(self.reranker.dtype):  # weights held in half precision compute in it
+                return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.reranker.dtype]
             cuda = self.reranker.device.type == "cuda"
             return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
         return {"fp32": "no"}.get(self.precision, self.precision)
@@ -278,6 +304,58 @@ class DistillationTrainer(RerankerTrainer):
                  student_temperature: float = 1.0, **kwargs):
         loss = KLDistillation(teacher_temperature=teacher_temperature, student_temperature=student_temperature)
         super().__init__(reranker, loss, teacher=teacher, **kwargs)
+
+
+@dataclass
+class _Loop:
+    """What every step of one fit uses."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list[torch.Tensor]
+    teacher: TeacherScores | None
+    accelerator: object
+    validator: Validator | None
+    steps_per_epoch: int
+    total_steps: int
+
+
+# -- precision -----------------------------------------------------------------------------------------------
+def _is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _accelerator(mixed_precision: str, cpu: bool):
+    """An Accelerator with this fit's precision. Accelerate keeps its precision in a process-wide singleton and
+    refuses a second one; a single process may fit in another precision than before, so it starts afresh."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def _master_weights(module: nn.Module, mixed_precision: str) -> dict[str, torch.dtype]:
+    """Casts half-precision trainable parameters to float32 (autocast computes in half precision from them):
+    AdamW's step at lr 1e-5 is below half a bf16 ulp for most weights, and stepping bf16 weights directly lost
+    it (8 steps changed 11% of a tiny BERT's encoder weights; float32 masters change all of them). Without
+    autocast frozen half-precision weights are cast too, so every layer computes in one dtype. Returns the dtypes
+    to restore."""
+    dtypes = {}
+    for name, param in module.named_parameters():
+        if _is_half(param.dtype) and (param.requires_grad or mixed_precision == "no"):
+            dtypes[name] = param.dtype
+            param.data = param.data.float()
+    return dtypes
+
+
+def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    for name, param in module.named_parameters():
+        if name in dtypes:
+            param.data = param.data.to(dtypes[name])
 
 
 # -- batching helpers ----------------------------------------------------------------------------------------
