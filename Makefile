@@ -7,7 +7,7 @@ CONFIG ?= experiments/quick.yaml
 
 .PHONY: install test lint demo collections clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build

@@ -528,8 +528,10 @@ def _all_data(cfg: ExperimentConfig) -> list[Data]:
 def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
     import ir_datasets
 
-    from pyterrier_kdcl.offline import datasets as kdcl_datasets  # registers the kdcl collections
+    from pyterrier_kdcl.offline import datasets as kdcl_datasets
     from pyterrier_kdcl.offline.datasets import registry
+
+    kdcl_datasets.register()  # lists the kdcl ids in ir_datasets.registry, which is searched below
 
     paths = {id(d): p for p, d in [("train", cfg.train), ("validation", cfg.validation),
                                    ("teacher.data", cfg.teacher.data)] if d is not None}

@@ -14,8 +14,8 @@ from pyterrier_kdcl.experiment.config import Data
 
 
 def dataset(data: Data):
-    """The PyTerrier dataset of ``data`` (registering the kdcl collections first)."""
-    import pyterrier_kdcl.offline.datasets  # noqa: F401 — registers irds:kdcl/... with ir_datasets
+    """The PyTerrier dataset of ``data``."""
+    import pyterrier_kdcl.offline.datasets  # noqa: F401 — irds:kdcl/... resolve even without the entry point
 
     return pt.get_dataset(data.dataset)
 

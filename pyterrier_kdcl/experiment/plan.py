@@ -29,7 +29,7 @@ def _queries(data) -> int | None:
     try:
         import ir_datasets
 
-        import pyterrier_kdcl.offline.datasets  # noqa: F401 — registers the kdcl collections
+        import pyterrier_kdcl.offline.datasets  # noqa: F401 — irds:kdcl/... resolve even without the entry point
 
         return ir_datasets.load(data.dataset.removeprefix("irds:")).queries_count()
     except Exception:

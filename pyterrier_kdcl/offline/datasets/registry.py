@@ -1,8 +1,9 @@
-"""ir_datasets registration of the kdcl collections, so ``pt.get_dataset("irds:kdcl/…")`` finds them.
+"""ir_datasets definitions of the kdcl collections, so ``pt.get_dataset("irds:kdcl/…")`` finds them.
 
-Registering is cheap and builds nothing: file paths are resolved when a dataset is first read (so
-``KDCL_DATA`` may change after import), and reading a collection that is not built raises
-:class:`CollectionNotBuilt`, which says how to build it.
+Nothing here builds anything: file paths are resolved when a dataset is first read (so ``KDCL_DATA`` may change
+after import), and reading a collection that is not built raises :class:`CollectionNotBuilt`, which says how to
+build it. ir_datasets reaches :func:`dataset` through the ``kdcl/`` pattern that ``pyterrier_kdcl._pyterrier_hook``
+registers when PyTerrier starts; :func:`register` also lists every id in ``ir_datasets.registry``.
 """
 
 import contextlib
@@ -84,12 +85,24 @@ def collection_of(dataset_id: str) -> Path | None:
     return builder.collection_dir(entry[0]) if entry else None
 
 
+_CORPORA: dict[str, BuiltJsonlDocs] = {}
+_DATASETS: dict[str, Dataset] = {}
+
+
+def dataset(dataset_id: str) -> Dataset:
+    """The ir_datasets dataset of a kdcl id (``kdcl/manpages/test``); the splits of a collection share one corpus."""
+    if dataset_id not in _DATASETS:
+        ids = dataset_ids()
+        if dataset_id not in ids:
+            raise KeyError(f"{dataset_id!r} is not a kdcl dataset; the kdcl ids are {', '.join(ids)}")
+        collection, split = ids[dataset_id]
+        corpus = _CORPORA.setdefault(collection, _docs(collection))
+        _DATASETS[dataset_id] = Dataset(corpus) if split is None else _split(collection, corpus, split)
+    return _DATASETS[dataset_id]
+
+
 def register() -> None:
-    """Register every kdcl id with ir_datasets (once; later calls do nothing)."""
-    docs: dict[str, BuiltJsonlDocs] = {}
-    for dataset_id, (collection, split) in dataset_ids().items():
-        if dataset_id in ir_datasets.registry:
-            continue
-        corpus = docs.setdefault(collection, _docs(collection))
-        dataset = Dataset(corpus) if split is None else _split(collection, corpus, split)
-        ir_datasets.registry.register(dataset_id, dataset)
+    """List every kdcl id in ``ir_datasets.registry`` (ids ir_datasets has resolved already stay as they are)."""
+    for dataset_id in dataset_ids():
+        if dataset_id not in ir_datasets.registry:
+            ir_datasets.registry.register(dataset_id, dataset(dataset_id))
