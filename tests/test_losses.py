@@ -250,6 +250,14 @@ def test_needs():
     assert Weighted([(InfoNCE(), 1.0), (MarginMSE(), 1.0)]).needs == {"labels", "teacher_scores"}
 
 
+def test_uses_names_every_input_a_loss_reads_when_given():
+    assert InfoNCE().uses == {"labels"} and KLDistillation().uses == {"teacher_scores"}
+    assert MarginMSE().uses == {"labels", "teacher_scores"}  # labels find the positive
+    assert RankNet().uses == {"labels", "teacher_scores"} and ListNet().uses == {"labels", "teacher_scores"}
+    assert RankNet(target="labels").uses == {"labels"} and ListNet(target="teacher_scores").uses == {"teacher_scores"}
+    assert Weighted([(InfoNCE(), 1.0), (RankNet(), 1.0)]).uses == {"labels", "teacher_scores"}
+
+
 def test_repr_shows_parameters():
     assert repr(InfoNCE(0.1)) == "InfoNCE(temperature=0.1)"
     assert repr(KLDistillation(2, 1)) == "KLDistillation(teacher_temperature=2.0, student_temperature=1.0)"

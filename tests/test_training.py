@@ -318,3 +318,29 @@ def test_a_bf16_lora_student_trains_validates_and_keeps_its_dtypes(tiny_model):
 def test_a_half_reranker_is_not_computed_in_the_other_half_precision(tiny_model):
     with pytest.raises(ValueError, match="precision='bf16'"):
         kdcl.ContrastiveTrainer(student(tiny_model, dtype="bfloat16", device="cpu"), precision="fp16")
+
+
+@pytest.mark.parametrize("loss", [kdcl.losses.RankNet, kdcl.losses.ListNet])
+def test_a_teacher_given_with_a_ranking_loss_is_used(tiny_model, loss):
+    res, qrels = training_frames(6)
+    seen = []
+
+    class Spy(loss):
+        def forward(self, scores, labels=None, teacher_scores=None):
+            seen.append(teacher_scores)
+            return super().forward(scores, labels=labels, teacher_scores=teacher_scores)
+
+    teacher = CountingTeacher()
+    trainer = RerankerTrainer(student(tiny_model), Spy(), teacher=teacher, group_size=4, batch_size=2, verbose=False)
+    assert trainer.teacher is teacher
+    trainer.fit(res, qrels)
+    assert teacher.rows == 6 * 4 and len(seen) == 3
+    for scores in seen:  # the teacher's scores: 3.0 for the positive ('the answer to …'), below for the rest
+        assert scores is not None and (scores[:, 0] == 3.0).all() and (scores[:, 1:] < 3.0).all()
+
+
+def test_a_teacher_that_the_loss_never_reads_is_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"reads no teacher scores, so teacher=CountingTeacher\(\) would be ignored"):
+        RerankerTrainer(student(tiny_model), kdcl.losses.InfoNCE(), teacher=CountingTeacher())
+    with pytest.raises(ValueError, match="reads no teacher scores"):
+        RerankerTrainer(student(tiny_model), kdcl.losses.RankNet(target="labels"), teacher=CountingTeacher())

@@ -6,9 +6,11 @@ Every loss is a small ``torch.nn.Module`` with one call convention::
 
 ``scores`` are the student's scores, shape ``(n_queries, group_size)``: one row per query, one column per
 document of its training group (``group_size >= 2``). ``labels`` (relevance labels, ``> 0`` means
-relevant) and ``teacher_scores`` have the same shape. Each loss reads only what it needs, says so in its
-``needs`` attribute (so a trainer knows whether teacher scores must be computed at all) and raises a
-``ValueError`` naming the missing input or the mismatched shape. Losses are means over queries.
+relevant) and ``teacher_scores`` have the same shape. Each loss says what it cannot do without in its
+``needs`` attribute, and everything it reads when given in ``uses`` (``RankNet()`` needs labels, but uses
+teacher scores instead when they are passed), so a trainer knows whether teacher scores must be computed, and
+whether a teacher it was given would be read at all. A missing input or a mismatched shape raises a
+``ValueError`` naming it. Losses are means over queries.
 
 Everything is computed in log space (``log_softmax``, ``logsumexp``, ``softplus``), so scores of any
 magnitude give finite losses and gradients. Half-precision scores are upcast to float32 first. Teacher
@@ -34,6 +36,11 @@ class RankingLoss(nn.Module):
     """Base class: input checks shared by every loss. ``needs`` names the inputs a loss cannot do without."""
 
     needs: frozenset = frozenset()
+
+    @property
+    def uses(self) -> frozenset:
+        """The inputs this loss reads when they are passed: ``needs`` and any it takes up when given."""
+        return self.needs
 
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
@@ -90,6 +97,10 @@ def _check_target(target: str | None) -> str | None:
 def _target_needs(target: str | None) -> frozenset:
     # with target=None, labels suffice; teacher scores are used instead whenever they are passed
     return frozenset({target or "labels"})
+
+
+def _target_uses(target: str | None) -> frozenset:
+    return frozenset({"labels", "teacher_scores"}) if target is None else frozenset({target})
 
 
 class InfoNCE(RankingLoss):
@@ -207,6 +218,7 @@ class MarginMSE(RankingLoss):
     """
 
     needs = frozenset({"teacher_scores"})
+    uses = frozenset({"teacher_scores", "labels"})  # labels, when given, find the positive
 
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
@@ -257,6 +269,10 @@ class RankNet(RankingLoss):
         self.target = _check_target(target)
         self.needs = _target_needs(self.target)
 
+    @property
+    def uses(self) -> frozenset:
+        return _target_uses(self.target)
+
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
         scores = self._scores(scores)
@@ -298,6 +314,10 @@ class ListNet(RankingLoss):
         self.target = _check_target(target)
         self.needs = _target_needs(self.target)
 
+    @property
+    def uses(self) -> frozenset:
+        return _target_uses(self.target)
+
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
         scores = self._scores(scores)
@@ -335,6 +355,10 @@ class Weighted(RankingLoss):
         self.weights = [float(weight) for _, weight in pairs]
         self.needs = frozenset().union(*(getattr(loss, "needs", frozenset()) for loss in self.losses))
 
+    @property
+    def uses(self) -> frozenset:
+        return frozenset().union(*(_uses(loss) for loss in self.losses))
+
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
         return sum(weight * loss(scores, labels=labels, teacher_scores=teacher_scores)
@@ -342,3 +366,9 @@ class Weighted(RankingLoss):
 
     def __repr__(self) -> str:
         return "Weighted([" + ", ".join(f"({loss!r}, {w!r})" for loss, w in zip(self.losses, self.weights)) + "])"
+
+
+def _uses(loss: nn.Module) -> frozenset:
+    """What a loss reads when given: its ``uses``, else (a loss from elsewhere) its ``needs``, else labels."""
+    needs = frozenset(getattr(loss, "needs", {"labels"}))
+    return frozenset(getattr(loss, "uses", needs)) | needs

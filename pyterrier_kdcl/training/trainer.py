@@ -24,7 +24,7 @@ from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training import checkpoints
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler
-from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation
+from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
 from pyterrier_kdcl.training.teachers import TeacherScores
 
 PRECISIONS = {"auto", "fp32", "no", "bf16", "fp16"}
@@ -40,6 +40,10 @@ class RerankerTrainer(pt.Estimator):
         pt.Experiment([bm25, bm25 >> text >> trainer], test_topics, test_qrels, [nDCG @ 10])  # pyterrier.measures
 
     Args:
+        loss: any loss of ``kdcl.losses`` (or a module with the same call); its ``needs`` and ``uses`` say whether
+            the teacher's scores are needed, read when given, or never read (then a teacher is refused).
+        teacher: any transformer that scores the rows it is given; its scores reach the loss as ``teacher_scores``
+            (``RankNet()`` and ``ListNet()`` then rank by the teacher instead of the labels).
         batch_size: queries (groups) per forward pass across all processes.
         gradient_accumulation_steps: forward passes per optimizer step.
         learning_rate, warmup_ratio, weight_decay, max_grad_norm: AdamW with linear warm-up and decay, clipping.
@@ -71,6 +75,10 @@ class RerankerTrainer(pt.Estimator):
         needs = getattr(loss, "needs", {"labels"})
         if "teacher_scores" in needs and teacher is None:
             raise ValueError(f"{loss!r} needs teacher scores: pass teacher= (any transformer that scores rows)")
+        if teacher is not None and "teacher_scores" not in _uses(loss):
+            raise ValueError(f"{loss!r} reads no teacher scores, so teacher={teacher!r} would be ignored: drop "
+                             "teacher=, or train with a loss that learns from a teacher (KLDistillation, MarginMSE, "
+                             "RankNet(), ListNet(), or Weighted([...]) holding one)")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(reranker.dtype)
@@ -84,7 +92,7 @@ class RerankerTrainer(pt.Estimator):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.reranker = reranker
         self.loss = loss
-        self.teacher = teacher if "teacher_scores" in needs else None
+        self.teacher = teacher
         self.group_size = group_size
         self.epochs = epochs
         self.batch_size = batch_size
