@@ -293,3 +293,14 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint_and_resumes_from_it(tiny_mode
     log = RerankerTrainer(student, NaNOnCall(0), group_size=4, batch_size=2, verbose=False,
                           output_dir=tmp_path / "run").fit(res, qrels, resume=True)
     assert list(log["step"]) == [1, 2, 3, 4] and np.isfinite(log["loss"]).all()
+
+
+def test_a_negatives_window_without_rank_or_score_is_refused_not_read_from_row_order():
+    res, qrels = training_frames(4, depth=8)
+    with pytest.raises(ValueError, match="negatives_window=.*neither a 'rank' nor a 'score' column"):
+        GroupSampler(res.drop(columns=["rank", "score"]), qrels, group_size=3, negatives_window=(0, 3))
+    assert len(GroupSampler(res.drop(columns=["rank", "score"]), qrels, group_size=3)) == 4  # no window: fine
+    # ranks from the score when the rank is missing: the window holds the three best-scored negatives
+    sampler = GroupSampler(res.drop(columns=["rank"]), qrels, group_size=3, negatives_window=(0, 3))
+    for group in sampler.epoch(0):
+        assert {d.rsplit("-", 1)[1] for d in group.docnos[1:]} <= {"0", "1", "2"}

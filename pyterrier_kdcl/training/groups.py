@@ -64,7 +64,9 @@ class GroupSampler:
     Args:
         results: result frame with qid, query, docno and ``text_field`` (and rank or score, if a window is used).
         qrels: qid, docno, label. Labels ``>= min_label`` are positives.
-        negatives_window: ``(first, last)`` ranks (0-based, last exclusive) negatives are drawn from.
+        negatives_window: ``(first, last)`` ranks (0-based, last exclusive) negatives are drawn from: the frame's
+            ``rank``, else ranks from its ``score``. A frame with neither is refused rather than ranked by its row
+            order (groups never depend on row order).
         insufficient: ``"skip"`` queries with fewer than ``group_size - 1`` negatives, or ``"replace"``: draw
             their negatives with replacement.
         text_source: where to find the text of positives the first stage missed: a mapping docno → text or a
@@ -80,6 +82,10 @@ class GroupSampler:
         if negatives_window is not None and not (0 <= negatives_window[0] < negatives_window[1]):
             raise ValueError(f"negatives_window must be (first, last) ranks with 0 <= first < last, "
                              f"got {negatives_window!r}")
+        if negatives_window is not None and not {"rank", "score"} & set(results.columns):
+            raise ValueError(f"negatives_window={tuple(negatives_window)!r} selects negatives by rank, but the "
+                             "training frame has neither a 'rank' nor a 'score' column: keep the first stage's rank "
+                             "or score columns in the frame, or drop negatives_window")
         if insufficient not in INSUFFICIENT_POLICIES:
             raise ValueError(f"insufficient must be one of {INSUFFICIENT_POLICIES}, got {insufficient!r}")
         self.group_size = group_size
@@ -199,6 +205,4 @@ def _checked_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
 def _ranks(results: pd.DataFrame) -> pd.Series:
     if "rank" in results.columns:
         return results["rank"]
-    if "score" in results.columns:
-        return pt.model.add_ranks(results[["qid", "score"]].copy())["rank"]
-    return results.groupby("qid").cumcount()
+    return pt.model.add_ranks(results[["qid", "score"]].copy())["rank"]
