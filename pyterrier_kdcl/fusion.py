@@ -1,0 +1,136 @@
+"""A weighted sum of several scorers' standardised scores: a teacher built from rerankers that already exist.
+
+Scorers differ in scale (a bi-encoder's cosine lies in [-1, 1], a cross-encoder's logit spans tens), so each
+member's scores are standardised with a mean and standard deviation *fitted once* on held-out candidates, never
+per call: a row's fused score then depends on that row alone, whatever other rows share its call, so scores can
+be cached and compared across calls. ``fit`` learns those statistics and the weights (a grid over the simplex
+that maximises a measure on the judged queries it is given).
+
+Example::
+
+    from pyterrier_dr import SBertBiEncoder
+    fused = kdcl.ScoreFusion({"minilm": SBertBiEncoder(minilm_path).text_scorer(),
+                              "mpnet": SBertBiEncoder(mpnet_path).text_scorer(),
+                              "cross": trained_cross_encoder})
+    (bm25 % 20 >> text >> fused).fit(dev_topics, dev_qrels)   # statistics and weights from dev
+    teacher = fused                                             # any transformer can teach
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+import ir_measures
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+
+_HELP_URL = "https://github.com/terrier-org/pyterrier"
+
+
+class ScoreFusion(pt.Estimator):
+    """``score = sum_i w_i (s_i - mean_i) / std_i`` over named scorers; statistics and weights from ``fit``.
+
+    Args:
+        scorers: name -> transformer that scores the rows it is given (a reranker, not a retriever).
+        weights: name -> weight; ``None`` until ``fit`` (or give them and ``stats`` to use the fusion unfitted).
+        stats: name -> ``(mean, std)`` of that scorer's scores; ``None`` until ``fit``.
+        metric: the ir_measures name ``fit`` maximises.
+        grid_step: spacing of the weight grid (weights are multiples of it and sum to 1).
+    """
+
+    schematic = {"label": "ScoreFusion", "help_url": _HELP_URL}
+
+    def __init__(self, scorers: dict[str, pt.Transformer], weights: dict[str, float] | None = None,
+                 stats: dict[str, tuple[float, float]] | None = None, *, metric: str = "nDCG@10",
+                 grid_step: float = 0.1):
+        if not scorers:
+            raise ValueError("ScoreFusion needs at least one scorer")
+        if not 0 < grid_step <= 1:
+            raise ValueError(f"grid_step must lie in (0, 1], got {grid_step}")
+        self.scorers = dict(scorers)
+        self.weights = None if weights is None else {k: float(weights[k]) for k in self.scorers}
+        self.stats = None if stats is None else {k: tuple(map(float, stats[k])) for k in self.scorers}
+        self.metric = metric
+        self.grid_step = grid_step
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def member_scores(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """One column per scorer, aligned with ``inp``'s rows (joined back by qid and docno)."""
+        keys = inp[["qid", "docno"]].astype(str)
+        columns = {}
+        for name, scorer in self.scorers.items():
+            out = scorer(inp.drop(columns=["score", "rank"], errors="ignore"))
+            scored = out[["qid", "docno"]].astype(str).assign(score=out["score"].to_numpy(dtype="float64"))
+            columns[name] = keys.merge(scored.drop_duplicates(["qid", "docno"]), on=["qid", "docno"],
+                                       how="left")["score"].to_numpy()
+            if np.isnan(columns[name]).any():
+                raise ValueError(f"scorer {name!r} did not score every row it was given")
+        return pd.DataFrame(columns, index=inp.index)
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        pt.validate.result_frame(inp, extra_columns=["query"])
+        if self.weights is None or self.stats is None:
+            raise RuntimeError("ScoreFusion is not fitted: call fit(res, qrels) on held-out judged candidates, "
+                               "or pass weights= and stats=")
+        out = inp.drop(columns=["score", "rank"], errors="ignore").copy()
+        out["score"] = self._fuse(self.member_scores(inp), self.weights) if len(inp) else pd.Series(dtype="float64")
+        return pt.model.add_ranks(out)
+
+    def _fuse(self, members: pd.DataFrame, weights: dict[str, float]) -> np.ndarray:
+        total = np.zeros(len(members))
+        for name, weight in weights.items():
+            mean, std = self.stats[name]
+            total += weight * (members[name].to_numpy() - mean) / std
+        return total
+
+    # -- fitting ---------------------------------------------------------------------------------------------
+    def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
+            va_qrels: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Fits statistics and weights on the judged candidates (validation ones when given); returns the grid."""
+        res, qrels = (va_res, va_qrels) if va_res is not None and va_qrels is not None else (tr_res, tr_qrels)
+        if len(res) == 0:
+            raise ValueError("ScoreFusion.fit needs judged candidates: the result frame is empty")
+        members = self.member_scores(res)
+        self.stats = {}
+        for name in self.scorers:
+            std = float(members[name].std())
+            self.stats[name] = (float(members[name].mean()), std if std > 0 else 1.0)
+        measure = ir_measures.parse_measure(self.metric)
+        qids = set(res["qid"].astype(str))  # the mean runs over these queries only
+        qrels = qrels[qrels["qid"].astype(str).isin(qids)]
+        qrels = pd.DataFrame({"query_id": qrels["qid"].astype(str), "doc_id": qrels["docno"].astype(str),
+                              "relevance": qrels["label"].astype(int)})
+        names = list(self.scorers)
+        rows = []
+        for weights in _simplex(len(names), self.grid_step):
+            candidate = dict(zip(names, weights))
+            run = pd.DataFrame({"query_id": res["qid"].astype(str), "doc_id": res["docno"].astype(str),
+                                "score": self._fuse(members, candidate)})
+            value = ir_measures.calc_aggregate([measure], qrels, run).get(measure, 0.0)
+            rows.append({**candidate, self.metric: value})
+        grid = pd.DataFrame(rows)
+        best = grid.loc[grid[self.metric].idxmax()]  # first best: ties go to the earliest grid point
+        self.weights = {name: float(best[name]) for name in names}
+        return grid
+
+    def fingerprint(self) -> str:
+        """Identity for caches: every member's fingerprint (or repr), the weights and the statistics."""
+        parts = {name: (scorer.fingerprint() if hasattr(scorer, "fingerprint") else repr(scorer))
+                 for name, scorer in self.scorers.items()}
+        identity = json.dumps({"members": parts, "weights": self.weights, "stats": self.stats}, sort_keys=True)
+        return hashlib.sha256(identity.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        weights = "unfitted" if self.weights is None else ", ".join(f"{k}={v:g}" for k, v in self.weights.items())
+        return f"ScoreFusion({', '.join(self.scorers)}; {weights})"
+
+
+def _simplex(n: int, step: float):
+    """Every weight vector of ``n`` non-negative multiples of ``step`` summing to 1."""
+    units = round(1 / step)
+    for cut in itertools.combinations(range(units + n - 1), n - 1):
+        parts = np.diff([-1, *cut, units + n - 1]) - 1
+        yield tuple(float(p) / units for p in parts)

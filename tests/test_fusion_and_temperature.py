@@ -1,0 +1,94 @@
+"""ScoreFusion (a teacher built from existing scorers) and the fitted teacher temperature."""
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pytest
+
+from pyterrier_kdcl.fusion import ScoreFusion
+from pyterrier_kdcl.training.temperature import fit_temperature
+
+
+def _candidates(n_queries=12, depth=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, qrels = [], []
+    for q in range(n_queries):
+        relevant = int(rng.integers(depth))
+        for d in range(depth):
+            rows.append({"qid": f"q{q}", "query": f"query {q}", "docno": f"d{q}-{d}", "text": f"t{d}",
+                         "truth": float(d == relevant)})
+        qrels.append({"qid": f"q{q}", "docno": f"d{q}-{relevant}", "label": 1})
+    return pd.DataFrame(rows), pd.DataFrame(qrels)
+
+
+def _scorer(fn):
+    return pt.apply.score(lambda row: fn(row))
+
+
+def _members():
+    rng = np.random.default_rng(1)
+    noise = {}
+
+    def noisy(row):  # a useless scorer on a large scale
+        return noise.setdefault(row["docno"], float(rng.normal(scale=50.0)))
+
+    return {"good": _scorer(lambda row: 0.9 * row["truth"] + 0.1 * (hash(row["docno"]) % 7) / 7),
+            "noise": _scorer(noisy)}
+
+
+def test_fit_puts_the_weight_on_the_informative_scorer_whatever_its_scale():
+    res, qrels = _candidates()
+    fusion = ScoreFusion(_members(), grid_step=0.25)
+    grid = fusion.fit(res.drop(columns=["truth"]).assign(truth=res["truth"]), qrels)
+    assert fusion.weights["good"] > fusion.weights["noise"]
+    assert len(grid) == 5  # 0, .25, .5, .75, 1 for two members
+    assert fusion.stats["noise"][1] > 10 * fusion.stats["good"][1]  # scales were measured, not assumed
+
+
+def test_a_rows_fused_score_does_not_depend_on_the_rows_beside_it():
+    res, qrels = _candidates()
+    fusion = ScoreFusion(_members(), grid_step=0.5)
+    fusion.fit(res, qrels)
+    whole = fusion(res).set_index("docno")["score"]
+    alone = pd.concat([fusion(res.iloc[[i]]) for i in (0, 7, 20)]).set_index("docno")["score"]
+    np.testing.assert_allclose(alone.to_numpy(), whole.loc[alone.index].to_numpy(), rtol=1e-12)
+
+
+def test_unfitted_fusion_says_what_to_do_and_empty_input_works_once_fitted():
+    res, qrels = _candidates()
+    fusion = ScoreFusion(_members())
+    with pytest.raises(RuntimeError, match="call fit"):
+        fusion(res)
+    fusion.fit(res, qrels)
+    assert "score" in fusion(res.iloc[:0]).columns
+
+
+def test_fingerprint_follows_the_weights():
+    fusion = ScoreFusion(_members(), weights={"good": 1.0, "noise": 0.0}, stats={"good": (0, 1), "noise": (0, 1)})
+    other = ScoreFusion(_members(), weights={"good": 0.5, "noise": 0.5}, stats={"good": (0, 1), "noise": (0, 1)})
+    assert fusion.fingerprint() != other.fingerprint()
+
+
+def test_fitted_temperature_recovers_the_temperature_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    for true_t in (0.05, 3.0):
+        scores = rng.normal(size=(3000, 8))
+        probabilities = np.exp(scores / true_t)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        labels = np.zeros_like(scores)
+        labels[np.arange(len(scores)), [rng.choice(8, p=p) for p in probabilities]] = 1
+        assert fit_temperature(scores, labels) == pytest.approx(true_t, rel=0.15)
+
+
+def test_fitted_temperature_is_invariant_to_the_teachers_scale():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(500, 8))
+    labels = (scores == scores.max(axis=1, keepdims=True)) & (rng.random((500, 1)) < 0.7)
+    labels[:, 0] |= ~labels.any(axis=1)
+    base = fit_temperature(scores, labels)
+    assert fit_temperature(scores * 40, labels) == pytest.approx(40 * base, rel=1e-3)
+
+
+def test_fitted_temperature_refuses_groups_without_positives():
+    with pytest.raises(ValueError, match="labelled positive"):
+        fit_temperature(np.zeros((3, 4)), np.zeros((3, 4)))
