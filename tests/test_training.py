@@ -344,3 +344,37 @@ def test_a_teacher_that_the_loss_never_reads_is_refused(tiny_model):
         RerankerTrainer(student(tiny_model), kdcl.losses.InfoNCE(), teacher=CountingTeacher())
     with pytest.raises(ValueError, match="reads no teacher scores"):
         RerankerTrainer(student(tiny_model), kdcl.losses.RankNet(target="labels"), teacher=CountingTeacher())
+
+
+def test_resume_is_a_constructor_option_that_a_pipeline_fit_reaches(tiny_model, tmp_path, monkeypatch):
+    res, qrels = training_frames(12)
+    topics = res[["qid", "query"]].drop_duplicates()
+    first_stage = pt.Transformer.from_df(res, uniform=True)
+    options = {"group_size": 4, "epochs": 2, "batch_size": 2, "verbose": False, "checkpoint_every": 1,
+               "validate_every": 3, "metric": "RR@10"}
+    reference = kdcl.ContrastiveTrainer(student(tiny_model), **options)
+    (first_stage >> reference).fit(topics, qrels, topics, qrels)
+    assert list(reference.log_["step"]) == list(range(1, 13)) and reference.log_["metric"].notna().sum() == 4
+
+    original = RerankerTrainer._step
+    calls = {"n": 0}
+
+    def crashing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated crash in the middle of step 8")
+        return original(self, *args)
+
+    monkeypatch.setattr(RerankerTrainer, "_step", crashing)
+    crashed = kdcl.ContrastiveTrainer(student(tiny_model), output_dir=tmp_path, resume=True, **options)
+    with pytest.raises(KeyboardInterrupt):  # resume=True with no checkpoint yet starts afresh
+        (first_stage >> crashed).fit(topics, qrels, topics, qrels)
+    monkeypatch.setattr(RerankerTrainer, "_step", original)
+
+    resumed = kdcl.ContrastiveTrainer(student(tiny_model), output_dir=tmp_path, resume=True, **options)
+    (first_stage >> resumed).fit(topics, qrels, topics, qrels)
+    assert list(resumed.log_["step"]) == list(range(1, 13))
+    pd.testing.assert_frame_equal(resumed.log_.drop(columns="seconds"), reference.log_.drop(columns="seconds"))
+    assert_same_weights(weights(resumed.reranker), weights(reference.reranker))
+    with pytest.raises(ValueError, match="resume=True needs output_dir"):
+        kdcl.ContrastiveTrainer(student(tiny_model), resume=True)

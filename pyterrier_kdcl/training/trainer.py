@@ -38,6 +38,10 @@ class RerankerTrainer(pt.Estimator):
         trainer = kdcl.RerankerTrainer(kdcl.CrossEncoder("minilm-l6"), kdcl.losses.InfoNCE(), group_size=8)
         (bm25 >> text >> trainer).fit(train_topics, train_qrels, dev_topics, dev_qrels)
         pt.Experiment([bm25, bm25 >> text >> trainer], test_topics, test_qrels, [nDCG @ 10])  # pyterrier.measures
+        trainer.log_                          # the training log: step, epoch, loss, lr, metric, seconds, pairs
+
+    After ``fit``, ``log_`` holds the training log that ``fit`` returns (a pipeline's fit drops the return value),
+    one row a step, and ``group_stats`` counts the queries used and skipped.
 
     Args:
         loss: any loss of ``kdcl.losses`` (or a module with the same call); its ``needs`` and ``uses`` say whether
@@ -50,7 +54,9 @@ class RerankerTrainer(pt.Estimator):
         validate_every: optimizer steps between validations (default: once per epoch); ``metric`` any
             ir_measures name. The best weights are restored at the end; ``patience`` stops early.
         output_dir: checkpoints (atomic), the final model, the log and the teacher score cache go here;
-            ``fit(..., resume=True)`` continues from the last checkpoint.
+            with ``resume=True`` a fit continues from the newest checkpoint there, or starts afresh when there is
+            none, so a pipeline's ``(bm25 >> text >> trainer).fit(...)`` resumes too (``fit(..., resume=...)``
+            overrides it for one call).
         precision: the compute precision: ``"auto"`` (bf16 autocast for a bf16 reranker, and on CUDA where
             supported; else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``. Whatever it is, the trainable weights are
             stepped in float32 (master weights: a bf16 weight cannot hold an update below ~1/500 of its size) and
@@ -68,7 +74,8 @@ class RerankerTrainer(pt.Estimator):
                  validate_every: int | None = None, metric: str = "nDCG@10", patience: int | None = None,
                  min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
                  text_source=None, teacher_cache: str | Path | None = None, precision: str = "auto",
-                 gradient_checkpointing: bool = False, checkpoint_every: int | None = None, verbose: bool = True):
+                 gradient_checkpointing: bool = False, checkpoint_every: int | None = None, resume: bool = False,
+                 verbose: bool = True):
         if not isinstance(reranker, CrossEncoder):
             raise TypeError(f"reranker must be a kdcl.CrossEncoder, got {type(reranker).__name__}")
         reranker.check_float_weights("train")
@@ -79,6 +86,8 @@ class RerankerTrainer(pt.Estimator):
             raise ValueError(f"{loss!r} reads no teacher scores, so teacher={teacher!r} would be ignored: drop "
                              "teacher=, or train with a loss that learns from a teacher (KLDistillation, MarginMSE, "
                              "RankNet(), ListNet(), or Weighted([...]) holding one)")
+        if resume and output_dir is None:
+            raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(reranker.dtype)
@@ -112,6 +121,7 @@ class RerankerTrainer(pt.Estimator):
         self.precision = precision
         self.gradient_checkpointing = gradient_checkpointing
         self.checkpoint_every = checkpoint_every
+        self.resume = resume
         self.verbose = verbose
         self.log_ = pd.DataFrame()
         self.group_stats = None
@@ -129,10 +139,12 @@ class RerankerTrainer(pt.Estimator):
 
     # -- fitting ---------------------------------------------------------------------------------------------
     def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
-            va_qrels: pd.DataFrame | None = None, resume: bool = False) -> pd.DataFrame:
-        """Trains on ``tr_res`` (a result frame with text) and ``tr_qrels``; returns the training log."""
+            va_qrels: pd.DataFrame | None = None, resume: bool | None = None) -> pd.DataFrame:
+        """Trains on ``tr_res`` (a result frame with text) and ``tr_qrels``; returns the training log (also kept as
+        ``log_``). ``resume`` overrides the constructor's for this call."""
         from transformers import get_linear_schedule_with_warmup
 
+        resume = self.resume if resume is None else resume
         if resume and self.output_dir is None:
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         if self.output_dir is not None:
@@ -238,7 +250,7 @@ class RerankerTrainer(pt.Estimator):
                 raise FloatingPointError(
                     f"the loss became {loss.item()} at step {state.step + 1} on queries "
                     f"{[g.qid for g in mine]}; the last good checkpoint is kept. Lower the learning rate "
-                    "(or use precision='bf16'/'fp32' instead of fp16) and resume with fit(..., resume=True)")
+                    "(or use precision='bf16'/'fp32' instead of fp16) and resume (resume=True)")
             accelerator.backward(loss / len(step_batches))
             total += loss.item() / len(step_batches)
             state.pairs += len(mine) * self.group_size
