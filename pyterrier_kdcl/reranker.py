@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from pyterrier_kdcl import models
+from pyterrier_kdcl import models, paths
 from pyterrier_kdcl.inputs import RANKLLAMA_TEMPLATE, PairEncoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -125,14 +124,10 @@ class CrossEncoder(pt.Transformer):
         self.check_float_weights("save")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with paths.finalized_directory(path) as tmp:
             models.save_ranker(self.ranker, self.tokenizer, tmp, self._settings())
             if path.exists():
                 shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, merge_lora: bool = False, device=None, dtype=None,

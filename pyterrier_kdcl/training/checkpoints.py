@@ -1,10 +1,10 @@
 """Training checkpoints that survive a crash at any moment.
 
 Each checkpoint is a directory ``checkpoints/step-NNNNNNNN`` written under a temporary name and renamed into
-place in one ``os.replace``, so a directory with that name is always complete; the newest one is the one to
-resume from, and older ones are removed only after a newer one exists. Weights are safetensors (trainable
-parameters only: a LoRA checkpoint holds the adapter and head); optimizer and scheduler state go through
-``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+place in one ``os.replace`` (``pt.io.finalized_directory``), so a directory with that name is always complete;
+the newest one is the one to resume from, and older ones are removed only after a newer one exists. Weights are
+safetensors (trainable parameters only: a LoRA checkpoint holds the adapter and head); optimizer and scheduler
+state go through ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pyterrier_kdcl import paths
 
 PREFIX = "step-"
 
@@ -63,30 +65,28 @@ def checkpoint_bytes(module: nn.Module) -> int:
 def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: TrainingState) -> Path:
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # from a killed run: only one process writes here
+    # from a killed run (only one process writes here): unfinished checkpoints, and old ones half deleted
+    for leftover in [*root.glob(f".{PREFIX}*.tmp"), *root.glob(".old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     target = root / f"{PREFIX}{state.step:08d}"
     if target.exists():  # this step is on disk already (same step, same weights): never delete a good checkpoint
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_file(trainable_state(module), tmp / "weights.safetensors")
-        if state.best_weights is not None:
-            save_file(state.best_weights, tmp / "best.safetensors")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                   tmp / "optimizer.pt")
-        fields = {k: v for k, v in asdict(state).items() if k != "best_weights"}
-        (tmp / "state.json").write_text(json.dumps(fields))
-        os.replace(tmp, target)
+        with paths.finalized_directory(target) as tmp:
+            save_file(trainable_state(module), tmp / "weights.safetensors")
+            if state.best_weights is not None:
+                save_file(state.best_weights, tmp / "best.safetensors")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                       tmp / "optimizer.pt")
+            fields = {k: v for k, v in asdict(state).items() if k != "best_weights"}
+            (tmp / "state.json").write_text(json.dumps(fields))
     except OSError as err:
         kept = _complete(root)
         raise OSError(err.errno, f"could not write a checkpoint to {root} ({err}); the last complete checkpoint "
                       f"{kept[-1].name if kept else '(none)'} is kept. Free space, then fit(..., resume=True)") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in _complete(root)[:-1]:
         _remove(old)
     return target

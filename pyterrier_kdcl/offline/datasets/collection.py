@@ -25,6 +25,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyterrier_kdcl.paths import finalized_directory
+
 DATA_FILES = ("docs.jsonl",)
 META = "meta.json"
 BUILD_INFO = "build.json"
@@ -101,18 +103,12 @@ def _write_files(col: Collection, folder: Path, builder_version: int) -> None:
 def write(col: Collection, target: Path, builder_version: int) -> Path:
     """Write ``col`` to folder ``target`` atomically, replacing an older build there."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    with finalized_directory(target) as tmp:
         _write_files(col, tmp, builder_version)
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
         if target.exists():
             os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

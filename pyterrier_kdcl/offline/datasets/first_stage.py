@@ -6,13 +6,12 @@ drops it); for any other dataset under ``<data>/indexes/<dataset id>``.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pyterrier as pt
 
-from pyterrier_kdcl.paths import data_dir
+from pyterrier_kdcl.paths import data_dir, finalized_directory
 
 from .registry import collection_of
 
@@ -31,14 +30,12 @@ def pisa_index(dataset_id: str, fields: tuple[str, ...] = ("title", "text")):
     path = _index_path(dataset_id)
     if not PisaIndex(str(path)).built():
         dataset = pt.get_dataset("irds:" + dataset_id.removeprefix("irds:"))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         first = next(iter(dataset.get_corpus_iter(verbose=False)), {})
         present = [f for f in fields if f in first] or ["text"]
-        PisaIndex(str(tmp), text_field=present, threads=1).index(dataset.get_corpus_iter(verbose=False))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with finalized_directory(path) as tmp:
+            PisaIndex(str(tmp), text_field=present, threads=1).index(dataset.get_corpus_iter(verbose=False))
+            shutil.rmtree(path, ignore_errors=True)  # an unfinished index
     return PisaIndex(str(path))
 
 
