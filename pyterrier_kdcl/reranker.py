@@ -49,13 +49,13 @@ class CrossEncoder(pt.Transformer):
         device: default CUDA when available. ``dtype``: default float32 on CPU, bfloat16 on CUDA.
     """
 
-    schematic = {"label": "CrossEncoder", "help_url": None}  # help_url set: PyTerrier would look it up online
     optimized: str | None = None  # set by serving.optimize_for_cpu: int8 weights score, but neither save nor train
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 32, max_length: int = 256,
                  text_field: str = "text", template: str | None = None, pooling: str | None = None,
                  lora=None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  verbose: bool = True, trust_remote_code: bool = False, _ranker=None, _tokenizer=None):
+        self._model = model  # pt.inspect reads every __init__ argument back under its name (or _name)
         self.model_name = str(model)
         self.batch_size = batch_size
         self.text_field = text_field
@@ -69,6 +69,8 @@ class CrossEncoder(pt.Transformer):
                                                     pad_token_id=self.tokenizer.pad_token_id)
         if lora:
             self.ranker = models.add_lora(self.ranker, lora)
+        self.lora = lora
+        self.pooling = self.ranker.pooling
         self.ranker.to(self.device).eval()
         if template is None and self.ranker.pooling == "last":
             template = RANKLLAMA_TEMPLATE
@@ -188,6 +190,11 @@ class CrossEncoder(pt.Transformer):
 
     def __repr__(self) -> str:
         return f"CrossEncoder({self.model_name!r})"
+
+    def schematic(self, *, input_columns: list[str] | None = None) -> dict:
+        """The box of PyTerrier's pipeline drawings; ``help_url`` is set, so drawing never looks it up online."""
+        label = "CrossEncoder" if self.optimized is None else f"CrossEncoder ({self.optimized})"
+        return {"label": label, "help_url": "docs/guide.md#1-rerank"}
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -128,7 +128,7 @@ class ShardedScorer(pt.Transformer):
         batch_size, max_length: override the saved settings in the workers.
     """
 
-    schematic = {"label": "ShardedScorer"}
+    schematic = {"label": "ShardedScorer", "help_url": "docs/serving.md#sharded-scoring"}
 
     def __init__(self, reranker: CrossEncoder | str | os.PathLike, *, devices: list[str] | None = None,
                  workers: int | None = None, threads: int | None = None, optimize: str | None = None,
@@ -147,7 +147,9 @@ class ShardedScorer(pt.Transformer):
         self.devices = [str(d) for d in devices]
         cpu_workers = sum(torch.device(d).type == "cpu" for d in self.devices)
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+        self.workers = workers
         self.optimize = optimize
+        self.batch_size, self.max_length = batch_size, max_length
         self.overrides = {k: v for k, v in (("batch_size", batch_size), ("max_length", max_length)) if v is not None}
         self.verbose = verbose
         self._tmp = None
@@ -164,6 +166,7 @@ class ShardedScorer(pt.Transformer):
             settings = models.read_settings(self.path)  # fails early, with a clear message, on a wrong directory
             self.text_field = settings.get("text_field", "text")
             self.name = f"CrossEncoder.load({str(self.path)!r})"
+        self._reranker = self.path  # for pt.inspect: what the workers load (a CrossEncoder given is saved there)
         self._pools: list[ProcessPoolExecutor] | None = None
         self._stop = None  # stops the running workers: on close(), garbage collection or exit
         if self._tmp is not None:  # the saved copy outlives close(), so that the next frame can restart workers

@@ -78,7 +78,8 @@ def test_a_pickled_weights_file_never_runs_code(tiny_model, tmp_path):
     (model / "model.safetensors").unlink()
     torch.save(state, model / "pytorch_model.bin")  # tensors only: loads through torch.load(weights_only=True)
     expected = scores(kdcl.CrossEncoder(tiny_model("bert"), verbose=False))
-    np.testing.assert_array_equal(scores(kdcl.CrossEncoder(model, verbose=False)), expected)
+    # other memory layout (torch.load's tensors, not safetensors' mapped ones): the same within float rounding
+    np.testing.assert_allclose(scores(kdcl.CrossEncoder(model, verbose=False)), expected, rtol=1e-5, atol=1e-6)
 
     marker = tmp_path / "code-ran"
     torch.save({**state, "payload": Payload(marker)}, model / "pytorch_model.bin")

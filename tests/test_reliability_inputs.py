@@ -83,7 +83,8 @@ def test_duplicate_qid_docno_rows_are_kept_and_scored_identically(rerankers):
     out = rerankers["qwen2"](frame(docno=["d1", "d1", "d3"], text=["same text"] * 3))
     assert len(out) == 3
     d1 = out[out["docno"] == "d1"]
-    assert d1["score"].nunique() == 1 and sorted(d1["rank"]) == [0, 1]
+    # two rows of one batch may take different SIMD paths: equal within rounding, not bit for bit on every CPU
+    assert np.ptp(d1["score"]) < 1e-6 and sorted(d1["rank"]) == [0, 1]
 
 
 def test_a_query_with_thousands_of_candidates_keeps_every_row_and_its_own_score(rerankers):

@@ -139,7 +139,8 @@ def test_sharded_scoring_equals_single_process(saved, sharded):
     single = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)(inp)
     out = sharded(inp)
     pd.testing.assert_frame_equal(out.drop(columns="score"), single.drop(columns="score"))
-    np.testing.assert_allclose(out["score"], single["score"], rtol=0, atol=1e-6)
+    # other processes, threads and batches: equal within float rounding, which differs between CPUs
+    np.testing.assert_allclose(out["score"], single["score"], rtol=1e-5, atol=1e-5)
     again = sharded(inp.iloc[::-1])  # workers stay up between frames
     pd.testing.assert_frame_equal(again, out)
 
@@ -157,7 +158,7 @@ def test_sharded_scoring_from_a_reranker_object_with_fewer_queries_than_workers(
     reranker = kdcl.CrossEncoder(tiny_model("bert"), device="cpu", verbose=False)
     inp = frame(1, 5)
     out = score_sharded(reranker, inp, workers=2, threads=1)
-    np.testing.assert_allclose(out["score"], reranker(inp)["score"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["score"], reranker(inp)["score"], rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_int8_scores_like_int8_in_process(saved):

@@ -214,8 +214,12 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model):
     small = without_dropout(student(tiny_model))
     kdcl.ContrastiveTrainer(small, batch_size=2, gradient_accumulation_steps=2, **config).fit(res, qrels)
     untouched = without_dropout(student(tiny_model))
-    for a, b in zip(big.ranker.parameters(), small.ranker.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for (name, a), b in zip(big.ranker.named_parameters(), small.ranker.parameters()):
+        if name.endswith("classifier.bias"):
+            # InfoNCE is shift-invariant, so this bias's gradient is zero in exact arithmetic: Adam turns the
+            # rounding noise of either run (which differs between CPUs) into steps of a full learning rate
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     assert any(not torch.equal(a, c) for a, c in zip(big.ranker.parameters(), untouched.ranker.parameters()))
 
 

@@ -29,6 +29,8 @@ def teacher_fingerprint(teacher: pt.Transformer) -> str:
 class CheckedTeacher(pt.Transformer):
     """Runs a teacher and insists it scored exactly the rows it was given, with finite scores."""
 
+    schematic = {"label": "CheckedTeacher", "help_url": "docs/guide.md#4-choose-a-teacher"}
+
     def __init__(self, teacher: pt.Transformer):
         self.teacher = teacher
 

@@ -65,7 +65,7 @@ class RerankerTrainer(pt.Estimator):
             :class:`~pyterrier_kdcl.training.groups.GroupSampler`.
     """
 
-    schematic = {"label": "Trainer", "help_url": None}
+    schematic = {"label": "RerankerTrainer", "help_url": "docs/guide.md#2-train-with-contrastive-learning"}
 
     def __init__(self, reranker: CrossEncoder, loss: nn.Module, *, teacher: pt.Transformer | None = None,
                  group_size: int = 8, epochs: int = 1, batch_size: int = 4, learning_rate: float = 1e-4,
@@ -115,8 +115,10 @@ class RerankerTrainer(pt.Estimator):
         self.validate_every = validate_every
         self.metric = metric
         self.patience = patience
-        self.sampler_options = {"group_size": group_size, "min_label": min_label, "insufficient": insufficient,
-                                "negatives_window": negatives_window, "text_source": text_source, "seed": seed}
+        self.min_label = min_label
+        self.negatives_window = negatives_window
+        self.insufficient = insufficient
+        self.text_source = text_source
         self.teacher_cache = teacher_cache
         self.precision = precision
         self.gradient_checkpointing = gradient_checkpointing
@@ -125,6 +127,12 @@ class RerankerTrainer(pt.Estimator):
         self.verbose = verbose
         self.log_ = pd.DataFrame()
         self.group_stats = None
+
+    @property
+    def sampler_options(self) -> dict:
+        """The :class:`~pyterrier_kdcl.training.groups.GroupSampler` arguments among the trainer's options."""
+        return {"group_size": self.group_size, "min_label": self.min_label, "insufficient": self.insufficient,
+                "negatives_window": self.negatives_window, "text_source": self.text_source, "seed": self.seed}
 
     # -- the PyTerrier face ----------------------------------------------------------------------------------
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
@@ -305,8 +313,12 @@ class ContrastiveTrainer(RerankerTrainer):
         (bm25 >> text >> cl).fit(train_topics, train_qrels, dev_topics, dev_qrels)
     """
 
+    schematic = {"label": "ContrastiveTrainer", "help_url": "docs/guide.md#2-train-with-contrastive-learning"}
+
     def __init__(self, reranker: CrossEncoder, *, temperature: float = 1.0, **kwargs):
         super().__init__(reranker, InfoNCE(temperature=temperature), **kwargs)
+        self.temperature = temperature
+        self._kwargs = kwargs  # pt.inspect: the options given to the loop, under this face's **kwargs
 
 
 class DistillationTrainer(RerankerTrainer):
@@ -320,10 +332,15 @@ class DistillationTrainer(RerankerTrainer):
         (bm25 >> text >> kd).fit(train_topics, train_qrels, dev_topics, dev_qrels)
     """
 
+    schematic = {"label": "DistillationTrainer", "help_url": "docs/guide.md#3-train-with-knowledge-distillation"}
+
     def __init__(self, reranker: CrossEncoder, teacher: pt.Transformer, *, teacher_temperature: float = 2.0,
                  student_temperature: float = 1.0, **kwargs):
         loss = KLDistillation(teacher_temperature=teacher_temperature, student_temperature=student_temperature)
         super().__init__(reranker, loss, teacher=teacher, **kwargs)
+        self.teacher_temperature = teacher_temperature
+        self.student_temperature = student_temperature
+        self._kwargs = kwargs  # pt.inspect: the options given to the loop, under this face's **kwargs
 
 
 @dataclass
