@@ -15,6 +15,7 @@ Saved directories hold safetensors only, plus ``kdcl.json`` describing how to re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -106,15 +107,26 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def build_ranker(source: str, pooling: str | None = None, dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False, pad_token_id: int | None = None, seed: int = 0) -> nn.Module:
-    """Loads weights from a hub id or a local Hugging Face directory into the scoring module.
+                 trust_remote_code: bool = False, pad_token_id: int | None = None, lora=None,
+                 seed: int = 0) -> nn.Module:
+    """Loads weights from a hub id or a local Hugging Face directory into the scoring module, with a LoRA adapter
+    when ``lora`` is given (see :func:`lora_config`).
 
-    A head the checkpoint lacks is initialised from ``seed``, whatever the global RNG: two rerankers built
-    from one model start identical, so a CL student and a KD student differ only in how they are trained.
+    What the checkpoint lacks (a fresh head, the adapter's ``lora_A`` matrices) is drawn from ``seed``, whatever
+    the global RNG, which is left as it was: two rerankers built with the same arguments hold the same weights, so
+    a CL student and a KD student differ only in how they are trained.
     """
+    with seeded(seed):
+        ranker = _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id)
+        return add_lora(ranker, lora) if lora else ranker
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draws inside come from ``seed``; the global CPU RNG is left as it was (models are built on the CPU)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id)
+        yield
 
 
 def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> nn.Module:
@@ -253,6 +265,8 @@ def lora_config(lora, ranker: nn.Module):
 
 
 def add_lora(ranker: nn.Module, lora) -> nn.Module:
+    """Wraps the trunk in a peft adapter. Its ``lora_A`` matrices come from the global RNG: :func:`build_ranker`
+    seeds them."""
     from peft import get_peft_model
 
     config = lora_config(lora, ranker)

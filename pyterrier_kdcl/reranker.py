@@ -46,6 +46,8 @@ class CrossEncoder(pt.Transformer):
         template: a prompt with ``{query}`` and ``{text}`` (default: none for encoders, RankLLaMA's for others).
         pooling: ``"classifier"`` (encoder head) or ``"last"`` (last real token); default by architecture.
         lora: ``True``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``: adds a trainable adapter.
+            A fresh head and the adapter are drawn from a fixed seed: two rerankers built with the same arguments
+            hold identical weights, whatever ran in between.
         device: default CUDA when available. ``dtype``: default float32 on CPU, bfloat16 on CUDA.
     """
 
@@ -65,10 +67,14 @@ class CrossEncoder(pt.Transformer):
         self.dtype = _resolve_dtype(dtype, self.device)
         source = models.resolve_source(model)
         self.tokenizer = _tokenizer or models.load_tokenizer(source, trust_remote_code)
-        self.ranker = _ranker or models.build_ranker(source, pooling, self.dtype, trust_remote_code,
-                                                    pad_token_id=self.tokenizer.pad_token_id)
-        if lora:
-            self.ranker = models.add_lora(self.ranker, lora)
+        if _ranker is None:  # the head and adapter the checkpoint lacks come from a fixed seed: identical starts
+            self.ranker = models.build_ranker(source, pooling, self.dtype, trust_remote_code,
+                                              pad_token_id=self.tokenizer.pad_token_id, lora=lora)
+        elif lora:
+            with models.seeded(0):
+                self.ranker = models.add_lora(_ranker, lora)
+        else:
+            self.ranker = _ranker
         self.lora = lora
         self.pooling = self.ranker.pooling
         self.ranker.to(self.device).eval()

@@ -72,13 +72,15 @@ RECURRENT = ("mamba",)
 
 
 def write_tiny_model(family: str, path: Path, seed: int = 0, head: str = "base") -> Path:
-    """Writes config, random weights and tokenizer. ``head="seqcls"`` saves a ForSequenceClassification."""
+    """Writes config, random weights and tokenizer. Encoders save a ForSequenceClassification with its one-logit
+    head, decoders and Mamba the bare trunk; ``head="seqcls"`` saves the head for every family, ``head="none"``
+    the trunk only (an encoder checkpoint without a classifier, like sentence-transformers' bi-encoders)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     tokenizer = wordpiece_tokenizer() if family in ENCODERS else bpe_tokenizer(with_pad=head == "seqcls")
     config = tiny_config(family, len(tokenizer))
     torch.manual_seed(seed)
-    if family in ENCODERS or head == "seqcls":
+    if head == "seqcls" or (family in ENCODERS and head != "none"):
         config.num_labels = 1
         config.pad_token_id = tokenizer.pad_token_id
         model = AutoModelForSequenceClassification.from_config(config)
