@@ -5,11 +5,17 @@ Written under the output directory:
 - ``tables/<collection>.csv|md``: pt.Experiment's table per collection (every system and seed, with the paired
   test against the baseline, its multiple-testing correction and the counts of queries improved/degraded);
 - ``tables/<collection>.mean.csv|md``: mean ± standard deviation over seeds per system;
-- ``tables/summary.csv|md``: the paper's shape (rows: student × objective; columns: in-domain collections,
-  each out-of-domain collection, out-of-domain mean) for the main measure;
-- ``tables/kd_vs_cl.csv|md``: KD − CL per student and collection, with a 95% confidence interval and a paired
-  test over queries (each query's measure averaged over seeds), per collection and pooled in/out of domain;
+- ``tables/summary.csv|md``: the paper's shape (rows: student × objective; columns: in-domain collections, each
+  out-of-domain collection, and per scope of several collections the mean over all its queries) for the main
+  measure;
+- ``tables/kd_vs_cl.csv|md``: KD − CL per student and collection, and pooled in/out of domain, with the paired
+  test over queries (each query's measure averaged over seeds), an interval that agrees with it, the corrected
+  p-value and the minimum detectable effect (:mod:`pyterrier_kdcl.experiment.statistics`);
+- ``tables/teacher_vs_cl.csv|md``: the teacher's margin over each student's CL run, the same way;
 - ``plots/kd_minus_cl.png`` and ``plots/training_curves.png``; ``report.md`` with all of it and the verdict.
+
+Every number has one definition, named in its column: a pooled number is the mean over the scope's queries
+(:func:`pooled_label`), the same in the summary, the comparison tables and the verdict, which quotes the tables.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pyterrier_kdcl.experiment import statistics
+from pyterrier_kdcl.experiment.statistics import POWER
+
 IN_DOMAIN, OUT_OF_DOMAIN = "in domain", "out of domain"
 
 
@@ -31,6 +40,7 @@ class Report:
     kd_vs_cl: pd.DataFrame
     verdict: str
     files: list[Path] = field(default_factory=list)
+    teacher_vs_cl: pd.DataFrame | None = None
 
     def __str__(self) -> str:
         return f"{self.summary_markdown}\n\n{self.verdict}"
@@ -72,21 +82,44 @@ def mean_table(config, result) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pooled_label(scope: str, members: list[str]) -> str:
+    """The one name of a pooled number, used by the summary's column, the comparison tables' rows and the
+    verdict alike: ``out of domain (pooled queries)`` is the mean over every query of the scope's collections
+    (each query weighs the same, so a collection weighs by its number of queries)."""
+    return f"{scope} (pooled queries)" if len(members) > 1 else f"{scope} ({members[0]})"
+
+
+def _scopes(collections) -> list[tuple[str, bool, list[str]]]:
+    """(scope, in_domain, member labels) for the scopes that have collections."""
+    out = []
+    for scope, in_domain in ((IN_DOMAIN, True), (OUT_OF_DOMAIN, False)):
+        members = [c.label for c in collections if c.in_domain == in_domain]
+        if members:
+            out.append((scope, in_domain, members))
+    return out
+
+
 def summary_table(config, collections) -> pd.DataFrame:
-    """Main measure per system × collection (mean and std over seeds), and the out-of-domain mean."""
+    """Main measure per system × collection (mean and std over seeds), and, for a scope of several collections,
+    the pooled mean over all its queries (per seed, then mean and std over seeds) named by :func:`pooled_label`."""
     main = _measure(config.evaluation.main_measure)
     means = {c.label: c.table.set_index("name")[main] for c in collections}
-    ood = [c.label for c in collections if not c.in_domain]
+    values = {c.label: c.perquery[c.perquery["measure"] == main] for c in collections}
+    pooled = [(pooled_label(scope, members), members) for scope, _, members in _scopes(collections)
+              if len(members) > 1]
     rows = []
     for group in system_groups(config):
         row = {"system": group["system"], "student": group["student"], "objective": group["objective"]}
         for c in collections:
-            values = [means[c.label][n] for n in group["names"] if n in means[c.label].index]
-            row[c.label], row[f"{c.label} std"] = _mean_std(values)
-        if ood:
-            per_seed = [np.mean([means[label][n] for label in ood]) for n in group["names"]
-                        if all(n in means[label].index for label in ood)]
-            row["OOD mean"], row["OOD mean std"] = _mean_std(per_seed)
+            seeds = [means[c.label][n] for n in group["names"] if n in means[c.label].index]
+            row[c.label], row[f"{c.label} std"] = _mean_std(seeds)
+        for label, members in pooled:
+            per_seed = []
+            for name in group["names"]:
+                runs = [values[m][values[m]["name"] == name]["value"] for m in members]
+                if all(len(r) for r in runs):
+                    per_seed.append(float(pd.concat(runs).mean()))
+            row[label], row[f"{label} std"] = _mean_std(per_seed)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -98,47 +131,119 @@ def _mean_std(values) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def kd_vs_cl_table(config, collections) -> pd.DataFrame:
-    """KD − CL of the main measure per student: per collection, and pooled in and out of domain.
+# -- paired comparisons ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Columns:
+    """A comparison table's column names; each names what it holds (test, interval, correction, power)."""
 
-    Each query's value is averaged over seeds first; the test pairs KD and CL on the same queries (``t``:
-    scipy's ``ttest_rel``, ``wilcoxon``: signed-rank). The 95% interval is the t interval of the mean difference.
-    ``p (Holm)`` corrects within a family: the per-collection rows are one, the pooled rows another.
+    a: str
+    b: str
+    difference: str
+    estimate: str | None    # the Hodges–Lehmann shift under the Wilcoxon test; None under t (the mean difference)
+    low: str
+    high: str
+    p: str
+    p_corrected: str
+    mde: str
+    mde_alpha: str
+
+    @property
+    def interval(self) -> str:
+        return self.low.replace(" low", "")
+
+
+def columns(config, a: str = "CL", b: str = "KD") -> Columns:
+    ev = config.evaluation
+    level = f"{100 * (1 - ev.alpha):g}% CI"
+    kind = "t, uncorrected" if ev.test == "t" else "HL, Wilcoxon, uncorrected"
+    return Columns(a=a, b=b, difference=f"{b}-{a}", estimate="HL" if ev.test == "wilcoxon" else None,
+                   low=f"{level} low ({kind})", high=f"{level} high ({kind})", p=f"p ({ev.test})",
+                   p_corrected=f"p ({ev.correction})" if ev.correction else "p (no correction)",
+                   mde=f"MDE ({POWER:.0%} power)", mde_alpha="MDE α")
+
+
+def comparison_table(config, collections, pairs, cols: Columns) -> pd.DataFrame:
+    """``cols.b`` − ``cols.a`` of the main measure for each ``(student, names_a, names_b)`` of ``pairs``: a row per
+    collection, and a pooled row per scope (:func:`pooled_label`).
+
+    Each query's value is averaged over seeds first, then the systems are paired on the same queries
+    (:func:`statistics.paired` with ``evaluation.test``; interval at level ``1 - alpha``, uncorrected). The
+    correction (``evaluation.correction``, statsmodels' ``multipletests``) runs within two families: the
+    per-collection rows, and the pooled rows. ``significant`` and ``winner`` use the corrected p-value. The MDE is
+    the paired t-test's at the family's ``alpha / m`` (:func:`statistics.family_alpha`).
     """
-    main = _measure(config.evaluation.main_measure)
+    ev = config.evaluation
+    main = _measure(ev.main_measure)
     rows = []
-    for s in config.students:
-        if not {"CL", "KD"} <= set(s.objectives):
-            continue
-        diffs = {}
+    for student, names_a, names_b in pairs:
+        both = {}
         for c in collections:
             pq = c.perquery[c.perquery["measure"] == main]
-            cl = _seed_mean(pq, [f"{s.name}-CL-s{seed}" for seed in config.seeds])
-            kd = _seed_mean(pq, [f"{s.name}-KD-s{seed}" for seed in config.seeds])
-            both = pd.concat([cl.rename("CL"), kd.rename("KD")], axis=1, join="inner").dropna()
-            diffs[c.label] = both
-            rows.append({"student": s.name, "scope": "collection", "collection": c.label,
-                         "in_domain": c.in_domain, **_paired(both, config.evaluation.test)})
-        for scope, in_domain in ((IN_DOMAIN, True), (OUT_OF_DOMAIN, False)):
-            members = [c.label for c in collections if c.in_domain == in_domain]
-            if not members:
-                continue
-            pooled = pd.concat([diffs[label].set_axis([f"{label}/{q}" for q in diffs[label].index])
-                                for label in members])
-            name = scope if len(members) > 1 else f"{scope} ({members[0]})"
-            rows.append({"student": s.name, "scope": "pooled", "collection": name, "in_domain": in_domain,
-                         **_paired(pooled, config.evaluation.test)})
-    columns = ["student", "scope", "collection", "in_domain", "queries", "CL", "KD", "KD-CL", "CI low", "CI high",
-               "p", "p (Holm)", "significant", "winner"]
-    table = pd.DataFrame(rows, columns=columns)
-    if len(table):
-        for scope in ("collection", "pooled"):
-            mask = table["scope"] == scope
-            table.loc[mask, "p (Holm)"] = _holm(table.loc[mask, "p"].to_numpy(dtype=float))
-        alpha = config.evaluation.alpha
-        table["significant"] = table["p (Holm)"].astype(float) < alpha
-        table["winner"] = np.where(~table["significant"], "-", np.where(table["KD-CL"] > 0, "KD", "CL"))
-    return table
+            frame = pd.concat([_seed_mean(pq, names_a).rename("a"), _seed_mean(pq, names_b).rename("b")], axis=1,
+                              join="inner").dropna()
+            both[c.label] = frame
+            rows.append({"student": student, "scope": "collection", "collection": c.label,
+                         "in_domain": c.in_domain, **_compare(frame, ev)})
+        for scope, in_domain, members in _scopes(collections):
+            frame = pd.concat([both[m].set_axis([f"{m}/{q}" for q in both[m].index]) for m in members])
+            rows.append({"student": student, "scope": "pooled", "collection": pooled_label(scope, members),
+                         "in_domain": in_domain, **_compare(frame, ev)})
+    table = pd.DataFrame(rows, columns=["student", "scope", "collection", "in_domain", "queries", "a", "b", "diff",
+                                        "estimate", "low", "high", "p", "sd"])
+    table["p corrected"], table["significant"], table["winner"] = np.nan, False, "-"
+    table["mde"], table["mde alpha"] = np.nan, np.nan
+    for scope in ("collection", "pooled"):
+        mask = table["scope"] == scope
+        family = table.loc[mask, "p"].to_numpy(dtype=float)
+        table.loc[mask, "p corrected"] = statistics.correct(family, ev.correction, ev.alpha)
+        level = statistics.family_alpha(ev.alpha, ev.correction, int((~np.isnan(family)).sum()))
+        table.loc[mask, "mde alpha"] = level
+        table.loc[mask, "mde"] = [statistics.minimum_detectable_effect(sd, int(n), level)
+                                  for sd, n in zip(table.loc[mask, "sd"], table.loc[mask, "queries"])]
+    table["significant"] = table["p corrected"].astype(float) < ev.alpha
+    table["winner"] = [(_direction(row, cols) if row["significant"] else "-") for row in table.to_dict("records")]
+    names = {"a": cols.a, "b": cols.b, "diff": cols.difference, "estimate": cols.estimate, "low": cols.low,
+             "high": cols.high, "p": cols.p, "p corrected": cols.p_corrected, "mde": cols.mde,
+             "mde alpha": cols.mde_alpha}
+    if cols.estimate is None:
+        table = table.drop(columns=["estimate"])
+    order = ["student", "scope", "collection", "in_domain", "queries", "a", "b", "diff", "estimate", "low", "high",
+             "p", "p corrected", "significant", "winner", "sd", "mde", "mde alpha"]
+    return table[[c for c in order if c in table.columns]].rename(columns=names)
+
+
+def kd_vs_cl_table(config, collections) -> pd.DataFrame:
+    """KD − CL per student trained both ways (:func:`comparison_table`)."""
+    pairs = [(s.name, _names(config, s.name, "CL"), _names(config, s.name, "KD")) for s in config.students
+             if {"CL", "KD"} <= set(s.objectives)]
+    return comparison_table(config, collections, pairs, columns(config, "CL", "KD"))
+
+
+def teacher_vs_cl_table(config, collections) -> pd.DataFrame:
+    """The teacher's margin over each student's CL run (:func:`comparison_table`): what KD could pass on."""
+    pairs = [(s.name, _names(config, s.name, "CL"), ["teacher"]) for s in config.students if "CL" in s.objectives]
+    return comparison_table(config, collections, pairs, columns(config, "CL", "teacher"))
+
+
+def _names(config, student: str, objective: str) -> list[str]:
+    return [f"{student}-{objective}-s{seed}" for seed in config.seeds]
+
+
+def _compare(frame: pd.DataFrame, ev) -> dict:
+    c = statistics.paired(frame["a"], frame["b"], test=ev.test, alpha=ev.alpha)
+    return {"queries": c.queries, "a": c.mean_a, "b": c.mean_b, "diff": c.mean_difference, "estimate": c.estimate,
+            "low": c.ci_low, "high": c.ci_high, "p": c.p, "sd": c.sd}
+
+
+def _direction(row: dict, cols: Columns) -> str:
+    """Which system a significant row favours: the side of the interval (it excludes 0 whenever the corrected p
+    is below alpha), else the sign of the estimate, else of the mean difference."""
+    if row["low"] > 0 or row["high"] < 0:
+        return cols.b if row["low"] > 0 else cols.a
+    for value in (row["estimate"], row["diff"]):
+        if not pd.isna(value) and value != 0:
+            return cols.b if value > 0 else cols.a
+    return "-"
 
 
 def _seed_mean(pq: pd.DataFrame, names: list[str]) -> pd.Series:
@@ -148,39 +253,28 @@ def _seed_mean(pq: pd.DataFrame, names: list[str]) -> pd.Series:
     return values.groupby("qid")["value"].mean()
 
 
-def _paired(both: pd.DataFrame, test: str) -> dict:
-    from scipy import stats
-
-    n = len(both)
-    out = {"queries": n, "CL": float("nan"), "KD": float("nan"), "KD-CL": float("nan"), "CI low": float("nan"),
-           "CI high": float("nan"), "p": float("nan")}
-    if n == 0:
-        return out
-    d = (both["KD"] - both["CL"]).to_numpy(dtype=float)
-    out.update({"CL": both["CL"].mean(), "KD": both["KD"].mean(), "KD-CL": d.mean()})
-    if n < 2:
-        return out
-    if np.allclose(d, 0):
-        out.update({"CI low": 0.0, "CI high": 0.0, "p": 1.0})
-        return out
-    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
-    if test == "wilcoxon":
-        p = stats.wilcoxon(both["KD"], both["CL"]).pvalue
+def legend(config, cols: Columns) -> str:
+    """What every column of a comparison table holds, printed under it."""
+    ev = config.evaluation
+    seeds = "averaged over seeds, " if len(config.seeds) > 1 else ""
+    estimate = "the mean over queries of each query's difference (the difference of the two means)"
+    if cols.estimate:
+        interval = (f"`{cols.interval}`: the shifts the Wilcoxon signed-rank test does not reject at α = {ev.alpha} "
+                    f"(test inversion around `{cols.estimate}`, the Hodges–Lehmann shift: the median of the Walsh "
+                    "averages); it excludes 0 exactly when the uncorrected p is below α")
     else:
-        p = stats.ttest_rel(both["KD"], both["CL"]).pvalue
-    out.update({"CI low": d.mean() - half, "CI high": d.mean() + half, "p": float(p)})
-    return out
-
-
-def _holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values (NaN stays NaN): ``max_{j<=i} min(1, (m - j) p_(j))`` in sorted order."""
-    out = np.full(len(p), np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    m = len(order)
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out[order] = adjusted
-    return out
+        interval = (f"`{cols.interval}`: the paired t interval of `{cols.difference}`; it excludes 0 exactly when "
+                    "the uncorrected p is below α")
+    correction = (f"`{cols.p_corrected}`: statsmodels' multipletests ({ev.correction}) within each family (the "
+                  "per-collection rows; the pooled rows)" if ev.correction else f"`{cols.p_corrected}`: as `{cols.p}`")
+    return (f"Per query: {_measure(ev.main_measure)}, {seeds}paired on the same queries. `{cols.difference}`: "
+            f"{estimate}; a pooled row pools the queries of its scope's collections, each query weighing the same. "
+            f"{interval}; not corrected for multiple comparisons. `{cols.p}`: the paired test, uncorrected. "
+            f"{correction}; `significant` and `winner` use it. `{cols.mde}`: the smallest true `{cols.difference}` "
+            f"a two-sided paired t-test on these queries detects with {POWER:.0%} power at `{cols.mde_alpha}` "
+            f"(α/m for a family of m corrected rows), from the observed `sd` of the per-query differences: "
+            f"λ·sd/√n with λ the noncentrality of a t with n − 1 degrees of freedom reaching that power (≈ 2.8·sd/√n "
+            "at α = 0.05).")
 
 
 # -- markdown --------------------------------------------------------------------------------------------------
@@ -200,12 +294,14 @@ def markdown(frame: pd.DataFrame, digits: int = 4) -> str:
 
 
 def summary_markdown(config, summary: pd.DataFrame, kd: pd.DataFrame, collections) -> str:
-    """The summary as text: ``mean ± std`` cells; ▲/▼ where KD is significantly above/below CL (Holm)."""
-    labels = [c.label for c in collections] + (["OOD mean"] if "OOD mean" in summary else [])
+    """The summary as text: ``mean ± std`` cells; ▲/▼ where KD is significantly above/below CL (corrected)."""
+    cols = columns(config)
+    labels = [c for c in summary.columns if c not in ("system", "student", "objective") and not c.endswith(" std")]
     marks = {}
-    for row in kd[kd["scope"] == "collection"].to_dict("records"):
+    for row in kd.to_dict("records"):
         if row["significant"]:
-            marks[(row["student"], row["collection"])] = " ▲" if row["KD-CL"] > 0 else " ▼"
+            marks[(row["student"], row["collection"])] = " ▲" if row["winner"] == "KD" else " ▼"
+    in_domain = {c.label for c in collections if c.in_domain}
     shown = []
     for row in summary.to_dict("records"):
         out = {"system": row["system"]}
@@ -214,40 +310,40 @@ def summary_markdown(config, summary: pd.DataFrame, kd: pd.DataFrame, collection
             text = "" if pd.isna(mean) else f"{mean:.3f}" + ("" if pd.isna(std) else f" ± {std:.3f}")
             if row["objective"] == "KD":
                 text += marks.get((row["student"], label), "")
-            heading = f"{label} (in domain)" if any(c.label == label and c.in_domain for c in collections) else label
-            out[heading] = text
+            out[f"{label} (in domain)" if label in in_domain else label] = text
         shown.append(out)
     main = _measure(config.evaluation.main_measure)
     seeds = len(config.seeds)
     note = (f"{main}; mean ± std over {seeds} seeds" if seeds > 1 else f"{main}; one seed") + \
-        "; ▲/▼: KD significantly above/below CL for that student (paired test over queries, Holm)."
+        "; a pooled column is the mean over all queries of its scope (each query weighing the same)" + \
+        f"; ▲/▼: KD significantly above/below CL for that student ({cols.p_corrected} of the KD − CL table)."
     return markdown(pd.DataFrame(shown)) + f"\n\n{note}"
 
 
 # -- the verdict -----------------------------------------------------------------------------------------------
-def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame) -> str:
-    """A few sentences: where KD beat CL significantly, where it did not (pooled rows, Holm-corrected)."""
-    main = _measure(config.evaluation.main_measure)
-    alpha = config.evaluation.alpha
+def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame, teacher: pd.DataFrame | None = None) -> str:
+    """A few sentences quoting the pooled rows of the KD − CL table (and of the teacher − CL table): where KD beat
+    CL significantly, where it did not and how small a difference the test could have seen (the MDE), and
+    whether the teacher was better than the students' CL runs."""
+    ev = config.evaluation
+    main = _measure(ev.main_measure)
+    cols = columns(config)
     pooled = kd[kd["scope"] == "pooled"]
     if pooled.empty:
         return "No student was trained both ways, so there is no KD-vs-CL comparison."
-    lines = [f"Verdict ({main}, KD − CL, paired test over queries, Holm-corrected, α = {alpha}):"]
+    test = "paired t-test" if ev.test == "t" else "Wilcoxon signed-rank test"
+    corrected = f"{ev.correction}-corrected" if ev.correction else "uncorrected"
+    lines = [f"Verdict ({main}; KD − CL: mean over queries, seeds averaged; {test} over queries, {corrected}, "
+             f"α = {ev.alpha}; MDE: {POWER:.0%} power):"]
+    margins = teacher[teacher["scope"] == "pooled"] if teacher is not None else pd.DataFrame()
+    tcols = columns(config, "CL", "teacher")
     same = {s.name for s in config.students if s.model == config.teacher.model}
     for student, rows in pooled.groupby("student", sort=False):
-        parts = []
-        for row in rows.to_dict("records"):
-            if pd.isna(row["KD-CL"]):
-                parts.append(f"{row['collection']}: no queries")
-                continue
-            words = "no significant difference"
-            if row["significant"]:
-                words = "KD better" if row["KD-CL"] > 0 else "CL better"
-            parts.append(f"{row['collection']}: {row['KD-CL']:+.3f} [{row['CI low']:+.3f}, {row['CI high']:+.3f}], "
-                         f"p = {_p(row['p (Holm)'])} → {words}")
+        parts = [_verdict_part(row, cols, _margin(margins, student, row["collection"], tcols))
+                 for row in rows.to_dict("records")]
         control = " (same capacity as the teacher: the control)" if student in same else ""
         lines.append(f"- {student}{control}: " + "; ".join(parts) + ".")
-    for in_domain, scope in ((True, "in domain"), (False, "out of domain")):
+    for in_domain, scope in ((True, IN_DOMAIN), (False, OUT_OF_DOMAIN)):
         rows = pooled[pooled["in_domain"] == in_domain]
         if rows.empty:
             continue
@@ -257,25 +353,61 @@ def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame) -> str:
         text += f" ({', '.join(wins)})" if wins else ""
         text += f"; CL beat KD significantly for {', '.join(losses)}" if losses else "; CL never beat KD significantly"
         lines.append(text + ".")
-    lines.append(_teacher_sentence(summary, main))
+    lines.append(_teacher_sentence(margins, tcols, main))
     return "\n".join(line for line in lines if line)
 
 
-def _teacher_sentence(summary: pd.DataFrame, main: str) -> str:
-    """KD can only pass on what the teacher knows: say how the teacher compares with its students."""
-    cols = [c for c in summary.columns if c not in ("system", "student", "objective") and not c.endswith(" std")]
-    teacher = summary[summary["student"].isna() & (summary["system"] != "BM25")]
-    students = summary[summary["student"].notna()]
-    if teacher.empty or students.empty or not cols:
+def _verdict_part(row: dict, cols: Columns, margin: dict | None) -> str:
+    if pd.isna(row[cols.difference]):
+        return f"{row['collection']}: no queries"
+    estimate = f"{row[cols.difference]:+.3f}"
+    interval = f"[{_signed(row[cols.low])}, {_signed(row[cols.high])}]"
+    if cols.estimate:
+        estimate += f" (HL {row[cols.estimate]:+.3f} {interval})"
+    else:
+        estimate += f" {interval}"
+    text = f"{row['collection']}: {estimate}, p = {_p(row[cols.p_corrected])} → "
+    if row["significant"]:
+        return text + ("KD better" if row["winner"] == "KD" else "CL better")
+    mde = row[cols.mde]
+    if pd.isna(mde):
+        return text + "no significant difference (too few queries to say how small a difference was ruled out)"
+    text += (f"no significant difference, underpowered below the MDE {mde:.3f}: a |KD − CL| smaller than that is "
+             "not ruled out")
+    if margin is not None and not pd.isna(margin["diff"]) and margin["diff"] < mde:
+        text += (f"; the teacher's whole margin over CL ({margin['diff']:+.3f}) is below it, so even KD that "
+                 "passed all of it on would likely go unseen")
+    return text
+
+
+def _margin(margins: pd.DataFrame, student: str, collection: str, cols: Columns) -> dict | None:
+    if margins.empty:
+        return None
+    row = margins[(margins["student"] == student) & (margins["collection"] == collection)]
+    return None if row.empty else {"diff": float(row[cols.difference].iloc[0])}
+
+
+def _teacher_sentence(margins: pd.DataFrame, cols: Columns, main: str) -> str:
+    """KD can only pass on what the teacher knows: quote the teacher − CL table's pooled rows."""
+    if margins.empty:
         return ""
-    t = teacher.iloc[0][cols].astype(float)
-    best = students[cols].astype(float).max()
-    ahead = [c for c in cols if t[c] > best[c]]
-    if len(ahead) == len(cols):
-        return f"The teacher beat every student on every collection ({main}), as KD needs."
-    behind = [c for c in cols if c not in ahead]
-    return (f"The teacher was not the strongest system on {', '.join(behind)} ({main}): "
-            "distillation cannot be expected to help where the teacher is no better than its students.")
+    parts = []
+    for row in margins.to_dict("records"):
+        words = {"teacher": "teacher better", "CL": "CL better"}.get(row["winner"], "no significant difference")
+        parts.append(f"{row['student']} {row['collection']}: {_signed(row[cols.difference])}, "
+                     f"p = {_p(row[cols.p_corrected])} → {words}")
+    behind = [f"{r['student']} ({r['collection']})" for r in margins.to_dict("records") if r["winner"] != "teacher"]
+    text = f"Teacher − CL ({main}, the same tests): " + "; ".join(parts) + "."
+    if behind:
+        text += (" The teacher was not significantly better than the CL run of " + ", ".join(behind) +
+                 ": distillation cannot be expected to help where the teacher is no better than its student.")
+    else:
+        text += " The teacher beat every student's CL run significantly, as KD needs."
+    return text
+
+
+def _signed(value) -> str:
+    return "n/a" if pd.isna(value) else f"{value:+.3f}"
 
 
 def _p(p) -> str:
@@ -295,9 +427,12 @@ def _pyplot():
 
 
 def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
-    """KD − CL per student, in and out of domain (pooled), with 95% intervals; each collection as a faint dot."""
+    """KD − CL per student, in and out of domain (pooled), with the table's intervals around the estimate they
+    surround (the mean difference under t, Hodges–Lehmann under Wilcoxon); each collection as a faint dot."""
     if kd.empty:
         return None
+    cols = columns(config)
+    centre = cols.estimate or cols.difference
     plt = _pyplot()
     students = list(dict.fromkeys(kd["student"]))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(students) + 2), 3.6))
@@ -309,16 +444,18 @@ def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
         if not xs:
             continue
         rows = pooled.loc[[s for s in students if s in pooled.index]]
-        err = np.vstack([(rows["KD-CL"] - rows["CI low"]).to_numpy(float),
-                         (rows["CI high"] - rows["KD-CL"]).to_numpy(float)])
-        ax.errorbar(xs, rows["KD-CL"], yerr=np.nan_to_num(err), fmt="o", color=colour, capsize=4, label=label)
+        err = np.vstack([(rows[centre] - rows[cols.low]).to_numpy(float),
+                         (rows[cols.high] - rows[centre]).to_numpy(float)])
+        err = np.where(np.isfinite(err), err, 0.0)  # no interval (too few queries): the point alone
+        ax.errorbar(xs, rows[centre], yerr=err, fmt="o", color=colour, capsize=4, label=label)
         for i, s in enumerate(students):
-            dots = each[each["student"] == s]["KD-CL"]
+            dots = each[each["student"] == s][centre]
             ax.scatter([i + offset * 2] * len(dots), dots, s=10, color=colour, alpha=0.35)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(students)), students)
     ax.set_ylabel(f"KD − CL ({_measure(config.evaluation.main_measure)})")
-    ax.set_title("KD − CL per student (pooled, 95% CI; dots: single collections)", fontsize=9)
+    ax.set_title(f"KD − CL per student ({centre}, pooled queries, {cols.interval}; dots: single collections)",
+                 fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -383,23 +520,38 @@ def write_report(config, models, collections, out: Path) -> Report:
         per_collection.append((c, means))
     summary = summary_table(config, collections)
     kd = kd_vs_cl_table(config, collections)
+    teacher = teacher_vs_cl_table(config, collections)
     summary_md = summary_markdown(config, summary, kd, collections)
     save(summary, "summary", summary_md)
-    save(kd, "kd_vs_cl")
-    text = verdict(config, summary, kd)
+    kd_md = markdown(kd) + "\n\n" + legend(config, columns(config, "CL", "KD"))
+    teacher_md = markdown(teacher) + "\n\n" + legend(config, columns(config, "CL", "teacher"))
+    save(kd, "kd_vs_cl", kd_md)
+    save(teacher, "teacher_vs_cl", teacher_md)
+    text = verdict(config, summary, kd, teacher)
     plot_files = [plot_kd_minus_cl(config, kd, plots / "kd_minus_cl.png"),
                   plot_training_curves(models, plots / "training_curves.png",
                                        _measure(config.training_args(config.teacher)["metric"]))]
     files.extend(p for p in plot_files if p is not None)
-    report = _report_markdown(config, summary_md, kd, text, per_collection, models, plot_files, out)
+    sections = {"KD − CL": _without(kd_md, kd), "Teacher − CL: what KD could pass on": _without(teacher_md, teacher)}
+    report = _report_markdown(config, summary_md, sections, text, per_collection, models, plot_files, out)
     (out / "report.md").write_text(report, encoding="utf-8")
     files.append(out / "report.md")
-    return Report(summary, summary_md, kd, text, files)
+    return Report(summary, summary_md, kd, text, files, teacher)
 
 
-def _report_markdown(config, summary_md, kd, text, per_collection, models, plot_files, out: Path) -> str:
-    parts = [f"# {config.name}", config.description.strip(), "## Summary", summary_md, "## KD − CL",
-             markdown(kd.drop(columns=["in_domain"])), text]
+def _without(text: str, table: pd.DataFrame) -> str:
+    """The Markdown of ``table`` without its ``in_domain`` column (the row labels say it), legend kept."""
+    if "in_domain" not in table:
+        return text
+    return markdown(table.drop(columns=["in_domain"])) + text[len(markdown(table)):]
+
+
+def _report_markdown(config, summary_md, sections: dict[str, str], text, per_collection, models, plot_files,
+                     out: Path) -> str:
+    parts = [f"# {config.name}", config.description.strip(), "## Summary", summary_md]
+    for title, body in sections.items():
+        parts += [f"## {title}", body]
+    parts += ["## Verdict", text]
     for plot in plot_files:
         if plot is not None:
             parts.append(f"![{plot.stem}]({plot.relative_to(out).as_posix()})")
