@@ -460,3 +460,83 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "does not exist" in done.stderr
 
+
+# -- one writer per output directory ---------------------------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from pyterrier_kdcl.directory_lock import directory_lock
+with directory_lock(sys.argv[1]):
+    print("ACQUIRED", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.fixture
+def other_run():
+    """``other_run(path)``: another process holding ``path``'s lock (killed at the end of the test)."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def hold(path: Path, seconds: float = 300.0):
+        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)], text=True,
+                                   stdout=subprocess.PIPE, cwd=EXPERIMENTS.parent)
+        started.append(process)
+        assert process.stdout.readline().startswith("ACQUIRED")
+        return process
+
+    yield hold
+    for process in started:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_a_second_run_refuses_before_touching_the_first_runs_files(tiny_model, collection, tmp_path, other_run):
+    """The case of issue 16: the second run cleaned the first one's in-progress checkpoint as a killed run's."""
+    from pyterrier_kdcl.directory_lock import DirectoryLocked
+
+    in_progress = tmp_path / "teacher" / "checkpoints" / ".tmp-abc" / "weights.safetensors"
+    in_progress.parent.mkdir(parents=True)
+    in_progress.write_bytes(b"being written")
+    (tmp_path / "teacher" / "stage.json").write_text(json.dumps({"fingerprint": "other settings"}))
+    run_file = tmp_path / "runs" / "tiny-test" / "BM25.res.gz"
+    run_file.parent.mkdir(parents=True)
+    run_file.write_bytes(b"half a run file")
+    first = other_run(tmp_path)
+    cfg = tiny_config(tiny_model, collection)
+    with pytest.raises(DirectoryLocked, match=rf"pid {first.pid} on host .* --out DIR.*wait_for_lock: true"):
+        run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    runner = ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False)
+    with pytest.raises(DirectoryLocked):
+        runner.teacher()  # a step run alone takes the lock too
+    with pytest.raises(DirectoryLocked):
+        runner.evaluate_collection("tiny-test", runner.config.evaluation.in_domain[0], True, [])
+    assert in_progress.read_bytes() == b"being written" and run_file.read_bytes() == b"half a run file"
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_wait_comes_from_the_cli_or_the_config(tiny_model, collection, tmp_path, monkeypatch):
+    from pyterrier_kdcl.experiment import cli
+
+    cfg = tiny_config(tiny_model, collection)
+    assert ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path).wait is False
+    assert ExperimentRunner(load_config({**copy.deepcopy(cfg), "wait_for_lock": True}), tmp_path).wait is True
+    assert ExperimentRunner(load_config({**copy.deepcopy(cfg), "wait_for_lock": True}), tmp_path, wait=False).wait \
+        is False
+    seen = []
+
+    class Runner:
+        def __init__(self, config, out, *, verbose, wait):
+            seen.append(wait)
+
+        def run(self):
+            return None
+
+    monkeypatch.setattr(experiment_module, "ExperimentRunner", Runner)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["experiment", str(path), "--quiet", "--wait"]) == 0
+    assert cli.main(["experiment", str(path), "--quiet"]) == 0
+    assert seen == [True, None]  # None: the config's wait_for_lock decides
+

@@ -1,9 +1,11 @@
-"""The ``kdcl`` command: ``kdcl experiment CONFIG [--out DIR] [--check]``.
+"""The ``kdcl`` command: ``kdcl experiment CONFIG [--out DIR] [--check] [--wait]``.
 
 ``experiment`` validates the config, trains the teacher and the students, evaluates them with pt.Experiment and
 writes tables, plots and a verdict to ``--out`` (default ``runs/<config name>``); a rerun reuses finished work.
 ``--check`` only validates the config and prints what would run and how many (query, document) pairs each
-step scores, to size a run before starting it.
+step scores, to size a run before starting it. One run writes to an output directory at a time: while another
+run holds it, the command stops at once naming that run (exit status 3), or waits for it with ``--wait`` (or
+``wait_for_lock: true`` in the config).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", help="output directory (default: runs/<config name>)")
     ex.add_argument("--check", action="store_true", help="validate the config and print the plan; train nothing")
     ex.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
+    ex.add_argument("--wait", action="store_true", default=None,
+                    help="if another run writes to the output directory, wait for it to finish instead of stopping")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return experiment(args)
 
 
 def experiment(args) -> int:
+    from pyterrier_kdcl.directory_lock import DirectoryLocked
     from pyterrier_kdcl.experiment.config import ConfigError, load_config
 
     try:
@@ -49,7 +54,11 @@ def experiment(args) -> int:
         print(f"plan of {args.config} (rough CPU minutes for packaged models; see --check):\n{plan(config)}\n",
               flush=True)
     started = time.perf_counter()
-    result = ExperimentRunner(config, out, verbose=not args.quiet).run()
+    try:
+        result = ExperimentRunner(config, out, verbose=not args.quiet, wait=args.wait).run()
+    except DirectoryLocked as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     if result is None:  # not the main process of a multi-process run: that one reports
         return 0
     minutes = (time.perf_counter() - started) / 60

@@ -148,6 +148,7 @@ class ExperimentConfig:
     training: dict = field(default_factory=dict)
     device: str | None = None
     sample_seed: int = 0                        # which queries are sampled: fixed across seeds and systems
+    wait_for_lock: bool = False                 # another run writes to the output directory: wait (else refuse)
     source: str | None = None                   # the file it was read from (set by load_config)
 
     def training_args(self, model: Model) -> dict:

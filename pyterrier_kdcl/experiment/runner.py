@@ -8,6 +8,12 @@ Everything goes to one output directory::
     students/<name>/<CL|KD>/seed-<s>/   one training run each, laid out like teacher/
     runs/<collection>/              pt.Experiment's save_dir: a run file per system, aggregated.csv, perquery.csv
     tables/  plots/  report.md  timings.json
+    .kdcl.lock  .kdcl.lock.json     held while a run writes here (pyterrier_kdcl.directory_lock)
+
+One run writes to a directory at a time: a run holds the directory's lock from its first write to its last, so
+the cleaning of what killed runs left behind (stages of other settings, broken run files, checkpoint leftovers)
+never touches the files of a run still going. A second run refuses at once, naming the holder, or waits
+(``wait=True``, ``kdcl experiment --wait``, ``wait_for_lock: true``); a killed run's lock is taken over.
 
 A rerun reuses what is finished: a stage whose ``done.json`` carries the fingerprint of its current settings is
 not trained again, and run files of unchanged systems are read back instead of recomputed. A stage whose
@@ -30,6 +36,7 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +44,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
+from pyterrier_kdcl.directory_lock import directory_lock
 from pyterrier_kdcl.experiment import data as experiment_data
 from pyterrier_kdcl.experiment import report as reporting
 from pyterrier_kdcl.experiment.config import (
@@ -54,6 +62,8 @@ FORMAT = 1  # bump when a change to this file makes old stages meaningless
 DONE, STAGE = "done.json", "stage.json"
 _CL_ONLY, _KD_ONLY = {"temperature"}, {"teacher_temperature", "student_temperature"}
 _NOT_TRAINER_ARGS = _CL_ONLY | _KD_ONLY
+LOCK_HINT = ("give this run another output directory (kdcl experiment --out DIR, run_experiment(out=...)), or let "
+             "it wait until the other run finishes (--wait, wait=True, or wait_for_lock: true in the config)")
 
 
 # -- processes -------------------------------------------------------------------------------------------------
@@ -246,10 +256,11 @@ class ExperimentResult:
 class ExperimentRunner:
     """Runs one config into one output directory. ``run()`` does everything; each step can run alone."""
 
-    def __init__(self, config: ExperimentConfig, out: str | Path, *, verbose: bool = True):
+    def __init__(self, config: ExperimentConfig, out: str | Path, *, verbose: bool = True, wait: bool | None = None):
         self.config = config
         self.out = Path(out)
         self.verbose = verbose
+        self.wait = config.wait_for_lock if wait is None else wait  # another run holds ``out``: wait, or refuse
         self.timings: dict[str, float] = {}
         self._frames: dict[str, tuple] = {}
         self.processes = Processes()
@@ -258,6 +269,16 @@ class ExperimentRunner:
     def log(self, message: str) -> None:
         if self.verbose and self.processes.is_main:
             print(f"[kdcl] {message}", flush=True)
+
+    @contextmanager
+    def locked(self):
+        """Holds the output directory's lock (re-entrant: ``run()`` holds it, each step run alone takes it).
+        Under several processes the main one holds it for all. Raises DirectoryLocked if another run holds it."""
+        if not self.processes.is_main:
+            yield
+            return
+        with directory_lock(self.out, wait=self.wait, hint=LOCK_HINT):
+            yield
 
     # -- data ------------------------------------------------------------------------------------------------
     def frames(self, data, min_label: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -369,6 +390,10 @@ class ExperimentRunner:
         return self._run_stage(model, stage, spec, cfg.train, trainer)
 
     def _run_stage(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer) -> TrainedModel:
+        with self.locked():  # Stage.begin deletes what other settings left; the trainer cleans killed writes
+            return self._run_stage_locked(model, stage, spec, data, make_trainer)
+
+    def _run_stage_locked(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer) -> TrainedModel:
         if stage.is_done():
             self.log(f"{stage.description}: done already, reusing {stage.model_dir}")
             model.reused = True
@@ -405,6 +430,10 @@ class ExperimentRunner:
 
     def evaluate_collection(self, label: str, data, in_domain: bool, models: list[TrainedModel]) -> CollectionResult:
         """One ``pt.Experiment`` over BM25, the teacher and every student, with significance tests."""
+        with self.locked():  # stale run files are deleted, new ones written
+            return self._evaluate_collection(label, data, in_domain, models)
+
+    def _evaluate_collection(self, label: str, data, in_domain: bool, models: list[TrainedModel]) -> CollectionResult:
         import ir_measures
 
         ev = self.config.evaluation
@@ -471,8 +500,11 @@ class ExperimentRunner:
         """Trains what is not trained yet, evaluates and reports. Under several processes all of them train
         and the main one evaluates and reports; the others return None."""
         started = time.perf_counter()
+        with self.locked():
+            return self._run(started)
+
+    def _run(self, started: float) -> ExperimentResult | None:
         if self.processes.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             _write_json(self.out / "config.json", self.config.to_dict())
         self.log(f"experiment {self.config.name!r} → {self.out}")
         models = self.models()
@@ -496,13 +528,15 @@ def default_out(config: str | Path | ExperimentConfig) -> Path:
 
 
 def run_experiment(config: str | Path | dict | ExperimentConfig, out: str | Path | None = None, *,
-                   verbose: bool = True) -> ExperimentResult | None:
+                   verbose: bool = True, wait: bool | None = None) -> ExperimentResult | None:
     """Validates ``config`` (a file, dict or :class:`ExperimentConfig`), runs it into ``out``; returns the result.
 
-    ``out`` defaults to ``runs/<config name>``. A rerun into the same directory reuses every finished stage.
+    ``out`` defaults to ``runs/<config name>``. A rerun into the same directory reuses every finished stage. While
+    another run writes to ``out`` this raises :class:`~pyterrier_kdcl.directory_lock.DirectoryLocked`, or waits
+    for it with ``wait=True`` (default: the config's ``wait_for_lock``).
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
-    return ExperimentRunner(cfg, out or default_out(cfg), verbose=verbose).run()
+    return ExperimentRunner(cfg, out or default_out(cfg), verbose=verbose, wait=wait).run()
 
 
 __all__ = ["ExperimentResult", "ExperimentRunner", "LazyReranker", "Stage", "data_label", "default_out",
