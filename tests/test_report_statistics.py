@@ -118,6 +118,7 @@ def test_a_pooled_number_has_one_definition_in_summary_table_and_verdict():
     assert by_system["small KD"] - by_system["small CL"] == pytest.approx(row["KD-CL"])  # ... in both tables
     macro = summary.set_index("system")[ood].mean(axis=1)
     assert abs((macro["small KD"] - macro["small CL"]) - row["KD-CL"]) > 0.02  # the other definition differs here
+    assert "[ ]: 95% CI (t, uncorrected)" in text.splitlines()[0]  # the verdict names its interval
     student_line = next(line for line in text.splitlines() if line.startswith("- small"))
     assert f"{label}: {row['KD-CL']:+.3f}" in student_line  # the verdict quotes the table
 

@@ -333,8 +333,9 @@ def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame, teacher: pd.DataFra
         return "No student was trained both ways, so there is no KD-vs-CL comparison."
     test = "paired t-test" if ev.test == "t" else "Wilcoxon signed-rank test"
     corrected = f"{ev.correction}-corrected" if ev.correction else "uncorrected"
-    lines = [f"Verdict ({main}; KD − CL: mean over queries, seeds averaged; {test} over queries, {corrected}, "
-             f"α = {ev.alpha}; MDE: {POWER:.0%} power):"]
+    shown = f"HL: Hodges–Lehmann shift; [ ]: {cols.interval}" if cols.estimate else f"[ ]: {cols.interval}"
+    lines = [f"Verdict ({main}; KD − CL: mean over queries, seeds averaged; {shown}; {test} over queries, "
+             f"p {corrected}, α = {ev.alpha}; MDE: {POWER:.0%} power at {cols.mde_alpha} of the table):"]
     margins = teacher[teacher["scope"] == "pooled"] if teacher is not None else pd.DataFrame()
     tcols = columns(config, "CL", "teacher")
     same = {s.name for s in config.students if s.model == config.teacher.model}
