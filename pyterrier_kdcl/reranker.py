@@ -42,7 +42,9 @@ class CrossEncoder(pt.Transformer):
 
     Args:
         batch_size: pairs per forward pass.
-        max_length: tokens per pair; truncation cuts the document, never the query.
+        max_length: tokens per pair. Special tokens, the template's words and EOS always stay; a pair that does not
+            fit is cut by tokenizers' ``longest_first`` rule: a query of up to half the remaining tokens is never
+            cut, and the document keeps the rest (see :func:`pyterrier_kdcl.inputs.split_budget`).
         template: a prompt with ``{query}`` and ``{text}`` (default: none for encoders, RankLLaMA's for others).
         pooling: ``"classifier"`` (encoder head) or ``"last"`` (last real token); default by architecture.
         lora: ``True``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``: adds a trainable adapter.

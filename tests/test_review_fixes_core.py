@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from training_data import WORDS
 
 import pyterrier_kdcl as kdcl
 
@@ -34,3 +35,84 @@ def test_rerankers_built_alike_hold_identical_weights_whatever_ran_between(tiny_
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert any("lora_A" in k and a[k].abs().sum() > 0 for k in a)  # the adapter's random half is compared too
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
+
+
+# -- truncation ------------------------------------------------------------------------------------------------
+def test_split_budget_is_the_tokenizers_longest_first_rule(tiny_model):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from pyterrier_kdcl.inputs import split_budget
+
+    backend = Tokenizer.from_str(AutoTokenizer.from_pretrained(tiny_model("bert")).backend_tokenizer.to_str())
+    backend.no_padding()
+    for budget in (13, 14, 29):
+        backend.enable_truncation(max_length=budget + 3, strategy="longest_first")
+        for n_query in range(0, 2 * budget):
+            for n_document in range(0, 2 * budget, 3):
+                types = backend.encode(" ".join(["read"] * n_query), " ".join(["copy"] * n_document)).type_ids
+                expected = (types.count(0) - 2, types.count(1) - 1)  # [CLS] query [SEP] / document [SEP]
+                assert split_budget(n_query, n_document, budget) == expected, (n_query, n_document, budget)
+    assert split_budget(10, 500, 100) == (10, 90) and split_budget(300, 500, 100) == (50, 50)
+    assert split_budget(300, 20, 100) == (80, 20)
+
+
+LONG_QUERY = " ".join(f"{w} the file" for w in WORDS * 3)  # about 110 tokens
+LONG_TEXT = "copy files and directories " * 100
+
+
+@pytest.mark.parametrize("query, text", [("how do i list a directory", LONG_TEXT), (LONG_QUERY, LONG_TEXT),
+                                         (LONG_QUERY, "copy files"), (LONG_QUERY, "x" * 2000 + " tail")])
+def test_encoder_pairs_are_cut_like_the_tokenizers_longest_first(tiny_model, query, text):
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    expected = ce.tokenizer(query, text, truncation="longest_first", max_length=32)["input_ids"]
+    assert ce.encoder.encode([query], [text])[0].input_ids == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mamba"])
+def test_a_long_query_keeps_the_template_whole_and_half_the_budget(tiny_model, family):
+    ce = kdcl.CrossEncoder(tiny_model(family), verbose=False, max_length=48)
+    tok, budget = ce.tokenizer, ce.encoder.budget
+    template_only = len(tok("query:  document: ", add_special_tokens=True)["input_ids"]) + 1  # and EOS
+    assert budget == 48 - template_only
+    for text in (LONG_TEXT, "copy files"):
+        ids = ce.encoder.encode([LONG_QUERY], [text])[0].input_ids
+        assert len(ids) == 48 and ids[-1] == tok.eos_token_id
+        head, document = tok.decode(ids[:-1]).split(" document: ")  # the marker is there, once
+        assert head.startswith("query: ") and LONG_QUERY.startswith(head[len("query: "):])
+        head_ids = tok(head + " document: ", add_special_tokens=True)["input_ids"]
+        assert ids[: len(head_ids)] == head_ids
+        kept = ids[len(head_ids):-1]
+        assert kept == tok(text, add_special_tokens=False)["input_ids"][: len(kept)]  # the document's first tokens
+        if text == LONG_TEXT:
+            assert len(kept) >= budget - budget // 2 and len(head_ids) - template_only + 1 >= budget // 2 - 1
+        else:
+            assert document == text  # a short document is kept whole; the query takes the rest
+
+
+def test_a_short_query_and_template_stay_as_one_string_tokenizes_them(tiny_model):
+    ce = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False, max_length=48)
+    tok = ce.tokenizer
+    ids = ce.encoder.encode(["read a file"], [LONG_TEXT])[0].input_ids
+    head = tok("query: read a file document: ", add_special_tokens=True)["input_ids"]
+    d_ids = tok(LONG_TEXT, add_special_tokens=False)["input_ids"]
+    assert ids == head + d_ids[: 48 - len(head) - 1] + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen2"])
+def test_the_prefix_of_a_long_document_gives_the_ids_of_the_whole_text_for_any_query(tiny_model, family):
+    ce = kdcl.CrossEncoder(tiny_model(family), verbose=False, max_length=32)
+    draw = random.Random(0)
+    queries, texts = [], []
+    for _ in range(60):
+        queries.append(" ".join(draw.choices(WORDS, k=draw.choice([1, 3, 14, 40, 80]))))
+        words = draw.choices(WORDS + ["x" * 500, "yy" * 90], k=draw.choice([2, 50, 200]))
+        texts.append(" ".join(words))
+    assert [p.input_ids for p in ce.encoder.encode(queries, texts)] == \
+        [p.input_ids for p in ce.encoder._encode(queries, texts)]
+
+
+def test_max_length_too_short_for_the_template_says_so(tiny_model):
+    with pytest.raises(ValueError, match=r"leaves .* tokens for query and document"):
+        kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False, max_length=16,
+                          template="Judge whether the document answers the query. query: {query} document: {text}")
