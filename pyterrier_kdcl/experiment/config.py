@@ -56,7 +56,7 @@ _TRAINING_TYPES: dict[str, Any] = {
     "negatives_window": list[int] | None, "insufficient": Literal["skip", "replace"],
     "precision": Literal["auto", "fp32", "bf16", "fp16"], "gradient_checkpointing": bool,
     "checkpoint_every": int | None, "temperature": float,
-    "teacher_temperature": float, "student_temperature": float,
+    "teacher_temperature": float | Literal["auto"], "student_temperature": float,
 }
 
 
@@ -114,6 +114,7 @@ class Teacher(Model):
     name: str = "teacher"
     model: str = ""
     train: Literal["contrastive", "none"] = "contrastive"  # "none": use ``model`` as it is (already trained)
+    kind: Literal["cross-encoder", "bi-encoder"] = "cross-encoder"  # bi-encoder: sentence-transformers, as it is
     seed: int | None = None                     # default: the first of ``seeds``
     data: Data | None = None                    # its own training data (default: the experiment's ``train``)
 
@@ -372,8 +373,18 @@ def _check_models(cfg: ExperimentConfig, problems: list[str]) -> None:
         if not cfg.teacher.model:
             problems.append("teacher.model: required key is missing (a model to train, or with train: none a "
                             "trained reranker)")
+        if cfg.teacher.kind == "bi-encoder":
+            if cfg.teacher.train != "none":
+                problems.append("teacher.train: a bi-encoder teacher scores as it is (zero-shot); add `train: none`")
+            for key in ("lora", "template", "pooling"):
+                if getattr(cfg.teacher, key) is not None:
+                    problems.append(f"teacher.{key}: applies to cross-encoders only, not to a bi-encoder teacher")
     if cfg.students is None:
         return
+    if cfg.validation is None and any(cfg.training_args(s).get("teacher_temperature") == "auto"
+                                      for s in cfg.students if s is not None and "KD" in s.objectives):
+        problems.append("training.teacher_temperature: 'auto' is fitted on the validation candidates; add a "
+                        "`validation:` section or give a number")
     if not cfg.students:
         problems.append("students: give at least one student")
     students = [(i, s) for i, s in enumerate(cfg.students) if s is not None]

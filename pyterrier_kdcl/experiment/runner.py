@@ -55,6 +55,7 @@ from pyterrier_kdcl.experiment.config import (
     evaluation_collections,
     load_config,
 )
+from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_temperature
 from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
 
@@ -351,6 +352,10 @@ class ExperimentRunner:
         """Trains the teacher with contrastive learning (or takes it as given); reuses a finished one."""
         cfg, spec = self.config, self.config.teacher
         seed = spec.seed if spec.seed is not None else cfg.seeds[0]
+        if spec.train == "none" and spec.kind == "bi-encoder":
+            fp = fingerprint("bi-encoder teacher", spec.model, _files_of(spec.model), spec.max_length)
+            return TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: bi_encoder_teacher(
+                spec.model, max_length=spec.max_length, batch_size=spec.batch_size, identity=fp))
         if spec.train == "none":
             fp = fingerprint("given teacher", spec.model, _files_of(spec.model), spec.max_length, spec.template,
                              spec.pooling, spec.lora)
@@ -382,12 +387,30 @@ class ExperimentRunner:
             if objective == "CL":
                 return ContrastiveTrainer(self.new_reranker(spec, seed), temperature=args["temperature"], **kwargs)
             teacher_model = teacher.loader()  # loaded before the student: the seed fixes the student's head
+            temperature = args["teacher_temperature"]
+            if temperature == "auto":
+                temperature = self.teacher_temperature(teacher, teacher_model)["temperature"]
             return DistillationTrainer(self.new_reranker(spec, seed), teacher_model,
-                                       teacher_temperature=args["teacher_temperature"],
+                                       teacher_temperature=temperature,
                                        student_temperature=args["student_temperature"],
                                        teacher_cache=self.out / "teacher-scores", **kwargs)
 
         return self._run_stage(model, stage, spec, cfg.train, trainer)
+
+    def teacher_temperature(self, teacher: TrainedModel, teacher_model) -> dict:
+        """``teacher_temperature: auto``: fitted once per teacher on the validation candidates, kept on disk."""
+        path = self.out / "teacher-temperature.json"
+        if path.is_file():
+            fitted = json.loads(path.read_text())
+            if fitted.get("teacher") == teacher.fingerprint:
+                return fitted
+        _, va_qrels, va_res = self.frames(self.config.validation)
+        fitted = {"teacher": teacher.fingerprint, **fitted_temperature(teacher_model, va_res, va_qrels)}
+        if self.processes.is_main:
+            path.write_text(json.dumps(fitted, indent=2))
+        self.log(f"teacher temperature fitted on {fitted['queries']} validation queries: {fitted['temperature']:.3g} "
+                 f"(teacher scores spread {fitted['score_sd_within_query']:.3g} sd within a query)")
+        return fitted
 
     def _run_stage(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer) -> TrainedModel:
         with self.locked():  # Stage.begin deletes what other settings left; the trainer cleans killed writes

@@ -23,7 +23,8 @@ def fit_temperature(teacher_scores: np.ndarray, labels: np.ndarray) -> float:
     """``T`` in [1e-3, 1e3] minimising ``-log sum_{j: label_j > 0} softmax(t / T)_j`` averaged over rows.
 
     Args:
-        teacher_scores: ``(n, G)`` teacher scores of ``n`` groups of ``G`` documents.
+        teacher_scores: ``(n, G)`` teacher scores of ``n`` groups of ``G`` documents; ``-inf`` marks an empty
+            slot of a shorter group (it takes no probability).
         labels: ``(n, G)`` relevance labels; rows without a positive are ignored.
 
     A teacher whose top document is the positive half the time is no better than uniform: the fit runs to the
@@ -41,14 +42,14 @@ def fit_temperature(teacher_scores: np.ndarray, labels: np.ndarray) -> float:
     if not keep.any():
         raise ValueError("fitting a teacher temperature needs groups with a labelled positive; none were given")
     scores, positive = scores[keep], positive[keep]
-    if not np.isfinite(scores).all():
-        raise ValueError("teacher scores must be finite to fit a temperature")
+    if np.isnan(scores).any() or np.isposinf(scores).any() or not np.isfinite(scores).any(axis=1).all():
+        raise ValueError("teacher scores must be finite (or -inf for an empty slot) to fit a temperature")
 
     def nll(log_t: float) -> float:
         z = scores / math.exp(log_t)
         z = z - z.max(axis=1, keepdims=True)
         log_norm = np.log(np.exp(z).sum(axis=1))
-        log_pos = np.log(np.where(positive, np.exp(z), 0.0).sum(axis=1))
+        log_pos = np.log(np.where(positive, np.exp(z), 0.0).sum(axis=1))  # a positive in an empty slot: -inf
         return float((log_norm - log_pos).mean())
 
     lo, hi = map(math.log, BOUNDS)

@@ -1,0 +1,84 @@
+"""Teachers beyond trained cross-encoders in the experiment: a zero-shot bi-encoder, and a fitted temperature."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import pytest
+from test_experiment import PREFIX, _data_dir, _fast_cpu, collection, tiny_config  # noqa: F401 — fixtures
+
+from pyterrier_kdcl.experiment import run_experiment
+from pyterrier_kdcl.experiment.config import ConfigError, load_config
+from pyterrier_kdcl.experiment.teachers import fitted_temperature
+
+
+def bi_encoder_config(tiny_model, collection) -> dict:  # noqa: F811 — the fixture
+    cfg = tiny_config(tiny_model, collection)
+    cfg["seeds"] = [1]
+    cfg["teacher"] = {"kind": "bi-encoder", "model": str(tiny_model("bert", seed=3)), "train": "none",
+                      "max_length": 32}
+    cfg["students"] = [{"name": "bert-small", "model": str(tiny_model("bert", seed=1)), "max_length": 32,
+                        "objectives": ["KD"]}]
+    cfg["training"]["teacher_temperature"] = "auto"
+    cfg["evaluation"]["out_of_domain"] = []
+    return cfg
+
+
+def test_a_bi_encoder_teacher_needs_train_none_and_refuses_cross_encoder_settings(tiny_model, collection):  # noqa: F811 — the fixture
+    cfg = bi_encoder_config(tiny_model, collection)
+    cfg["teacher"].pop("train")
+    cfg["teacher"]["lora"] = True
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "add `train: none`" in str(err.value) and "teacher.lora" in str(err.value)
+
+
+def test_auto_temperature_needs_validation_data(tiny_model, collection):  # noqa: F811 — the fixture
+    cfg = bi_encoder_config(tiny_model, collection)
+    cfg.pop("validation")
+    with pytest.raises(ConfigError, match="teacher_temperature: 'auto' is fitted on the validation"):
+        load_config(cfg)
+    cfg["training"]["teacher_temperature"] = "warm"
+    with pytest.raises(ConfigError, match="teacher_temperature: expected a number or one of 'auto'"):
+        load_config(cfg)
+
+
+def test_a_zero_shot_bi_encoder_teaches_with_a_fitted_temperature(tiny_model, collection, tmp_path):  # noqa: F811 — the fixture
+    cfg = bi_encoder_config(tiny_model, collection)
+    result = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    fitted = json.loads((tmp_path / "teacher-temperature.json").read_text())
+    assert fitted["temperature"] > 0 and fitted["queries"] > 0
+    assert not (tmp_path / "teacher" / "model").exists()  # nothing trained for the teacher
+    assert any((tmp_path / "teacher-scores").iterdir())  # its scores were cached under its fingerprint
+    table = pd.read_csv(tmp_path / "tables" / "tiny-test.csv")
+    assert {"BM25", "teacher", "bert-small-KD-s1"} <= set(table["name"])
+    assert result.models[0].objective == "given"
+    # a second run reuses everything, the fitted temperature included
+    again = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    assert all(m.reused for m in again.models if m.role == "student")
+
+
+class _Scores(pt.Transformer):
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def transform(self, inp):
+        # the relevant document (docno ending in -0) scores 1, others 0, on a scale
+        return inp.assign(score=[self.scale * float(d.endswith("-0")) for d in inp["docno"]])
+
+
+def test_fitted_temperature_follows_the_teachers_scale():
+    res = pd.DataFrame([(f"q{q}", "query", f"d{q}-{k}", "text") for q in range(20) for k in range(5)],
+                       columns=["qid", "query", "docno", "text"])
+    qrels = pd.DataFrame([(f"q{q}", f"d{q}-{(0 if q < 14 else 1)}", 1) for q in range(20)],
+                         columns=["qid", "docno", "label"])  # the teacher is right for 14 of 20 queries
+    small, large = (fitted_temperature(_Scores(scale), res, qrels)["temperature"] for scale in (0.1, 10.0))
+    assert large == pytest.approx(100 * small, rel=1e-3)
+    # right 70% of the time among 5: the calibrated top probability is 0.7
+    t = small
+    top = np.exp(0.1 / t) / (np.exp(0.1 / t) + 4)
+    assert top == pytest.approx(0.7, abs=0.01)
