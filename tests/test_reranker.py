@@ -51,14 +51,6 @@ def test_score_does_not_depend_on_batch_or_order(tiny_model, family):
     np.testing.assert_allclose(together, reversed_, atol=1e-5)
 
 
-def test_padding_side_of_the_tokenizer_does_not_matter(tiny_model):
-    ce = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False)
-    inp = frame()
-    right = ce.score_pairs(inp["query"], inp["text"])
-    ce.tokenizer.padding_side = "left"
-    np.testing.assert_allclose(ce.score_pairs(inp["query"], inp["text"]), right, atol=1e-6)
-
-
 def test_differentiable_scores_equal_inference_scores(tiny_model, family):
     """Training and inference share one scoring path (Tevatron's train/serve mismatch bug)."""
     ce = kdcl.CrossEncoder(tiny_model(family), verbose=False)

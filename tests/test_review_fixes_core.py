@@ -1,7 +1,10 @@
 """Issue 12, the inference core: identical starts, what users can vary about padding, truncation that keeps the
 template whole, a LoRA round trip that keeps its head, quiet loading, and best weights restored."""
 
+import json
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +38,40 @@ def test_rerankers_built_alike_hold_identical_weights_whatever_ran_between(tiny_
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert any("lora_A" in k and a[k].abs().sum() > 0 for k in a)  # the adapter's random half is compared too
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
+
+
+# -- padding: what users can vary ------------------------------------------------------------------------------
+PAIRS = (["copy", "how do I list a directory", "read a file", "print text"],
+         ["copy files and directories " * 30, "list directory contents", "read from a file descriptor", "x"])
+
+
+def with_tokenizer_config(tiny_model, family, dest, **changes):
+    path = Path(shutil.copytree(tiny_model(family), dest))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen2", "llama", "mamba"])
+def test_a_left_padding_tokenizer_scores_exactly_like_a_right_padding_one(tiny_model, family, tmp_path):
+    """Decoder tokenizers often ship with padding_side="left" (some with truncation_side="left"). Left padding
+    shifts an encoder's absolute positions and, by rounding, a rotary decoder's scores: pairs are cut and padded
+    on the right by hand, whatever the tokenizer says, so the scores are identical."""
+    left_dir = with_tokenizer_config(tiny_model, family, tmp_path / "left", padding_side="left",
+                                     truncation_side="left")
+    right = kdcl.CrossEncoder(tiny_model(family), verbose=False, max_length=64, batch_size=4)
+    left = kdcl.CrossEncoder(left_dir, verbose=False, max_length=64, batch_size=4)
+    queries, texts = PAIRS
+    assert [p.input_ids for p in left.encoder.encode(queries, texts)] == \
+        [p.input_ids for p in right.encoder.encode(queries, texts)]
+    mask = left.encoder.collate(left.encoder.encode(queries, texts))["attention_mask"]
+    assert (mask[:, 0] == 1).all() and (mask.diff(dim=1) <= 0).all()  # padded on the right
+    expected = right.score_pairs(queries, texts)
+    np.testing.assert_array_equal(left.score_pairs(queries, texts), expected)  # same ids, same weights, same code
+    right.tokenizer.padding_side = right.tokenizer.truncation_side = "left"  # set by hand after loading
+    np.testing.assert_array_equal(right.score_pairs(queries, texts), expected)
+    alone = [right.score_pairs([q], [t])[0] for q, t in zip(queries, texts)]  # no padding at all
+    np.testing.assert_allclose(expected, alone, rtol=1e-5, atol=1e-5)
 
 
 # -- truncation ------------------------------------------------------------------------------------------------
