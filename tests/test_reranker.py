@@ -138,12 +138,19 @@ def test_lora_adapter_and_head_round_trip_and_merge(tiny_model, fam, tmp_path):
     assert any("lora_" in n for n in trainable)
     assert any(("score" in n or "classifier" in n) for n in trainable), trainable
     assert not any("embed" in n and "lora" not in n for n in trainable)
+    inp = frame()
     with torch.no_grad():  # LoRA's B starts at zero: move it so the adapter changes scores
         for name, param in ce.ranker.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    inp = frame()
+    adapter_only = ce.score_pairs(inp["query"], inp["text"])
+    with torch.no_grad():  # and move the trained head, so that a head lost on the way fails the test
+        head = [p for n, p in ce.ranker.named_parameters() if p.requires_grad and "lora_" not in n]
+        assert head, "no trainable head"
+        for param in head:
+            param.normal_(0, 0.5)
     before = ce.score_pairs(inp["query"], inp["text"])
+    assert not np.allclose(before, adapter_only, atol=1e-3)  # the head alone changes every comparison below
     ce.save(tmp_path / "lora")
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
     loaded = kdcl.CrossEncoder.load(tmp_path / "lora", verbose=False)
