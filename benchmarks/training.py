@@ -167,6 +167,9 @@ class CheapTeacher(pt.Transformer):
     def __repr__(self) -> str:
         return "CheapTeacher()"
 
+    def fingerprint(self) -> str:  # names its cached scores (a teacher without one is not cached on disk)
+        return "CheapTeacher:crc32(docno)%1000/100"
+
 
 def report(results: dict[str, list[dict]]) -> None:
     """Two views of the same runs: the median over rounds of steady pairs/s, and pairs/s of the quietest step

@@ -231,7 +231,7 @@ def test_a_faulty_teacher_stops_distillation_before_the_first_step(ce, tmp_path,
     res, qrels = training_frames(4)
     before = weights(ce)
     trainer = kdcl.DistillationTrainer(ce, FaultyTeacher(fault), group_size=4, verbose=False,
-                                       output_dir=tmp_path / "out")
+                                       output_dir=tmp_path / "out", teacher_cache_key="faulty teacher")
     with pytest.raises(ValueError, match=message):
         trainer.fit(res, qrels)
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -239,7 +239,8 @@ def test_a_faulty_teacher_stops_distillation_before_the_first_step(ce, tmp_path,
     cache = tmp_path / "out" / "teacher_scores"
     if cache.exists():  # nothing wrong was cached: with a fixed teacher the same cache trains to finite losses
         fixed = FaultyTeacher()
-        log = kdcl.DistillationTrainer(ce, fixed, group_size=4, verbose=False, teacher_cache=cache).fit(res, qrels)
+        log = kdcl.DistillationTrainer(ce, fixed, group_size=4, verbose=False, teacher_cache=cache,
+                                       teacher_cache_key="faulty teacher").fit(res, qrels)
         assert fixed.calls == 1 and np.isfinite(log["loss"]).all()
 
 

@@ -90,7 +90,8 @@ def test_cl_and_kd_train_on_identical_groups_in_identical_order(tiny_model, monk
 def test_teacher_scores_are_computed_once_and_cached_on_disk(tiny_model, tmp_path):
     res, qrels = training_frames(6)
     teacher = CountingTeacher()
-    options = {"group_size": 4, "batch_size": 2, "verbose": False, "teacher_cache": tmp_path / "cache"}
+    options = {"group_size": 4, "batch_size": 2, "verbose": False, "teacher_cache": tmp_path / "cache",
+               "teacher_cache_key": "counting teacher"}
     kdcl.DistillationTrainer(student(tiny_model), teacher, **options).fit(res, qrels)
     assert teacher.rows == 6 * 4  # each (query, doc) of each group, once, in one batched call
     kdcl.DistillationTrainer(student(tiny_model), teacher, **options).fit(res, qrels)

@@ -2,28 +2,84 @@
 
 Any PyTerrier transformer that scores the rows it is given can teach: a ``CrossEncoder``, a pyterrier_dr
 bi-encoder's ``text_scorer()``, a sum of transformers. Scores are joined by (qid, docno), never by position,
-and must be finite. The cache is pyterrier-caching's ``Sqlite3ScorerCache``, keyed by query text and docno, in
-a directory named after the teacher's fingerprint — so never point two different teachers at one directory.
+and must be finite.
+
+The cache (``ScoreStore``) is one SQLite table per teacher, keyed by a hash of the query, the docno *and the
+document text*, so a changed text is scored afresh. Its directory is named after the teacher's fingerprint: a
+``fingerprint()`` method where the teacher has one (a ``CrossEncoder`` hashes its weights), or the fingerprints
+of its parts for PyTerrier's compositions (``a + b``, ``2 * a``, ``a >> b``, ``a ** b``, …), computed anew at
+every fit, so a component whose weights changed gives new scores. A teacher that cannot be fingerprinted is
+never cached on disk under a guessed name: its scores stay in memory unless the user names them
+(``teacher_cache_key=``). Processes may share one cache directory: writes wait for each other, never fail with
+"database is locked". Under several processes, each scores its share of the missing pairs and all gather them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
+from pyterrier import _ops
 
 from pyterrier_kdcl.training.groups import Group
 
+SCORE_FILE = "scores.sqlite3"
+CHUNK_PAIRS = 8192  # pairs a teacher call scores and a cache write stores: progress kept, memory bounded
+_SQL_CHUNK = 500  # keys per SELECT (SQLite's variable limit is 999 in old builds)
+_BUSY_TIMEOUT_S = 3600  # a writer waits this long for another process's write before failing
 
-def teacher_fingerprint(teacher: pt.Transformer) -> str:
-    """Identity of a teacher for its cache: its weights where it exposes them, else its repr."""
-    identity = teacher.fingerprint() if hasattr(teacher, "fingerprint") else repr(teacher)
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+# PyTerrier's operators: the attributes that make up each one (exact classes: a subclass may behave otherwise)
+_COMPOSITIONS: dict[type, tuple[str, ...]] = {
+    _ops.Compose: ("_transformers",), _ops.FeatureUnion: ("_transformers",), _ops.Sum: ("left", "right"),
+    _ops.Concatenate: ("left", "right"), _ops.SetUnion: ("left", "right"), _ops.SetIntersection: ("left", "right"),
+    _ops.ScalarProduct: ("scalar",), _ops.RankCutoff: ("k",), pt.transformer.IdentityTransformer: (),
+}
+
+
+def can_fingerprint(teacher) -> bool:
+    """Whether :func:`teacher_identity` will name the teacher, without computing it (weights are not hashed)."""
+    if isinstance(teacher, (int, float, str)):
+        return True
+    if isinstance(teacher, (tuple, list)):
+        return all(can_fingerprint(part) for part in teacher)
+    if callable(getattr(teacher, "fingerprint", None)):
+        return True
+    fields = _COMPOSITIONS.get(type(teacher))
+    return fields is not None and all(can_fingerprint(getattr(teacher, name)) for name in fields)
+
+
+def teacher_identity(teacher) -> str | None:
+    """What a teacher's scores depend on, as text: its ``fingerprint()``, or for a PyTerrier composition its
+    parts' identities; None when some part has neither (its scores cannot be named safely)."""
+    if isinstance(teacher, (int, float, str)):
+        return repr(teacher)
+    if isinstance(teacher, (tuple, list)):
+        parts = [teacher_identity(part) for part in teacher]
+        return None if None in parts else "[" + ", ".join(parts) + "]"
+    if callable(getattr(teacher, "fingerprint", None)):
+        return f"{type(teacher).__qualname__}:{teacher.fingerprint()}"
+    fields = _COMPOSITIONS.get(type(teacher))
+    if fields is None:
+        return None
+    parts = [teacher_identity(getattr(teacher, name)) for name in fields]
+    return None if None in parts else f"{type(teacher).__qualname__}(" + ", ".join(parts) + ")"
+
+
+def teacher_fingerprint(teacher, key: str | None = None) -> str | None:
+    """The cache directory name of a teacher's scores: from ``key`` when the user names one, else from its
+    identity (see :func:`teacher_identity`); None when it has neither."""
+    identity = f"key:{key}" if key is not None else teacher_identity(teacher)
+    if identity is None:
+        return None
+    return hashlib.sha256(f"teacher-scores-v2|{identity}".encode()).hexdigest()[:16]
 
 
 class CheckedTeacher(pt.Transformer):
@@ -62,37 +118,165 @@ class CheckedTeacher(pt.Transformer):
         return f"CheckedTeacher({self.teacher!r})"
 
 
-class TeacherScores:
-    """Scores groups with a teacher through an on-disk cache; ``prepare`` once, then ``lookup`` per batch."""
+class ScoreStore:
+    """Teacher scores on disk: one SQLite table, ``key → score``, the key a hash of (query, docno, text).
 
-    def __init__(self, teacher: pt.Transformer, cache_dir: str | Path | None, verbose: bool = False):
-        from pyterrier_caching import Sqlite3ScorerCache
+    Never stores a score it was not given, never overwrites one (a deterministic teacher gives the same score
+    twice). Writes take SQLite's write lock up front (``BEGIN IMMEDIATE``) and wait up to an hour for another
+    process's write, so several trainers may share one directory; reads see only committed writes."""
 
-        self.teacher = teacher
-        path = None if cache_dir is None else Path(cache_dir) / teacher_fingerprint(teacher)
-        self.cache = Sqlite3ScorerCache(path, CheckedTeacher(teacher), verbose=verbose)
-        self.calls = 0
+    def __init__(self, path: str | Path, description: str = ""):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path / SCORE_FILE, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        self.db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_S * 1000}")
+        with self._writing():
+            self.db.execute("CREATE TABLE IF NOT EXISTS scores (key BLOB PRIMARY KEY, score REAL NOT NULL) "
+                            "WITHOUT ROWID")
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('teacher', ?)", (description,))
 
-    def prepare(self, groups: Iterable[Group]) -> None:
-        """Scores every distinct (query, docno) of the groups not yet in the cache, in one batched call."""
-        frame = _frame(groups).drop_duplicates(["query", "docno"])
-        self._scores(frame)
+    def _writing(self):
+        return _Transaction(self.db)
 
-    def lookup(self, groups: list[Group]) -> torch.Tensor:
-        frame = _frame(groups)
-        return torch.tensor(self._scores(frame), dtype=torch.float32).view(len(groups), -1)
+    def get(self, keys: list[bytes]) -> dict[bytes, float]:
+        found = {}
+        for start in range(0, len(keys), _SQL_CHUNK):
+            chunk = keys[start : start + _SQL_CHUNK]
+            rows = self.db.execute(f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(chunk))})",
+                                   chunk).fetchall()
+            found.update(rows)
+        return found
 
-    def _scores(self, frame: pd.DataFrame) -> np.ndarray:
-        out = self.cache(frame)
-        # the cache answers in its own row order: join back by (query, docno)
-        out = frame[["query", "docno"]].merge(out[["query", "docno", "score"]].drop_duplicates(["query", "docno"]),
-                                              on=["query", "docno"], how="left")
-        return out["score"].to_numpy(dtype="float64")
+    def put(self, keys: list[bytes], scores: Iterable[float]) -> None:
+        with self._writing():
+            self.db.executemany("INSERT OR IGNORE INTO scores VALUES (?, ?)", zip(keys, map(float, scores)))
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
 
     def close(self) -> None:
-        self.cache.close()
+        self.db.close()
 
 
-def _frame(groups: Iterable[Group]) -> pd.DataFrame:
-    rows = [(g.qid, g.query, d, t) for g in groups for d, t in zip(g.docnos, g.texts)]
-    return pd.DataFrame(rows, columns=["qid", "query", "docno", "text"])
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")  # the write lock now, or wait for it: never a failed upgrade later
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+@dataclass
+class Processes:
+    """The processes of one fit: this one's rank, how many, and how to share objects among them."""
+
+    rank: int = 0
+    world: int = 1
+    broadcast: Callable = lambda obj: obj  # the main process's object, on every process
+    gather: Callable = lambda obj: [obj]  # every process's object, in rank order, on every process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class TeacherScores:
+    """The teacher's score for every pair of the groups: ``prepare`` once, then ``lookup`` per batch.
+
+    Args:
+        teacher: any transformer that scores the rows it is given.
+        cache_dir: where scores persist (a directory per teacher inside it), or None to keep them in memory.
+        key: names the teacher's scores in the cache, instead of its fingerprint (needed to persist the scores of
+            a teacher that has none); change it whenever the teacher changes. A ``cache_dir`` for a teacher with
+            neither is refused.
+    """
+
+    def __init__(self, teacher: pt.Transformer, cache_dir: str | Path | None, *, key: str | None = None,
+                 verbose: bool = False):
+        self.teacher = teacher
+        self.checked = CheckedTeacher(teacher)
+        self.verbose = verbose
+        self.store = None
+        if cache_dir is not None:
+            name = teacher_fingerprint(teacher, key)
+            if name is None:
+                raise ValueError(unnamed_teacher_message(teacher))
+            description = json.dumps({"teacher": repr(teacher), "key": key})
+            self.store = ScoreStore(Path(cache_dir) / name, description)
+        self.scored = 0  # pairs this process had the teacher score
+        self._index: dict[tuple[str, str, str], int] = {}
+        self._scores = np.empty(0)
+
+    def prepare(self, groups: Iterable[Group], processes: Processes | None = None) -> None:
+        """Finds every distinct (query, docno, text) of the groups in the cache, and has the teacher score the
+        rest, each process its share, in chunks written to the cache as they are scored."""
+        processes = processes or Processes()
+        pairs, self._index = _distinct_pairs(groups)
+        keys = [pair_key(q, d, t) for _, q, d, t in pairs]
+        scores = np.full(len(pairs), np.nan)
+        if processes.is_main and self.store is not None:
+            cached = self.store.get(keys)
+            scores = np.array([cached.get(k, np.nan) for k in keys], dtype="float64")
+        scores = processes.broadcast(scores)  # the main process's view decides what is missing
+        mine = np.flatnonzero(np.isnan(scores))[processes.rank :: processes.world]
+        my_scores = self._score(pairs, keys, mine)
+        for rank, (indices, values) in enumerate(processes.gather((mine, my_scores))):
+            scores[indices] = values
+            if processes.is_main and self.store is not None and rank != processes.rank:
+                self.store.put([keys[i] for i in indices], values)  # the others' shares, on the main's disk too
+        self._scores = scores
+
+    def _score(self, pairs, keys, indices: np.ndarray) -> np.ndarray:
+        out = np.empty(len(indices))
+        bar = pt.tqdm(total=len(indices), desc=f"teacher {self.teacher!r}", unit="pair", disable=not self.verbose)
+        for start in range(0, len(indices), CHUNK_PAIRS):
+            chunk = indices[start : start + CHUNK_PAIRS]
+            frame = pd.DataFrame([pairs[i] for i in chunk], columns=["qid", "query", "docno", "text"])
+            out[start : start + len(chunk)] = self.checked(frame)["score"].to_numpy(dtype="float64")
+            self.scored += len(chunk)
+            if self.store is not None:
+                self.store.put([keys[i] for i in chunk], out[start : start + len(chunk)])
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def lookup(self, groups: list[Group]) -> torch.Tensor:
+        rows = [self._index[g.query, d, t] for g in groups for d, t in zip(g.docnos, g.texts)]
+        return torch.tensor(self._scores[rows], dtype=torch.float32).view(len(groups), -1)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def unnamed_teacher_message(teacher) -> str:
+    return (f"teacher {teacher!r} cannot be fingerprinted (it has no fingerprint() method and is not a composition "
+            "such as a + b, 2 * a or a >> b of teachers that have one), so its scores cannot be cached on disk "
+            "under a name that changes when the teacher does. Name them yourself with teacher_cache_key='…' "
+            "(change it whenever the teacher changes), give the teacher a fingerprint() method, or leave "
+            "teacher_cache unset to keep the scores in memory for this fit")
+
+
+def pair_key(query: str, docno: str, text: str) -> bytes:
+    """16 bytes identifying a (query, docno, text): what a teacher's score depends on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (query, docno, text):
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.digest()
+
+
+def _distinct_pairs(groups: Iterable[Group]) -> tuple[list[tuple[str, str, str, str]], dict]:
+    """The distinct (qid, query, docno, text) of the groups, and each (query, docno, text)'s position among them
+    (the strings are the groups' own: an index of millions of pairs holds references, not copies)."""
+    pairs, index = [], {}
+    for g in groups:
+        for d, t in zip(g.docnos, g.texts):
+            if index.setdefault((g.query, d, t), len(pairs)) == len(pairs):
+                pairs.append((g.qid, g.query, d, t))
+    return pairs, index

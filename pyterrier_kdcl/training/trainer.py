@@ -3,7 +3,9 @@
 ``ContrastiveTrainer`` (InfoNCE over labels) and ``DistillationTrainer`` (KL to a teacher's scores) differ only
 in the loss and in whether teacher scores are attached to the groups; with the same seed both see the same
 groups in the same order. Hugging Face Accelerate runs the loop on one device or under ``accelerate launch`` /
-``torchrun`` (DDP; FSDP or DeepSpeed from an Accelerate config).
+``torchrun`` with DDP: every process holds the whole model, takes its share of each batch and of the teacher's
+scoring. FSDP and DeepSpeed are refused: validation, the best weights and checkpoints read the whole model, and
+under them a process holds only shards (Accelerate runs FSDP on GPUs only, so no test here could show otherwise).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from pyterrier_kdcl.training import checkpoints
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
-from pyterrier_kdcl.training.teachers import TeacherScores
+from pyterrier_kdcl.training.teachers import Processes, TeacherScores, can_fingerprint, unnamed_teacher_message
 
 PRECISIONS = {"auto", "fp32", "no", "bf16", "fp16"}
 
@@ -48,6 +51,11 @@ class RerankerTrainer(pt.Estimator):
             the teacher's scores are needed, read when given, or never read (then a teacher is refused).
         teacher: any transformer that scores the rows it is given; its scores reach the loss as ``teacher_scores``
             (``RankNet()`` and ``ListNet()`` then rank by the teacher instead of the labels).
+        teacher_cache: the directory where teacher scores persist (default: ``output_dir/teacher_scores``), in a
+            folder named after the teacher's fingerprint (see :mod:`pyterrier_kdcl.training.teachers`); trainers
+            in several processes may share it. ``teacher_cache_key`` names the scores instead: needed to persist
+            those of a teacher without a fingerprint (without it they stay in memory, and an explicit
+            ``teacher_cache`` is refused); change it whenever the teacher changes.
         batch_size: queries (groups) per forward pass across all processes.
         gradient_accumulation_steps: forward passes per optimizer step.
         learning_rate, warmup_ratio, weight_decay, max_grad_norm: AdamW with linear warm-up and decay, clipping.
@@ -73,7 +81,8 @@ class RerankerTrainer(pt.Estimator):
                  gradient_accumulation_steps: int = 1, seed: int = 42, output_dir: str | Path | None = None,
                  validate_every: int | None = None, metric: str = "nDCG@10", patience: int | None = None,
                  min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
-                 text_source=None, teacher_cache: str | Path | None = None, precision: str = "auto",
+                 text_source=None, teacher_cache: str | Path | None = None, teacher_cache_key: str | None = None,
+                 precision: str = "auto",
                  gradient_checkpointing: bool = False, checkpoint_every: int | None = None, resume: bool = False,
                  verbose: bool = True):
         if not isinstance(reranker, CrossEncoder):
@@ -119,7 +128,11 @@ class RerankerTrainer(pt.Estimator):
         self.negatives_window = negatives_window
         self.insufficient = insufficient
         self.text_source = text_source
+        if teacher is not None and teacher_cache is not None and teacher_cache_key is None \
+                and not can_fingerprint(teacher):
+            raise ValueError(unnamed_teacher_message(teacher))
         self.teacher_cache = teacher_cache
+        self.teacher_cache_key = teacher_cache_key
         self.precision = precision
         self.gradient_checkpointing = gradient_checkpointing
         self.checkpoint_every = checkpoint_every
@@ -163,6 +176,7 @@ class RerankerTrainer(pt.Estimator):
 
         mixed_precision = self._mixed_precision()
         accelerator = _accelerator(mixed_precision, cpu=self.reranker.device.type == "cpu")
+        _check_strategy(accelerator)
         world = accelerator.num_processes
         if self.batch_size % world:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world} processes")
@@ -288,11 +302,18 @@ class RerankerTrainer(pt.Estimator):
     def _teacher_scores(self, sampler: GroupSampler, accelerator) -> TeacherScores | None:
         if self.teacher is None:
             return None
-        cache_dir = self.teacher_cache or (self.output_dir / "teacher_scores" if self.output_dir else None)
-        scores = TeacherScores(self.teacher, cache_dir)
-        if accelerator.is_main_process or cache_dir is None:
-            scores.prepare(itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs)))
-        accelerator.wait_for_everyone()
+        cache_dir = self.teacher_cache
+        if cache_dir is None and self.output_dir is not None:
+            if self.teacher_cache_key is not None or can_fingerprint(self.teacher):
+                cache_dir = self.output_dir / "teacher_scores"
+            elif accelerator.is_main_process:
+                warnings.warn(f"the scores of teacher {self.teacher!r} stay in memory for this fit, not in "
+                              f"{self.output_dir / 'teacher_scores'}: " + unnamed_teacher_message(self.teacher),
+                              stacklevel=3)
+        scores = TeacherScores(self.teacher, cache_dir, key=self.teacher_cache_key,
+                               verbose=self.verbose and accelerator.is_main_process)
+        groups = itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs))
+        scores.prepare(groups, _processes(accelerator))
         return scores
 
     def _mixed_precision(self) -> str:
@@ -356,6 +377,33 @@ class _Loop:
     validator: Validator | None
     steps_per_epoch: int
     total_steps: int
+
+
+def _check_strategy(accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(f"Accelerate is set up for {kind.value}, which shards the model across processes; this "
+                         "trainer runs DDP only (validation, the best weights and checkpoints read the whole model, "
+                         "which a process would hold only a shard of). Launch with a DDP configuration (accelerate "
+                         "launch --multi_gpu, or torchrun); for a student too large for one GPU use lora=True, "
+                         "gradient_checkpointing=True and bf16")
+
+
+def _processes(accelerator) -> Processes:
+    """The fit's processes for teacher scoring: each scores its share, all gather (objects pickled)."""
+    if accelerator.num_processes == 1:
+        return Processes()
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    def broadcast(obj):
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    return Processes(accelerator.process_index, accelerator.num_processes, broadcast,
+                     lambda obj: gather_object([obj]))
 
 
 # -- precision -----------------------------------------------------------------------------------------------
