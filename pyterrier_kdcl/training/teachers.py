@@ -249,8 +249,10 @@ class TeacherScores:
         return torch.tensor(self._scores[rows], dtype=torch.float32).view(len(groups), -1)
 
     def close(self) -> None:
+        """Closes the cache; ``lookup`` goes on working (every score is in memory after ``prepare``)."""
         if self.store is not None:
             self.store.close()
+            self.store = None
 
 
 def unnamed_teacher_message(teacher) -> str:

@@ -313,7 +313,10 @@ class RerankerTrainer(pt.Estimator):
         scores = TeacherScores(self.teacher, cache_dir, key=self.teacher_cache_key,
                                verbose=self.verbose and accelerator.is_main_process)
         groups = itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs))
-        scores.prepare(groups, _processes(accelerator))
+        try:
+            scores.prepare(groups, _processes(accelerator))
+        finally:
+            scores.close()  # every score is in memory now: the cache's connection is not held through training
         return scores
 
     def _mixed_precision(self) -> str:
