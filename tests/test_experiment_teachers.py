@@ -82,3 +82,21 @@ def test_fitted_temperature_follows_the_teachers_scale():
     t = small
     top = np.exp(0.1 / t) / (np.exp(0.1 / t) + 4)
     assert top == pytest.approx(0.7, abs=0.01)
+
+
+def test_the_verdict_calls_a_same_model_student_the_control_only_when_the_teacher_saw_the_same_data(
+        tiny_model, collection):  # noqa: F811 — the fixture
+    from pyterrier_kdcl.experiment.report import verdict
+
+    cfg = tiny_config(tiny_model, collection)
+    cfg["students"] = [{"name": "twin", "model": cfg["teacher"]["model"], "max_length": 32}]
+    pooled = pd.DataFrame([{"student": "twin", "scope": "pooled", "collection": "in domain", "in_domain": True,
+                            "CL": 0.5, "KD": 0.6, "KD-CL": 0.1, "95% CI low (t, uncorrected)": 0.05,
+                            "95% CI high (t, uncorrected)": 0.15, "p (t)": 0.001, "p (holm)": 0.001,
+                            "significant": True, "winner": "KD", "sd": 0.1, "MDE (80% power)": 0.02,
+                            "MDE α": 0.05, "queries": 100}])
+    same_data = verdict(load_config(copy.deepcopy(cfg), check_environment=False), pd.DataFrame(), pooled)
+    assert "same capacity and data as the teacher: the control" in same_data
+    cfg["teacher"]["data"] = {"dataset": cfg["train"]["dataset"], "depth": 6, "queries": 12}
+    more_data = verdict(load_config(copy.deepcopy(cfg), check_environment=False), pd.DataFrame(), pooled)
+    assert "the control" not in more_data and "its advantage is data" in more_data

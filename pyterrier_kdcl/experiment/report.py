@@ -338,11 +338,17 @@ def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame, teacher: pd.DataFra
              f"p {corrected}, α = {ev.alpha}; MDE: {POWER:.0%} power at {cols.mde_alpha} of the table):"]
     margins = teacher[teacher["scope"] == "pooled"] if teacher is not None else pd.DataFrame()
     tcols = columns(config, "CL", "teacher")
-    same = {s.name for s in config.students if s.model == config.teacher.model}
+    spec = config.teacher
+    # the paper's control: a teacher of the student's own model trained on the student's own data
+    same = {s.name for s in config.students if s.model == spec.model and spec.kind == "cross-encoder"}
+    more_data = spec.data is not None and spec.data != config.train
     for student, rows in pooled.groupby("student", sort=False):
         parts = [_verdict_part(row, cols, _margin(margins, student, row["collection"], tcols))
                  for row in rows.to_dict("records")]
-        control = " (same capacity as the teacher: the control)" if student in same else ""
+        control = ""
+        if student in same:
+            control = (" (the teacher's own model, which saw more training data: its advantage is data)" if more_data
+                       else " (same capacity and data as the teacher: the control)")
         lines.append(f"- {student}{control}: " + "; ".join(parts) + ".")
     for in_domain, scope in ((True, IN_DOMAIN), (False, OUT_OF_DOMAIN)):
         rows = pooled[pooled["in_domain"] == in_domain]

@@ -329,6 +329,8 @@ class ExperimentRunner:
         drop = _KD_ONLY if objective == "CL" else _CL_ONLY
         training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
         settings = {k: v for k, v in asdict(spec).items() if k not in ("training", "data", "name", "batch_size")}
+        if settings.get("kind") == "cross-encoder":  # the key came later: earlier teachers keep their fingerprint
+            del settings["kind"]
         return {"model": settings, "training": training, "objective": objective}
 
     def _fit(self, trainer, stage: Stage, data, min_label: int) -> dict:
