@@ -9,6 +9,7 @@ whole), so they are upper bounds: queries without a judged positive among the ca
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from pyterrier_kdcl.experiment.config import ExperimentConfig, Model, evaluation_collections
@@ -23,6 +24,9 @@ CPU_PAIRS_PER_SECOND = {
 }
 
 
+_COUNT_CAP = 1_000_000
+
+
 def _queries(data) -> int | None:
     if data.queries is not None:
         return data.queries
@@ -31,7 +35,11 @@ def _queries(data) -> int | None:
 
         import pyterrier_kdcl.offline.datasets  # noqa: F401 — irds:kdcl/... resolve even without the entry point
 
-        return ir_datasets.load(data.dataset.removeprefix("irds:")).queries_count()
+        dataset = ir_datasets.load(data.dataset.removeprefix("irds:"))
+        count = dataset.queries_count()
+        if count is None:  # datasets registered from local files carry no counts: count (up to a cap)
+            count = sum(1 for _ in itertools.islice(dataset.queries_iter(), _COUNT_CAP))
+        return count
     except Exception:
         return None
 
