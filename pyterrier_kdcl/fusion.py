@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 
-_HELP_URL = "https://github.com/terrier-org/pyterrier"
+_HELP_URL = "docs/guide.md#4-choose-a-teacher"
 
 
 class ScoreFusion(pt.Estimator):

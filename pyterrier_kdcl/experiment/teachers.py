@@ -22,7 +22,7 @@ from pyterrier_kdcl.training.temperature import fit_temperature
 class IdentifiedTeacher(pt.Transformer):
     """A teacher whose identity (for score caches) is given: the experiment's fingerprint of its settings."""
 
-    schematic = {"label": "teacher", "help_url": "https://github.com/terrier-org/pyterrier"}
+    schematic = {"label": "IdentifiedTeacher", "help_url": "docs/experiment.md#teachers"}
 
     def __init__(self, teacher: pt.Transformer, identity: str):
         self.teacher = teacher
