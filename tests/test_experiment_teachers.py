@@ -100,3 +100,38 @@ def test_the_verdict_calls_a_same_model_student_the_control_only_when_the_teache
     cfg["teacher"]["data"] = {"dataset": cfg["train"]["dataset"], "depth": 6, "queries": 12}
     more_data = verdict(load_config(copy.deepcopy(cfg), check_environment=False), pd.DataFrame(), pooled)
     assert "the control" not in more_data and "its advantage is data" in more_data
+
+
+def test_a_disjoint_teacher_never_trains_on_the_students_queries(tiny_model, collection, tmp_path,
+                                                                  monkeypatch):  # noqa: F811 — the fixture
+    from pyterrier_kdcl.experiment import runner as experiment_module
+
+    seen = {}
+    original = experiment_module.ContrastiveTrainer
+
+    class Recording(original):
+        def fit(self, tr_res, tr_qrels, *args, **kwargs):
+            seen.setdefault(str(self.output_dir), set(tr_res["qid"].astype(str)))
+            return super().fit(tr_res, tr_qrels, *args, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "ContrastiveTrainer", Recording)
+    cfg = tiny_config(tiny_model, collection)
+    cfg["seeds"] = [1]
+    cfg["train"]["queries"] = 8
+    cfg["teacher"]["data"] = {"dataset": cfg["train"]["dataset"], "depth": 6}
+    cfg["teacher"]["disjoint"] = True
+    cfg["students"] = [{"name": "bert-small", "model": str(tiny_model("bert", seed=1)), "max_length": 32,
+                        "objectives": ["CL"]}]
+    cfg["evaluation"]["out_of_domain"] = []
+    run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    teacher = seen[str(tmp_path / "teacher")]
+    student = seen[str(tmp_path / "students" / "bert-small" / "CL" / "seed-1")]
+    assert student and teacher and not teacher & student
+    assert len(teacher) == 16 - 8  # every other training query
+
+
+def test_disjoint_needs_the_teachers_own_data(tiny_model, collection):  # noqa: F811 — the fixture
+    cfg = tiny_config(tiny_model, collection)
+    cfg["teacher"]["disjoint"] = True
+    with pytest.raises(ConfigError, match="teacher.disjoint: trains the teacher on teacher.data minus"):
+        load_config(cfg)

@@ -115,6 +115,7 @@ class Teacher(Model):
     model: str = ""
     train: Literal["contrastive", "none"] = "contrastive"  # "none": use ``model`` as it is (already trained)
     kind: Literal["cross-encoder", "bi-encoder"] = "cross-encoder"  # bi-encoder: sentence-transformers, as it is
+    disjoint: bool = False                      # train on ``data`` minus the students' training queries (a control)
     seed: int | None = None                     # default: the first of ``seeds``
     data: Data | None = None                    # its own training data (default: the experiment's ``train``)
 
@@ -373,6 +374,9 @@ def _check_models(cfg: ExperimentConfig, problems: list[str]) -> None:
         if not cfg.teacher.model:
             problems.append("teacher.model: required key is missing (a model to train, or with train: none a "
                             "trained reranker)")
+        if cfg.teacher.disjoint and (cfg.teacher.data is None or cfg.teacher.train != "contrastive"):
+            problems.append("teacher.disjoint: trains the teacher on teacher.data minus the students' queries; give "
+                            "teacher.data (e.g. the whole training split) and train: contrastive")
         if cfg.teacher.kind == "bi-encoder":
             if cfg.teacher.train != "none":
                 problems.append("teacher.train: a bi-encoder teacher scores as it is (zero-shot); add `train: none`")

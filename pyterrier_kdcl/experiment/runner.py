@@ -329,12 +329,18 @@ class ExperimentRunner:
         drop = _KD_ONLY if objective == "CL" else _CL_ONLY
         training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
         settings = {k: v for k, v in asdict(spec).items() if k not in ("training", "data", "name", "batch_size")}
-        if settings.get("kind") == "cross-encoder":  # the key came later: earlier teachers keep their fingerprint
-            del settings["kind"]
+        for key, default in (("kind", "cross-encoder"), ("disjoint", False)):
+            if settings.get(key, default) == default:  # keys that came later: earlier teachers keep their fingerprint
+                settings.pop(key, None)
         return {"model": settings, "training": training, "objective": objective}
 
-    def _fit(self, trainer, stage: Stage, data, min_label: int) -> dict:
+    def _fit(self, trainer, stage: Stage, data, min_label: int, exclude_train: bool = False) -> dict:
         _, qrels, res = self.frames(data, min_label)
+        if exclude_train:  # the data-decoupled control: none of the students' training queries
+            students = set(self.frames(self.config.train, min_label)[0]["qid"].astype(str))
+            res = res[~res["qid"].astype(str).isin(students)]
+            qrels = qrels[~qrels["qid"].astype(str).isin(students)]
+            self.log(f"teacher data without the students' {len(students)} queries: {res['qid'].nunique()} queries")
         va_res = va_qrels = None
         if self.config.validation is not None:
             _, va_qrels, va_res = self.frames(self.config.validation, min_label)
@@ -370,7 +376,7 @@ class ExperimentRunner:
                              loader=self._load_saved(stage.model_dir, spec))
         return self._run_stage(model, stage, spec, data, lambda: ContrastiveTrainer(
             self.new_reranker(spec, seed), temperature=cfg.training_args(spec)["temperature"],
-            **self._trainer_kwargs(spec, seed, stage, data)))
+            **self._trainer_kwargs(spec, seed, stage, data)), exclude_train=spec.disjoint)
 
     def student(self, spec: Student, objective: str, seed: int, teacher: TrainedModel) -> TrainedModel:
         """Trains one student with one objective and seed; reuses a finished one."""
@@ -414,11 +420,13 @@ class ExperimentRunner:
                  f"(teacher scores spread {fitted['score_sd_within_query']:.3g} sd within a query)")
         return fitted
 
-    def _run_stage(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer) -> TrainedModel:
+    def _run_stage(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer,
+                   exclude_train: bool = False) -> TrainedModel:
         with self.locked():  # Stage.begin deletes what other settings left; the trainer cleans killed writes
-            return self._run_stage_locked(model, stage, spec, data, make_trainer)
+            return self._run_stage_locked(model, stage, spec, data, make_trainer, exclude_train)
 
-    def _run_stage_locked(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer) -> TrainedModel:
+    def _run_stage_locked(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer,
+                          exclude_train: bool = False) -> TrainedModel:
         if stage.is_done():
             self.log(f"{stage.description}: done already, reusing {stage.model_dir}")
             model.reused = True
@@ -427,7 +435,7 @@ class ExperimentRunner:
             self.log(f"{stage.description}: training")
             min_label = self.config.training_args(spec)["min_label"]
             trainer = make_trainer()
-            info = self._fit(trainer, stage, data, min_label)
+            info = self._fit(trainer, stage, data, min_label, exclude_train)
             large = _is_large(trainer.reranker)
             del trainer
             _free(large)
