@@ -16,8 +16,11 @@ Saved directories hold safetensors only, plus ``kdcl.json`` describing how to re
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +33,10 @@ ADAPTER_DIR = "adapter"
 RECURRENT_TYPES = {"mamba", "mamba2", "falcon_mamba"}
 # RankLLaMA's recipe (Tevatron): r=8, alpha=64, dropout 0.1 on every linear layer of the transformer blocks.
 DEFAULT_LORA = {"r": 8, "lora_alpha": 64, "lora_dropout": 0.1, "target_modules": "all-linear"}
+VERBOSE_ENV = "KDCL_VERBOSE"  # "1": loads show transformers' and peft's own reports, progress bars and warnings
+
+logger = logging.getLogger("pyterrier_kdcl")
+_ANNOUNCED_HEADS: set[str] = set()
 
 
 class ClassifierRanker(nn.Module):
@@ -68,6 +75,59 @@ class LastTokenRanker(nn.Module):
         return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
+# -- quiet loading -------------------------------------------------------------------------------------------
+def verbose_loading() -> bool:
+    """Whether loads show transformers' own output: with ``KDCL_VERBOSE=1``, or when the user has set transformers'
+    verbosity to INFO or DEBUG (``transformers.logging.set_verbosity_info()``, ``TRANSFORMERS_VERBOSITY=info``)."""
+    from transformers.utils import logging as hf_logging
+
+    requested = os.environ.get(VERBOSE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    return requested or hf_logging.get_verbosity() < logging.WARNING
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """For the duration of a load (or save) only, silences what transformers and peft print meanwhile: the load
+    report (``classifier.bias | MISSING … Consider training…``), the "Loading weights" and "Writing model shards"
+    bars, and FutureWarnings and DeprecationWarnings about their own APIs. Errors still raise; the settings in
+    force before come back after. On request (:func:`verbose_loading`) transformers reports at WARNING or below."""
+    from transformers.utils import logging as hf_logging
+
+    verbose = verbose_loading()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(min(verbosity, logging.WARNING) if verbose else logging.ERROR)
+    if not verbose:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _quietly(function):
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        with quiet_loading():
+            return function(*args, **kwargs)
+
+    return quiet
+
+
+def _announce_new_head(name: str, weights: list[str], seed: int) -> None:
+    """One line, once per model and process, in place of transformers' load report: a fresh head is expected."""
+    if name in _ANNOUNCED_HEADS:
+        return
+    _ANNOUNCED_HEADS.add(name)
+    logger.warning("%s has no reranking head: a new one (%s) was initialised from seed %d. Expected for a model you "
+                   "are about to train; its scores mean nothing until then", name, ", ".join(weights), seed)
+
+
 # -- building ------------------------------------------------------------------------------------------------
 def resolve_source(model: str | os.PathLike) -> str:
     """A short offline name (``minilm-l6``) → its local directory; paths and hub ids pass through."""
@@ -90,6 +150,7 @@ def default_pooling(config) -> str:
     return "classifier"
 
 
+@_quietly
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -108,17 +169,28 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 def build_ranker(source: str, pooling: str | None = None, dtype: torch.dtype = torch.float32,
                  trust_remote_code: bool = False, pad_token_id: int | None = None, lora=None,
-                 seed: int = 0) -> nn.Module:
+                 seed: int = 0, name: str | None = None) -> nn.Module:
     """Loads weights from a hub id or a local Hugging Face directory into the scoring module, with a LoRA adapter
     when ``lora`` is given (see :func:`lora_config`).
 
     What the checkpoint lacks (a fresh head, the adapter's ``lora_A`` matrices) is drawn from ``seed``, whatever
     the global RNG, which is left as it was: two rerankers built with the same arguments hold the same weights, so
     a CL student and a KD student differ only in how they are trained.
+
+    Loading is quiet (:func:`quiet_loading`); a fresh head is announced instead, once per model (``name``, by
+    default ``source``) and process, as one warning of the ``pyterrier_kdcl`` logger.
     """
+    ranker, new_head = _seeded_build(source, pooling, dtype, trust_remote_code, pad_token_id, lora, seed)
+    if new_head:
+        _announce_new_head(name or source, new_head, seed)
+    return ranker
+
+
+@_quietly
+def _seeded_build(source, pooling, dtype, trust_remote_code, pad_token_id, lora, seed):
     with seeded(seed):
-        ranker = _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id)
-        return add_lora(ranker, lora) if lora else ranker
+        ranker, new_head = _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id)
+        return (add_lora(ranker, lora) if lora else ranker), new_head
 
 
 @contextlib.contextmanager
@@ -129,7 +201,8 @@ def seeded(seed: int):
         yield
 
 
-def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> nn.Module:
+def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> tuple[nn.Module, list[str]]:
+    """The scoring module, and the names of the head weights the checkpoint lacked (initialised afresh)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     config = _load_config(source, trust_remote_code)
@@ -139,29 +212,32 @@ def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> nn
     kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
     if pooling == "classifier":
         config.num_labels = 1
-        return ClassifierRanker(_from_pretrained(AutoModelForSequenceClassification, source, kwargs))
+        model, new_head = _from_pretrained(AutoModelForSequenceClassification, source, kwargs)
+        return ClassifierRanker(model), new_head
     if pooling != "last":
         raise ValueError(f"pooling must be 'classifier' or 'last', got {pooling!r}")
     head_path = Path(source) / HEAD_FILE
     if head_path.exists() or not _has_classification_head(config):
-        backbone = _from_pretrained(AutoModel, source, kwargs)
+        backbone, _ = _from_pretrained(AutoModel, source, kwargs)
         score = nn.Linear(config.hidden_size, 1, dtype=dtype)
         _init_head(score, config)
-        if head_path.exists():
-            score.load_state_dict(load_file(head_path))
-        return LastTokenRanker(backbone, score)
+        if not head_path.exists():
+            return LastTokenRanker(backbone, score), ["score.weight", "score.bias"]
+        score.load_state_dict(load_file(head_path))
+        return LastTokenRanker(backbone, score), []
     # an existing decoder reranker (e.g. Qwen2ForSequenceClassification): reuse its trunk and its head
     config.num_labels = 1
-    model = _from_pretrained(AutoModelForSequenceClassification, source, kwargs)
-    return LastTokenRanker(model.base_model, model.score)
+    model, new_head = _from_pretrained(AutoModelForSequenceClassification, source, kwargs)
+    return LastTokenRanker(model.base_model, model.score), new_head
 
 
 _HEAD_PARTS = {"classifier", "pre_classifier", "pooler", "score", "head"}  # may be new: training fits them
 
 
-def _from_pretrained(auto_class, source: str, kwargs: dict) -> nn.Module:
+def _from_pretrained(auto_class, source: str, kwargs: dict) -> tuple[nn.Module, list[str]]:
     """``from_pretrained`` that refuses a checkpoint lacking trunk weights (transformers only warns, then scores
-    with random weights: a checkpoint from another architecture than its config.json names)."""
+    with random weights: a checkpoint from another architecture than its config.json names). Returns the model
+    and the names of the head weights the checkpoint lacked."""
     from safetensors import SafetensorError
 
     try:
@@ -169,13 +245,14 @@ def _from_pretrained(auto_class, source: str, kwargs: dict) -> nn.Module:
     except SafetensorError as err:
         raise OSError(f"the weights in {source} are unreadable ({err}): the file is truncated or corrupt; "
                       "download or save the model again") from err
+    new_head = sorted(k for k in info["missing_keys"] if _HEAD_PARTS & set(k.split(".")))
     missing = sorted(k for k in info["missing_keys"] if not _HEAD_PARTS & set(k.split(".")))
     if missing:
         raise ValueError(
             f"{source}: {len(missing)} weights of its {kwargs['config'].model_type} architecture are not in the "
             f"checkpoint (e.g. {', '.join(missing[:3])}); the weights belong to another architecture or are "
             "incomplete. Re-download or re-save the model, or fix config.json")
-    return model
+    return model, new_head
 
 
 def _load_config(source: str, trust_remote_code: bool):
@@ -281,6 +358,7 @@ def has_lora(ranker: nn.Module) -> bool:
     return isinstance(ranker.backbone, PeftModel)
 
 
+@_quietly
 def merge_lora(ranker: nn.Module) -> nn.Module:
     """Folds the adapter into the base weights: faster inference, same scores within float tolerance."""
     if not has_lora(ranker):
@@ -290,6 +368,7 @@ def merge_lora(ranker: nn.Module) -> nn.Module:
 
 
 # -- saving and loading --------------------------------------------------------------------------------------
+@_quietly
 def save_ranker(ranker: nn.Module, tokenizer, path: Path, settings: dict) -> None:
     """Writes weights (safetensors), tokenizer and ``kdcl.json``; with LoRA only the adapter and head."""
     path.mkdir(parents=True, exist_ok=True)
@@ -317,16 +396,18 @@ def read_settings(path: Path) -> dict:
         raise ValueError(f"{config_file} is corrupt ({err}); save the reranker again") from err
 
 
+@_quietly
 def load_saved_ranker(path: Path, settings: dict, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuilds a ranker written by :func:`save_ranker`; a LoRA ranker rebuilds its base and attaches the adapter."""
+    """Rebuilds a ranker written by :func:`save_ranker`; a LoRA ranker rebuilds its base and attaches the adapter
+    with the head it was trained with (the base's fresh head is replaced, so it is not announced)."""
     if not settings.get("lora"):
         return build_ranker(str(path), settings["pooling"], dtype, trust_remote_code)
     from peft import PeftModel
 
     base_model = settings["base_model"]
     try:
-        base = build_ranker(resolve_source(base_model), settings["pooling"], dtype, trust_remote_code,
-                            pad_token_id=settings.get("pad_token_id"))
+        base, _ = _seeded_build(resolve_source(base_model), settings["pooling"], dtype, trust_remote_code,
+                                settings.get("pad_token_id"), None, 0)
     except (OSError, ValueError) as err:
         raise OSError(f"{path} holds a LoRA adapter whose base model {base_model!r} cannot be loaded ({err}). Put "
                       f"the base model back, or set base_model in {path / KDCL_CONFIG} to where it is now") from err

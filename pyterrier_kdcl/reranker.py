@@ -51,6 +51,10 @@ class CrossEncoder(pt.Transformer):
             A fresh head and the adapter are drawn from a fixed seed: two rerankers built with the same arguments
             hold identical weights, whatever ran in between.
         device: default CUDA when available. ``dtype``: default float32 on CPU, bfloat16 on CUDA.
+        verbose: progress bars while scoring. Loading is quiet either way: a fresh head is announced in one line
+            (a warning of the ``pyterrier_kdcl`` logger, once per model); transformers' load reports, progress bars
+            and FutureWarnings show with the environment variable ``KDCL_VERBOSE=1`` (or with transformers'
+            verbosity set to INFO).
     """
 
     optimized: str | None = None  # set by serving.optimize_for_cpu: int8 weights score, but neither save nor train
@@ -71,7 +75,8 @@ class CrossEncoder(pt.Transformer):
         self.tokenizer = _tokenizer or models.load_tokenizer(source, trust_remote_code)
         if _ranker is None:  # the head and adapter the checkpoint lacks come from a fixed seed: identical starts
             self.ranker = models.build_ranker(source, pooling, self.dtype, trust_remote_code,
-                                              pad_token_id=self.tokenizer.pad_token_id, lora=lora)
+                                              pad_token_id=self.tokenizer.pad_token_id, lora=lora,
+                                              name=self.model_name)
         elif lora:
             with models.seeded(0):
                 self.ranker = models.add_lora(_ranker, lora)

@@ -2,13 +2,16 @@
 template whole, a LoRA round trip that keeps its head, quiet loading, and best weights restored."""
 
 import json
+import logging
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import write_tiny_model
 from training_data import WORDS
 
 import pyterrier_kdcl as kdcl
@@ -153,3 +156,71 @@ def test_max_length_too_short_for_the_template_says_so(tiny_model):
     with pytest.raises(ValueError, match=r"leaves .* tokens for query and document"):
         kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False, max_length=16,
                           template="Judge whether the document answers the query. query: {query} document: {text}")
+
+
+# -- quiet loading ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def transformers_log():
+    """What transformers logs, whichever stream its own handler writes to (it keeps the stderr of its first use)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def printed(capfd, caplog, transformers_log):
+    out, err = capfd.readouterr()
+    return out + err + "".join(r.getMessage() for r in transformers_log), [r.getMessage() for r in caplog.records]
+
+
+def test_loading_is_quiet_and_a_new_head_is_announced_once(tmp_path, capfd, caplog, transformers_log):
+    from transformers.utils import logging as hf_logging
+
+    bare = write_tiny_model("bert", tmp_path / "bare-bert", head="none")
+    capfd.readouterr()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, logger="pyterrier_kdcl"):
+        warnings.simplefilter("always")
+        student = kdcl.CrossEncoder(bare, verbose=False, lora=True)
+        kdcl.CrossEncoder(bare, verbose=False)
+        student.save(tmp_path / "student")
+    output, notes = printed(capfd, caplog, transformers_log)
+    assert output == "" and [str(w.message) for w in seen] == []
+    assert len(notes) == 1 and f"{bare} has no reranking head" in notes[0] and "classifier.weight" in notes[0]
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bars)  # restored
+
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, logger="pyterrier_kdcl"):
+        warnings.simplefilter("always")
+        kdcl.CrossEncoder.load(tmp_path / "student", verbose=False)  # a trained student's head is not new
+        kdcl.CrossEncoder.load(tmp_path / "student", verbose=False, merge_lora=True)
+    assert printed(capfd, caplog, transformers_log) == ("", []) and [str(w.message) for w in seen] == []
+
+
+def test_a_decoder_without_a_head_is_announced_and_a_saved_one_is_not(tmp_path, capfd, caplog, transformers_log):
+    bare = write_tiny_model("qwen2", tmp_path / "bare-qwen2")
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="pyterrier_kdcl"):
+        kdcl.CrossEncoder(bare, verbose=False).save(tmp_path / "saved")
+        kdcl.CrossEncoder.load(tmp_path / "saved", verbose=False)
+    output, notes = printed(capfd, caplog, transformers_log)
+    assert output == "" and len(notes) == 1 and "score.weight, score.bias" in notes[0]
+
+
+def test_transformers_load_report_on_request(tmp_path, monkeypatch, transformers_log):
+    from transformers.utils import logging as hf_logging
+
+    bare = write_tiny_model("bert", tmp_path / "bare-bert", head="none")
+    monkeypatch.setenv("KDCL_VERBOSE", "1")
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # even where something turned transformers down
+    try:
+        kdcl.CrossEncoder(bare, verbose=False)
+        assert hf_logging.get_verbosity() == logging.ERROR  # and back as it was
+    finally:
+        hf_logging.set_verbosity(before)
+    report = "".join(r.getMessage() for r in transformers_log)
+    assert "LOAD REPORT" in report and "classifier.weight" in report and "MISSING" in report
