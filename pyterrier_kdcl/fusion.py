@@ -18,9 +18,7 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 
 import ir_measures
 import numpy as np
@@ -115,13 +113,6 @@ class ScoreFusion(pt.Estimator):
         best = grid.loc[grid[self.metric].idxmax()]  # first best: ties go to the earliest grid point
         self.weights = {name: float(best[name]) for name in names}
         return grid
-
-    def fingerprint(self) -> str:
-        """Identity for caches: every member's fingerprint (or repr), the weights and the statistics."""
-        parts = {name: (scorer.fingerprint() if hasattr(scorer, "fingerprint") else repr(scorer))
-                 for name, scorer in self.scorers.items()}
-        identity = json.dumps({"members": parts, "weights": self.weights, "stats": self.stats}, sort_keys=True)
-        return hashlib.sha256(identity.encode()).hexdigest()
 
     def __repr__(self) -> str:
         weights = "unfitted" if self.weights is None else ", ".join(f"{k}={v:g}" for k, v in self.weights.items())

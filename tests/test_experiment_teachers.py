@@ -84,8 +84,7 @@ def test_fitted_temperature_follows_the_teachers_scale():
     assert top == pytest.approx(0.7, abs=0.01)
 
 
-def test_the_verdict_calls_a_same_model_student_the_control_only_when_the_teacher_saw_the_same_data(
-        tiny_model, collection):  # noqa: F811 — the fixture
+def test_the_verdict_names_the_control_only_when_the_teacher_saw_the_same_data(tiny_model, collection):  # noqa: F811
     from pyterrier_kdcl.experiment.report import verdict
 
     cfg = tiny_config(tiny_model, collection)
@@ -102,8 +101,7 @@ def test_the_verdict_calls_a_same_model_student_the_control_only_when_the_teache
     assert "the control" not in more_data and "its advantage is data" in more_data
 
 
-def test_a_disjoint_teacher_never_trains_on_the_students_queries(tiny_model, collection, tmp_path,
-                                                                  monkeypatch):  # noqa: F811 — the fixture
+def test_a_disjoint_teacher_never_sees_the_students_queries(tiny_model, collection, tmp_path, monkeypatch):  # noqa: F811
     from pyterrier_kdcl.experiment import runner as experiment_module
 
     seen = {}

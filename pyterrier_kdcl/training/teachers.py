@@ -29,6 +29,7 @@ import pyterrier as pt
 import torch
 from pyterrier import _ops
 
+from pyterrier_kdcl.fusion import ScoreFusion
 from pyterrier_kdcl.training.groups import Group
 
 SCORE_FILE = "scores.sqlite3"
@@ -66,6 +67,12 @@ def teacher_identity(teacher) -> str | None:
         return None if None in parts else "[" + ", ".join(parts) + "]"
     if callable(getattr(teacher, "fingerprint", None)):
         return f"{type(teacher).__qualname__}:{teacher.fingerprint()}"
+    if isinstance(teacher, ScoreFusion):  # its members, and what it fitted
+        parts = [teacher_identity(scorer) for scorer in teacher.scorers.values()]
+        if None in parts:
+            return None
+        fitted = json.dumps({"weights": teacher.weights, "stats": teacher.stats}, sort_keys=True)
+        return f"ScoreFusion({', '.join(f'{n}={p}' for n, p in zip(teacher.scorers, parts))}; {fitted})"
     fields = _COMPOSITIONS.get(type(teacher))
     if fields is None:
         return None
