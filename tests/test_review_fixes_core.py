@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import write_tiny_model
-from training_data import WORDS
+from training_data import WORDS, training_frames
 
 import pyterrier_kdcl as kdcl
 
@@ -224,3 +224,29 @@ def test_transformers_load_report_on_request(tmp_path, monkeypatch, transformers
         hf_logging.set_verbosity(before)
     report = "".join(r.getMessage() for r in transformers_log)
     assert "LOAD REPORT" in report and "classifier.weight" in report and "MISSING" in report
+
+
+# -- best weights ----------------------------------------------------------------------------------------------
+def misleading_validation(n_queries=8):
+    """Validation where the relevant document is a how-to page among 'the answer to …' distractors: a student that
+    learns the training positives ('the answer to …') ranks it lower and lower."""
+    res, _ = training_frames(n_queries)
+    rows = res.assign(text=[f"the answer to {WORDS[(i * 5 + 3) % len(WORDS)]}" for i in range(len(res))])
+    relevant = rows["docno"].str.endswith("-0")
+    rows.loc[relevant, "text"] = "a page on how to " + rows.loc[relevant, "query"].str.split().str[0]
+    qrels = rows.loc[relevant, ["qid", "docno"]].assign(label=1)
+    return rows, qrels
+
+
+def test_best_weights_are_restored_when_the_last_validation_is_worse(tiny_model):
+    from pyterrier_kdcl.training.dev_metrics import Validator
+
+    res, qrels = training_frames(8)
+    va_res, va_qrels = misleading_validation()
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    trainer = kdcl.ContrastiveTrainer(ce, group_size=4, epochs=3, batch_size=4, verbose=False, validate_every=1,
+                                      learning_rate=5e-3, metric="RR@10")
+    log = trainer.fit(res, qrels, va_res, va_qrels)
+    metrics = log["metric"].dropna()
+    assert metrics.iloc[-1] < metrics.max() - 0.1, list(metrics)  # the premise: training ends worse than its best
+    assert Validator(ce, va_res, va_qrels, "RR@10").evaluate() == pytest.approx(metrics.max())
