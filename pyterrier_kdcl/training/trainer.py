@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -162,7 +163,21 @@ class RerankerTrainer(pt.Estimator):
     def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
             va_qrels: pd.DataFrame | None = None, resume: bool | None = None) -> pd.DataFrame:
         """Trains on ``tr_res`` (a result frame with text) and ``tr_qrels``; returns the training log (also kept as
-        ``log_``). ``resume`` overrides the constructor's for this call."""
+        ``log_``). ``resume`` overrides the constructor's for this call.
+
+        With ``output_dir``, the fit holds that directory's lock (:mod:`pyterrier_kdcl.directory_lock`) from start
+        to end: a second trainer pointed at it refuses at once, naming the holder, instead of cleaning this one's
+        in-progress checkpoint as the leftover of a killed run. Under DDP the first process holds it for all."""
+        if self.output_dir is None or int(os.environ.get("RANK", "0")) != 0:
+            return self._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
+        from pyterrier_kdcl.directory_lock import directory_lock
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with directory_lock(self.output_dir, hint="give this trainer another output_dir=, or wait for the other "
+                                                  "fit to finish"):
+            return self._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
+
+    def _fit(self, tr_res, tr_qrels, va_res, va_qrels, resume) -> pd.DataFrame:
         from transformers import get_linear_schedule_with_warmup
 
         resume = self.resume if resume is None else resume
