@@ -15,8 +15,10 @@ import math
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
 
 BOUNDS = (1e-3, 1e3)
+_NLL_CAP = 1e6  # a finite stand-in for an impossible positive, so the minimiser never sees inf
 
 
 def fit_temperature(teacher_scores: np.ndarray, labels: np.ndarray) -> float:
@@ -47,10 +49,11 @@ def fit_temperature(teacher_scores: np.ndarray, labels: np.ndarray) -> float:
 
     def nll(log_t: float) -> float:
         z = scores / math.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=1))
-        log_pos = np.log(np.where(positive, np.exp(z), 0.0).sum(axis=1))  # a positive in an empty slot: -inf
-        return float((log_norm - log_pos).mean())
+        # log-sum-exp in both terms: a positive far below the top keeps a finite log-probability at small T
+        log_norm = logsumexp(z, axis=1)
+        with np.errstate(divide="ignore"):  # a row whose positives all sit in empty (-inf) slots
+            log_pos = logsumexp(np.where(positive, z, -np.inf), axis=1)
+        return float(np.minimum(log_norm - log_pos, _NLL_CAP).mean())
 
     lo, hi = map(math.log, BOUNDS)
     result = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
