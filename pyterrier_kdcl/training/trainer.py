@@ -168,11 +168,12 @@ class RerankerTrainer(pt.Estimator):
         With ``output_dir``, the fit holds that directory's lock (:mod:`pyterrier_kdcl.directory_lock`) from start
         to end: a second trainer pointed at it refuses at once, naming the holder, instead of cleaning this one's
         in-progress checkpoint as the leftover of a killed run. Under DDP the first process holds it for all."""
+        if self.output_dir is not None:  # a clear error about the directory before anything is created in it
+            checkpoints.check_writable(self.output_dir, checkpoints.checkpoint_bytes(self.reranker.ranker))
         if self.output_dir is None or int(os.environ.get("RANK", "0")) != 0:
             return self._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
         from pyterrier_kdcl.directory_lock import directory_lock
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         with directory_lock(self.output_dir, hint="give this trainer another output_dir=, or wait for the other "
                                                   "fit to finish"):
             return self._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
@@ -183,8 +184,6 @@ class RerankerTrainer(pt.Estimator):
         resume = self.resume if resume is None else resume
         if resume and self.output_dir is None:
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
-        if self.output_dir is not None:
-            checkpoints.check_writable(self.output_dir, checkpoints.checkpoint_bytes(self.reranker.ranker))
         sampler = GroupSampler(tr_res, tr_qrels, text_field=self.reranker.text_field, **self.sampler_options)
         self.group_stats = sampler.stats
         validator = Validator(self.reranker, va_res, va_qrels, self.metric) if va_res is not None else None
