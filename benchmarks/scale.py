@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py                          # 20 vs 60 training queries; 10/100/1000 candidates (~8 min)
     python benchmarks/scale.py --queries 40 --rerank-max-length 256
-    python benchmarks/scale.py --only memory            # or --only rerank
+    python benchmarks/scale.py --only memory            # or --only rerank, --only transform-memory
 
 1. Peak RSS of a ``minilm-l6`` ContrastiveTrainer fit (group 8, 4 queries a step, max_length 256, one epoch)
    with 1x and 3x the training queries of kdcl/manpages/train, each fit in its own fresh process. Reported:
@@ -14,6 +14,9 @@
 2. ``CrossEncoder.transform`` time with 10, 100 and 1000 candidates per query: for each query the candidates
    are drawn (seeded) from its BM25 top 1000, so every size sees documents of the same length distribution.
    Goal: linear (time per pair flat; log-log slope from 10 to 1000 candidates near 1).
+3. Peak RSS of ``CrossEncoder.transform`` over 2,000 and 20,000 pairs (BM25's top 100 of 20 and 200 man-page test
+   queries, max_length 64), each in its own fresh process: no per-call leak, bounded tokenisation chunks.
+   Goal: peak within 10% (issue 16).
 """
 
 from __future__ import annotations
@@ -44,11 +47,16 @@ def main() -> None:
     parser.add_argument("--rerank-queries", type=int, default=2)
     parser.add_argument("--rerank-max-length", type=int, default=64,
                         help="max_length for the reranking sizes (the model's cost per pair does not change linearity)")
-    parser.add_argument("--only", choices=["memory", "rerank"])
+    parser.add_argument("--only", choices=["memory", "rerank", "transform-memory"])
     parser.add_argument("--child-fit", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-transform", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_fit:
         return child_fit(args.child_fit, args.max_length)
+    if args.child_transform:
+        return child_transform(args.child_transform)
+    if args.only == "transform-memory":
+        return transform_memory()
     header("scale: memory against training queries, reranking time against candidates")
     if args.only != "rerank":
         memory(args.queries, args.max_length, args.repeats)
@@ -112,6 +120,38 @@ def child_fit(queries: int, max_length: int) -> None:
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "frame_mb": frame.memory_usage(deep=True).sum() / mb,
     }))
+
+
+# -- 3. memory of scoring ---------------------------------------------------------------------------------------
+def transform_memory(sizes=(20, 200)) -> None:
+    fixed_head_checkpoint()
+    peaks = {}
+    for queries in sizes:
+        out = subprocess.run([sys.executable, __file__, "--child-transform", str(queries)], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if out.returncode:
+            sys.exit(f"transform over {queries} queries failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        peaks[queries] = r["peak_mb"]
+        print(f"{r['pairs']} pairs in {r['seconds']:.0f}s: RSS before transform {r['rss_start_mb']:.0f} MB, "
+              f"process peak {r['peak_mb']:.0f} MB", flush=True)
+    print(f"ratio peak RSS {sizes[1]}/{sizes[0]} queries: {peaks[sizes[1]] / peaks[sizes[0]]:.3f} (goal <= 1.10)")
+
+
+def child_transform(queries: int) -> None:
+    import psutil
+
+    import pyterrier_kdcl as kdcl
+
+    frame = bm25_frame("kdcl/manpages/test", queries=queries, depth=100)
+    reranker = kdcl.CrossEncoder.load(fixed_head_checkpoint(), device="cpu", verbose=False, max_length=64)
+    start_rss = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    out = reranker(frame)
+    seconds = time.perf_counter() - start
+    mb = 1024 * 1024
+    print(json.dumps({"pairs": len(out), "seconds": seconds, "rss_start_mb": start_rss / mb,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 # -- 2. reranking time ---------------------------------------------------------------------------------------------
