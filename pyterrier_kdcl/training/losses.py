@@ -74,12 +74,6 @@ class RankingLoss(nn.Module):
                              f"{tuple(scores.shape)}; both must be (n_queries, group_size)")
         return value.to(scores.dtype).detach()
 
-    def _target(self, target: str | None, scores: Tensor, labels, teacher_scores) -> Tensor:
-        """The ranking target: the chosen input, or teacher scores when given and labels otherwise."""
-        if target is None:
-            target = "teacher_scores" if teacher_scores is not None else "labels"
-        return self._other(target, labels if target == "labels" else teacher_scores, scores)
-
 
 def _positive_temperature(name: str, value: float) -> float:
     value = float(value)
@@ -88,19 +82,30 @@ def _positive_temperature(name: str, value: float) -> float:
     return value
 
 
-def _check_target(target: str | None) -> str | None:
-    if target not in _TARGETS:
-        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
-    return target
+class TargetedLoss(RankingLoss):
+    """Base class of the losses that rank by a chosen target (RankNet, ListNet): ``"labels"``, ``"teacher_scores"``,
+    or ``None`` for the teacher scores when they are passed and the labels otherwise."""
 
+    def __init__(self, target: str | None = None):
+        super().__init__()
+        if target not in _TARGETS:
+            raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+        self.target = target
+        # with target=None, labels suffice; teacher scores are used instead whenever they are passed
+        self.needs = frozenset({target or "labels"})
 
-def _target_needs(target: str | None) -> frozenset:
-    # with target=None, labels suffice; teacher scores are used instead whenever they are passed
-    return frozenset({target or "labels"})
+    @property
+    def uses(self) -> frozenset:
+        return frozenset({"labels", "teacher_scores"}) if self.target is None else frozenset({self.target})
 
+    def _target(self, scores: Tensor, labels, teacher_scores) -> Tensor:
+        """The ranking target: the chosen input, or teacher scores when given and labels otherwise."""
+        target = self.target or ("teacher_scores" if teacher_scores is not None else "labels")
+        return self._other(target, labels if target == "labels" else teacher_scores, scores)
 
-def _target_uses(target: str | None) -> frozenset:
-    return frozenset({"labels", "teacher_scores"}) if target is None else frozenset({target})
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}()" if self.target is None else f"{name}(target={self.target!r})"
 
 
 class InfoNCE(RankingLoss):
@@ -243,7 +248,7 @@ class MarginMSE(RankingLoss):
         return "MarginMSE()"
 
 
-class RankNet(RankingLoss):
+class RankNet(TargetedLoss):
     r"""RankNet: pairwise logistic loss over every pair the target orders.
 
     .. math::
@@ -264,19 +269,10 @@ class RankNet(RankingLoss):
         RankNet()(student_scores, labels=labels, teacher_scores=teacher_scores)   # teacher's order
     """
 
-    def __init__(self, target: str | None = None):
-        super().__init__()
-        self.target = _check_target(target)
-        self.needs = _target_needs(self.target)
-
-    @property
-    def uses(self) -> frozenset:
-        return _target_uses(self.target)
-
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
         scores = self._scores(scores)
-        target = self._target(self.target, scores, labels, teacher_scores)
+        target = self._target(scores, labels, teacher_scores)
         ordered = target.unsqueeze(2) > target.unsqueeze(1)         # (n, i, j): y_i > y_j
         pair_loss = F.softplus(scores.unsqueeze(1) - scores.unsqueeze(2))  # log(1 + exp(s_j - s_i))
         pairs = ordered.sum(dim=(1, 2))
@@ -286,11 +282,8 @@ class RankNet(RankingLoss):
             return scores.sum() * 0.0  # keeps the graph, so backward() still works
         return per_query[has_pairs].mean()
 
-    def __repr__(self) -> str:
-        return "RankNet()" if self.target is None else f"RankNet(target={self.target!r})"
 
-
-class ListNet(RankingLoss):
+class ListNet(TargetedLoss):
     r"""ListNet (top-one probabilities): cross-entropy between the target's and the student's softmax.
 
     .. math::
@@ -309,23 +302,11 @@ class ListNet(RankingLoss):
         ListNet(target="teacher_scores")(student_scores, teacher_scores=teacher_scores)
     """
 
-    def __init__(self, target: str | None = None):
-        super().__init__()
-        self.target = _check_target(target)
-        self.needs = _target_needs(self.target)
-
-    @property
-    def uses(self) -> frozenset:
-        return _target_uses(self.target)
-
     def forward(self, scores: Tensor, labels: Tensor | None = None,
                 teacher_scores: Tensor | None = None) -> Tensor:
         scores = self._scores(scores)
-        target = self._target(self.target, scores, labels, teacher_scores)
+        target = self._target(scores, labels, teacher_scores)
         return -(F.softmax(target, dim=1) * F.log_softmax(scores, dim=1)).sum(dim=1).mean()
-
-    def __repr__(self) -> str:
-        return "ListNet()" if self.target is None else f"ListNet(target={self.target!r})"
 
 
 class Weighted(RankingLoss):
