@@ -30,6 +30,21 @@ class CountingTeacher(pt.Transformer):
         return "CountingTeacher()"
 
 
+def crash_at_step(monkeypatch, step: int):
+    """Makes the trainer's ``step``-th optimizer step raise KeyboardInterrupt (a simulated crash); returns the real
+    ``_step`` to put back."""
+    original = RerankerTrainer._step
+    calls = {"n": 0}
+
+    def crashing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt(f"simulated crash in the middle of step {step}")
+        return original(self, *args)
+
+    monkeypatch.setattr(RerankerTrainer, "_step", crashing)
+    return original
+
 def weights(reranker):
     return {k: v.detach().clone() for k, v in reranker.ranker.state_dict().items()}
 
@@ -147,16 +162,7 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tiny
     reference = student(tiny_model)
     kdcl.ContrastiveTrainer(reference, output_dir=tmp_path / "ref", **options).fit(res, qrels, res, qrels)
 
-    original = RerankerTrainer._step
-    calls = {"n": 0}
-
-    def crashing(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated crash in the middle of step 8")
-        return original(self, *args)
-
-    monkeypatch.setattr(RerankerTrainer, "_step", crashing)
+    original = crash_at_step(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         kdcl.ContrastiveTrainer(student(tiny_model), output_dir=tmp_path / "run", **options).fit(res, qrels, res, qrels)
     monkeypatch.setattr(RerankerTrainer, "_step", original)
@@ -361,16 +367,7 @@ def test_resume_is_a_constructor_option_that_a_pipeline_fit_reaches(tiny_model, 
     (first_stage >> reference).fit(topics, qrels, topics, qrels)
     assert list(reference.log_["step"]) == list(range(1, 13)) and reference.log_["metric"].notna().sum() == 4
 
-    original = RerankerTrainer._step
-    calls = {"n": 0}
-
-    def crashing(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated crash in the middle of step 8")
-        return original(self, *args)
-
-    monkeypatch.setattr(RerankerTrainer, "_step", crashing)
+    original = crash_at_step(monkeypatch, 8)
     crashed = kdcl.ContrastiveTrainer(student(tiny_model), output_dir=tmp_path, resume=True, **options)
     with pytest.raises(KeyboardInterrupt):  # resume=True with no checkpoint yet starts afresh
         (first_stage >> crashed).fit(topics, qrels, topics, qrels)
