@@ -9,20 +9,13 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 import pytest
-import torch
 
 import pyterrier_kdcl as kdcl
 
 FAMILIES = ["bert", "qwen2"]  # a WordPiece encoder and a byte-level BPE decoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from pyterrier_kdcl.training import RerankerTrainer
 from pyterrier_kdcl.training.groups import GroupSampler
 from pyterrier_kdcl.training.teachers import CheckedTeacher, TeacherScores
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from training_data import WORDS, training_frames
 
 import pyterrier_kdcl as kdcl
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # -- identical starts ------------------------------------------------------------------------------------------
