@@ -10,7 +10,6 @@ import pytest
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.experiment.runner import LazyReranker
-from pyterrier_kdcl.experiment.teachers import IdentifiedTeacher
 from pyterrier_kdcl.fusion import ScoreFusion
 from pyterrier_kdcl.training.teachers import CheckedTeacher
 
@@ -35,7 +34,6 @@ def transformers(reranker, tiny_model):
         "CheckedTeacher": CheckedTeacher(teacher),
         "LazyReranker": LazyReranker("teacher", lambda: teacher),
         "ScoreFusion": ScoreFusion({"a": reranker, "b": teacher}),
-        "IdentifiedTeacher": IdentifiedTeacher(teacher, "settings-fingerprint"),
     }
     yield made
     sharded.close()
@@ -54,7 +52,7 @@ def test_every_transformer_of_the_package_is_covered(transformers):
 
 @pytest.mark.parametrize("name", ["CrossEncoder", "CrossEncoder (int8)", "RerankerTrainer", "ContrastiveTrainer",
                                   "DistillationTrainer", "ShardedScorer", "CheckedTeacher", "LazyReranker",
-                                  "ScoreFusion", "IdentifiedTeacher"])
+                                  "ScoreFusion"])
 def test_attributes_read_back_under_their_init_names_and_schematics_stay_offline(name, transformers, monkeypatch):
     transformer = transformers[name]
     attributes = pt.inspect.transformer_attributes(transformer)  # strict: raises on an argument it cannot find

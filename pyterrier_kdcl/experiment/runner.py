@@ -57,6 +57,7 @@ from pyterrier_kdcl.experiment.config import (
 )
 from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_temperature
 from pyterrier_kdcl.reranker import CrossEncoder
+from pyterrier_kdcl.training.teachers import can_fingerprint
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
 
 FORMAT = 1  # bump when a change to this file makes old stages meaningless
@@ -363,7 +364,7 @@ class ExperimentRunner:
         if spec.train == "none" and spec.kind == "bi-encoder":
             fp = fingerprint("bi-encoder teacher", spec.model, _files_of(spec.model), spec.max_length)
             return TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: bi_encoder_teacher(
-                spec.model, max_length=spec.max_length, batch_size=spec.batch_size, identity=fp))
+                spec.model, max_length=spec.max_length, batch_size=spec.batch_size))
         if spec.train == "none":
             fp = fingerprint("given teacher", spec.model, _files_of(spec.model), spec.max_length, spec.template,
                              spec.pooling, spec.lora)
@@ -398,10 +399,12 @@ class ExperimentRunner:
             temperature = args["teacher_temperature"]
             if temperature == "auto":
                 temperature = self.teacher_temperature(teacher, teacher_model)["temperature"]
+            # a teacher without an identity of its own (a bi-encoder's scorer) is named by the stage's fingerprint
+            key = None if can_fingerprint(teacher_model) else teacher.fingerprint
             return DistillationTrainer(self.new_reranker(spec, seed), teacher_model,
                                        teacher_temperature=temperature,
                                        student_temperature=args["student_temperature"],
-                                       teacher_cache=self.out / "teacher-scores", **kwargs)
+                                       teacher_cache=self.out / "teacher-scores", teacher_cache_key=key, **kwargs)
 
         return self._run_stage(model, stage, spec, cfg.train, trainer)
 

@@ -6,8 +6,9 @@
   candidates to the validation qrels (:func:`pyterrier_kdcl.training.temperature.fit_temperature`), fitted once
   per teacher. A cosine-similarity teacher gets a small temperature, a logit teacher a large one.
 
-Both are identified by the experiment's own fingerprint of their settings (:class:`IdentifiedTeacher`), so their
-scores are cached and reused across runs like a trained teacher's.
+A teacher without a ``fingerprint()`` of its own (the bi-encoder's scorer) has its cached scores named by the
+experiment's fingerprint of its settings (the trainer's ``teacher_cache_key``), so they are reused across runs like
+a trained teacher's.
 """
 
 from __future__ import annotations
@@ -19,27 +20,7 @@ import pyterrier as pt
 from pyterrier_kdcl.training.temperature import fit_temperature
 
 
-class IdentifiedTeacher(pt.Transformer):
-    """A teacher whose identity (for score caches) is given: the experiment's fingerprint of its settings."""
-
-    schematic = {"label": "IdentifiedTeacher", "help_url": "docs/experiment.md#teachers"}
-
-    def __init__(self, teacher: pt.Transformer, identity: str):
-        self.teacher = teacher
-        self.identity = identity
-
-    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
-        return self.teacher(inp)
-
-    def fingerprint(self) -> str:
-        return self.identity
-
-    def __repr__(self) -> str:
-        return f"IdentifiedTeacher({self.teacher!r})"
-
-
-def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, identity: str,
-                       verbose: bool = False) -> IdentifiedTeacher:
+def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, verbose: bool = False) -> pt.Transformer:
     """A sentence-transformers bi-encoder as a row scorer (cosine or dot product, as the model was trained)."""
     try:
         from pyterrier_dr import SBertBiEncoder
@@ -49,7 +30,7 @@ def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, identity
 
     encoder = SBertBiEncoder(resolve_source(model), batch_size=batch_size, verbose=verbose)
     encoder.model.max_seq_length = max_length
-    return IdentifiedTeacher(encoder.text_scorer(), identity)
+    return encoder.text_scorer()
 
 
 def fitted_temperature(teacher: pt.Transformer, va_res: pd.DataFrame, va_qrels: pd.DataFrame) -> dict:
