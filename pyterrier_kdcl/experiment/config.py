@@ -92,6 +92,7 @@ class Data:
     text: str | list[str] = "text"              # document field(s) the rerankers read (joined by a space)
     query_field: str | None = None              # topics variant for datasets with several query fields
     qrels_variant: str | None = None
+    split: Literal["adaptation", "test"] | None = None  # one half of the queries by a stable hash (see below)
 
 
 @dataclass
@@ -123,6 +124,19 @@ class Teacher(Model):
 @dataclass
 class Student(Model):
     objectives: list[Literal["CL", "KD"]] = field(default_factory=lambda: list(OBJECTIVES))
+    unjudged: list[Data] = field(default_factory=list)  # more training queries, used without their qrels (KD only)
+    base: str | None = None                     # the student this one extends: reports compare with its CL and KD
+
+
+def data_settings(data: Data | None) -> dict | None:
+    """``data`` as the dict that fingerprints it; keys that came later are left out at their defaults, so the
+    work of earlier configs keeps its fingerprint."""
+    if data is None:
+        return None
+    settings = dataclasses.asdict(data)
+    if settings.get("split") is None:
+        settings.pop("split", None)
+    return settings
 
 
 @dataclass
@@ -357,6 +371,8 @@ def _check_datas(cfg: ExperimentConfig, problems: list[str]) -> None:
     datas += [("teacher.data", cfg.teacher.data)] if cfg.teacher else []
     datas += [(f"evaluation.in_domain[{i}]", d) for i, d in enumerate(ev.in_domain or [])] if ev else []
     datas += [(f"evaluation.out_of_domain[{i}]", d) for i, d in enumerate(ev.out_of_domain or [])] if ev else []
+    datas += [(f"students[{i}].unjudged[{j}]", d) for i, s in enumerate(cfg.students or []) if s is not None
+              for j, d in enumerate(s.unjudged or [])]
     for path, data in datas:
         if data is not None:
             _check_data(path, data, problems)
@@ -403,6 +419,18 @@ def _check_models(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(f"students[{i}].objectives: give at least one of {', '.join(OBJECTIVES)}")
         if len(set(s.objectives)) != len(s.objectives):
             problems.append(f"students[{i}].objectives: objectives repeat: {s.objectives}")
+        if s.unjudged and "CL" in s.objectives:
+            problems.append(f"students[{i}].unjudged: contrastive learning needs a judged positive in every group, "
+                            "so unjudged queries train KD only: give this student `objectives: [KD]` and keep its "
+                            "CL run in another student (name that one as `base:`)")
+        if s.base is not None:
+            base = next((b for _, b in students if b.name == s.base), None)
+            if base is None or base is s:
+                problems.append(f"students[{i}].base: {s.base!r} is not another student; name one of "
+                                f"{[b.name for _, b in students if b is not s]}")
+            elif base.unjudged:
+                problems.append(f"students[{i}].base: {s.base!r} trains on unjudged queries itself; the base is the "
+                                "student trained on the judged queries alone")
 
 
 def _check_evaluation(cfg: ExperimentConfig, problems: list[str]) -> None:
@@ -537,7 +565,8 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
 
 
 def _all_data(cfg: ExperimentConfig) -> list[Data]:
-    datas = [cfg.train, cfg.validation, cfg.teacher.data, *cfg.evaluation.in_domain, *cfg.evaluation.out_of_domain]
+    datas = [cfg.train, cfg.validation, cfg.teacher.data, *cfg.evaluation.in_domain, *cfg.evaluation.out_of_domain,
+             *(d for s in cfg.students for d in s.unjudged)]
     return [d for d in datas if d is not None]
 
 
@@ -553,6 +582,8 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
                                    ("teacher.data", cfg.teacher.data)] if d is not None}
     paths.update({id(d): f"evaluation.in_domain[{i}]" for i, d in enumerate(cfg.evaluation.in_domain)})
     paths.update({id(d): f"evaluation.out_of_domain[{i}]" for i, d in enumerate(cfg.evaluation.out_of_domain)})
+    paths.update({id(d): f"students[{i}].unjudged[{j}]" for i, s in enumerate(cfg.students)
+                  for j, d in enumerate(s.unjudged)})
     for data in _all_data(cfg):
         path = paths[id(data)]
         ids = [(f"{path}.dataset", data.dataset)]

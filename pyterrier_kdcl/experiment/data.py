@@ -3,9 +3,16 @@
 One function per step, so training, validation and evaluation all see their data built the same way:
 judged queries only, a seeded sample of them (the same for every system and every training seed), the first
 stage cut at ``depth``, and the document text the rerankers read in a ``text`` column.
+
+``split`` keeps one half of a collection's queries, chosen by a stable hash of the qid (as the man-page splits
+are): ``adaptation`` queries adapt a student to a new domain without their qrels, ``test`` queries evaluate it.
+Unjudged training queries (:func:`unjudged_topics`) are drawn the same seeded way, and a larger sample holds
+every smaller one: 300 unjudged queries are the first 300 of the 900.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import pandas as pd
 import pyterrier as pt
@@ -20,22 +27,47 @@ def dataset(data: Data):
     return pt.get_dataset(data.dataset)
 
 
+def half_of(qid: str) -> str:
+    """``adaptation`` or ``test``: the half of a query, from the first 8 hex digits of its qid's SHA-1."""
+    return ("adaptation", "test")[int(hashlib.sha1(qid.encode("utf-8")).hexdigest()[:8], 16) % 2]
+
+
+def topics(data: Data) -> pd.DataFrame:
+    """All topics of ``data`` (qid, query), in its ``split`` when one is set."""
+    ds = dataset(data)
+    frame = ds.get_topics(data.query_field) if data.query_field else ds.get_topics()
+    if "query" not in frame.columns:
+        raise ValueError(f"{data.dataset} has several query fields; set query_field to one of "
+                         f"{[c for c in frame.columns if c != 'qid']}")
+    frame = frame[["qid", "query"]].astype({"qid": str}).drop_duplicates("qid")
+    if data.split is not None:
+        frame = frame[[half_of(q) == data.split for q in frame["qid"]]]
+    return frame
+
+
+def _sample(frame: pd.DataFrame, n: int | None, sample_seed: int) -> pd.DataFrame:
+    # a seeded permutation's first n rows: a larger sample of the same frame holds every smaller one
+    if n is not None and n < len(frame):
+        frame = frame.sample(n=n, random_state=sample_seed)
+    return frame.sort_values("qid", kind="stable").reset_index(drop=True)
+
+
 def topics_and_qrels(data: Data, sample_seed: int = 0, min_label: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Topics with at least one qrel of ``min_label`` or more, sampled to ``data.queries``, and their qrels."""
     ds = dataset(data)
-    topics = ds.get_topics(data.query_field) if data.query_field else ds.get_topics()
-    if "query" not in topics.columns:
-        raise ValueError(f"{data.dataset} has several query fields; set query_field to one of "
-                         f"{[c for c in topics.columns if c != 'qid']}")
     qrels = ds.get_qrels(data.qrels_variant) if data.qrels_variant else ds.get_qrels()
-    topics = topics[["qid", "query"]].astype({"qid": str})
     qrels = qrels.astype({"qid": str, "docno": str})
     judged = set(qrels.loc[qrels["label"] >= min_label, "qid"])
-    topics = topics[topics["qid"].isin(judged)].drop_duplicates("qid")
-    if data.queries is not None and data.queries < len(topics):
-        topics = topics.sample(n=data.queries, random_state=sample_seed)
-    topics = topics.sort_values("qid", kind="stable").reset_index(drop=True)
-    return topics, qrels[qrels["qid"].isin(set(topics["qid"]))].reset_index(drop=True)
+    all_topics = topics(data)
+    sampled = _sample(all_topics[all_topics["qid"].isin(judged)], data.queries, sample_seed)
+    return sampled, qrels[qrels["qid"].isin(set(sampled["qid"]))].reset_index(drop=True)
+
+
+def unjudged_topics(data: Data, sample_seed: int = 0, exclude=()) -> pd.DataFrame:
+    """Training queries whose qrels are never read: the topics of ``data`` (judged or not) less ``exclude`` (the
+    judged training queries), sampled to ``data.queries``."""
+    frame = topics(data)
+    return _sample(frame[~frame["qid"].isin(set(exclude))], data.queries, sample_seed)
 
 
 def first_stage(data: Data) -> pt.Transformer:

@@ -30,6 +30,11 @@ _COUNT_CAP = 1_000_000
 def _queries(data) -> int | None:
     if data.queries is not None:
         return data.queries
+    count = _all_queries(data)
+    return count if count is None or data.split is None else count // 2  # a split is half of the queries
+
+
+def _all_queries(data) -> int | None:
     try:
         import ir_datasets
 
@@ -42,6 +47,21 @@ def _queries(data) -> int | None:
         return count
     except Exception:
         return None
+
+
+def _unjudged_queries(cfg: ExperimentConfig, student) -> int | None:
+    """How many unjudged training queries ``student`` adds (an estimate when a collection is used whole)."""
+    total = 0
+    for data in student.unjudged:
+        n = data.queries
+        if n is None:
+            n = _queries(data)
+            if n is None:
+                return None
+            if data.dataset == cfg.train.dataset:
+                n -= _queries(cfg.train) or 0
+        total += max(n, 0)
+    return total
 
 
 def _speed(model: Model, training: bool) -> float | None:
@@ -62,9 +82,10 @@ def plan(cfg: ExperimentConfig) -> str:
     n_val = _queries(cfg.validation) if cfg.validation else 0
     val_depth = cfg.validation.depth if cfg.validation else 0
 
-    def training_rows(label: str, model: Model, data, objective: str, seeds: int) -> None:
+    def training_rows(label: str, model: Model, data, objective: str, seeds: int, extra: int | None = 0) -> None:
         args = cfg.training_args(model)
         n = _queries(data)
+        n = None if n is None or extra is None else n + extra
         pairs = None if n is None else n * args["group_size"] * args["epochs"]
         steps = None if n is None else math.ceil(n / args["batch_size"]) * args["epochs"]
         validations = 0
@@ -76,7 +97,8 @@ def plan(cfg: ExperimentConfig) -> str:
         total = None if train_min is None or val_min is None else (train_min + val_min) * seeds
         count = None if pairs is None else (pairs + (val_pairs or 0)) * seeds
         times = f" × {seeds} seeds" if seeds > 1 else ""
-        rows.append((f"train {label} ({model.model}, {objective}){times}: {pairs} pairs, {validations} "
+        added = f" (with {extra} unjudged queries)" if extra else ""
+        rows.append((f"train {label} ({model.model}, {objective}{added}){times}: {pairs} pairs, {validations} "
                      f"validations of {val_pairs if validations else 0} pairs", count, total))
 
     teacher = cfg.teacher
@@ -86,12 +108,14 @@ def plan(cfg: ExperimentConfig) -> str:
     if kd_students:
         args = cfg.training_args(kd_students[0])
         n = _queries(cfg.train)
+        extra = [_unjudged_queries(cfg, s) for s in kd_students]
+        n = None if n is None or None in extra else n + sum(extra)
         pairs = None if n is None else n * args["group_size"] * args["epochs"] * len(cfg.seeds)
         rows.append((f"teacher scores for distillation (cached; shared by {len(kd_students)} students)", pairs,
                      _minutes(pairs, _speed(teacher, False))))
     for s in cfg.students:
         for objective in s.objectives:
-            training_rows(s.name, s, cfg.train, objective, len(cfg.seeds))
+            training_rows(s.name, s, cfg.train, objective, len(cfg.seeds), _unjudged_queries(cfg, s))
     rerankers = [teacher] + [s for s in cfg.students for _ in s.objectives for _ in cfg.seeds]
     for label, data, in_domain in evaluation_collections(cfg):
         n = _queries(data)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pyterrier_kdcl.experiment import statistics
+from pyterrier_kdcl.experiment.config import OBJECTIVES
 from pyterrier_kdcl.experiment.statistics import POWER
 
 IN_DOMAIN, OUT_OF_DOMAIN = "in domain", "out of domain"
@@ -223,6 +224,23 @@ def teacher_vs_cl_table(config, collections) -> pd.DataFrame:
     """The teacher's margin over each student's CL run (:func:`comparison_table`): what KD could pass on."""
     pairs = [(s.name, _names(config, s.name, "CL"), ["teacher"]) for s in config.students if "CL" in s.objectives]
     return comparison_table(config, collections, pairs, columns(config, "CL", "teacher"))
+
+
+UNJUDGED = "KD+unjudged"
+
+
+def unjudged_tables(config, collections) -> dict[str, pd.DataFrame]:
+    """Each student trained with unjudged queries (``unjudged:``) against its ``base`` student's CL run and KD run
+    (:func:`comparison_table`): what the queries without qrels added. Keyed by the base run's objective."""
+    variants = [s for s in config.students if s.unjudged and s.base]
+    objectives = {s.name: s.objectives for s in config.students}
+    tables = {}
+    for objective in OBJECTIVES:
+        pairs = [(s.name, _names(config, s.base, objective), _names(config, s.name, "KD")) for s in variants
+                 if objective in objectives[s.base]]
+        if pairs:
+            tables[objective] = comparison_table(config, collections, pairs, columns(config, objective, UNJUDGED))
+    return tables
 
 
 def _names(config, student: str, objective: str) -> list[str]:
@@ -434,11 +452,17 @@ def _pyplot():
 
 
 def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
-    """KD − CL per student, in and out of domain (pooled), with the table's intervals around the estimate they
-    surround (the mean difference under t, Hodges–Lehmann under Wilcoxon); each collection as a faint dot."""
+    """KD − CL per student (:func:`plot_comparison`)."""
+    return plot_comparison(config, kd, columns(config), path)
+
+
+def plot_comparison(config, kd: pd.DataFrame, cols: Columns, path: Path) -> Path | None:
+    """``cols.b`` − ``cols.a`` per student of a comparison table, in and out of domain (pooled), with the table's
+    intervals around the estimate they surround (the mean difference under t, Hodges–Lehmann under Wilcoxon);
+    each collection as a faint dot."""
     if kd.empty:
         return None
-    cols = columns(config)
+    what = f"{cols.b} − {cols.a}"
     centre = cols.estimate or cols.difference
     plt = _pyplot()
     students = list(dict.fromkeys(kd["student"]))
@@ -460,8 +484,8 @@ def plot_kd_minus_cl(config, kd: pd.DataFrame, path: Path) -> Path | None:
             ax.scatter([i + offset * 2] * len(dots), dots, s=10, color=colour, alpha=0.35)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(students)), students)
-    ax.set_ylabel(f"KD − CL ({_measure(config.evaluation.main_measure)})")
-    ax.set_title(f"KD − CL per student ({centre}, pooled queries, {cols.interval}; dots: single collections)",
+    ax.set_ylabel(f"{what} ({_measure(config.evaluation.main_measure)})")
+    ax.set_title(f"{what} per student ({centre}, pooled queries, {cols.interval}; dots: single collections)",
                  fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -538,8 +562,15 @@ def write_report(config, models, collections, out: Path) -> Report:
     plot_files = [plot_kd_minus_cl(config, kd, plots / "kd_minus_cl.png"),
                   plot_training_curves(models, plots / "training_curves.png",
                                        _measure(config.training_args(config.teacher)["metric"]))]
-    files.extend(p for p in plot_files if p is not None)
     sections = {"KD − CL": _without(kd_md, kd), "Teacher − CL: what KD could pass on": _without(teacher_md, teacher)}
+    for objective, table in unjudged_tables(config, collections).items():
+        cols = columns(config, objective, UNJUDGED)
+        table_md = markdown(table) + "\n\n" + legend(config, cols)
+        stem = f"unjudged_vs_{objective.lower()}"
+        save(table, stem, table_md)
+        sections[f"KD with unjudged queries − the base student's {objective}"] = _without(table_md, table)
+        plot_files.append(plot_comparison(config, table, cols, plots / f"{stem}.png"))
+    files.extend(p for p in plot_files if p is not None)
     report = _report_markdown(config, summary_md, sections, text, per_collection, models, plot_files, out)
     (out / "report.md").write_text(report, encoding="utf-8")
     files.append(out / "report.md")

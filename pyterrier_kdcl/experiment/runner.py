@@ -52,6 +52,7 @@ from pyterrier_kdcl.experiment.config import (
     Model,
     Student,
     data_label,
+    data_settings,
     evaluation_collections,
     load_config,
 )
@@ -285,7 +286,7 @@ class ExperimentRunner:
     # -- data ------------------------------------------------------------------------------------------------
     def frames(self, data, min_label: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """(topics, qrels, candidates with text) of ``data``, built once per run."""
-        key = fingerprint(asdict(data), self.config.sample_seed, min_label)
+        key = fingerprint(data_settings(data), self.config.sample_seed, min_label)
         if key not in self._frames:
             started = time.perf_counter()
             topics, qrels = experiment_data.topics_and_qrels(data, self.config.sample_seed, min_label)
@@ -323,25 +324,53 @@ class ExperimentRunner:
                 "text_source": experiment_data.text_stage(data)}
 
     def _data_settings(self, data) -> dict:
-        validation = asdict(self.config.validation) if self.config.validation else None
-        return {"train": asdict(data), "validation": validation, "sample_seed": self.config.sample_seed}
+        return {"train": data_settings(data), "validation": data_settings(self.config.validation),
+                "sample_seed": self.config.sample_seed}
 
     def _model_settings(self, spec: Model, objective: str) -> dict:
         drop = _KD_ONLY if objective == "CL" else _CL_ONLY
         training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
-        settings = {k: v for k, v in asdict(spec).items() if k not in ("training", "data", "name", "batch_size")}
-        for key, default in (("kind", "cross-encoder"), ("disjoint", False)):
+        settings = {k: v for k, v in asdict(spec).items()
+                    if k not in ("training", "data", "name", "batch_size", "base")}
+        if "unjudged" in settings:
+            settings["unjudged"] = [data_settings(d) for d in spec.unjudged]
+        for key, default in (("kind", "cross-encoder"), ("disjoint", False), ("unjudged", [])):
             if settings.get(key, default) == default:  # keys that came later: earlier teachers keep their fingerprint
                 settings.pop(key, None)
         return {"model": settings, "training": training, "objective": objective}
 
-    def _fit(self, trainer, stage: Stage, data, min_label: int, exclude_train: bool = False) -> dict:
+    def unjudged_candidates(self, unjudged: list, min_label: int = 1) -> pd.DataFrame | None:
+        """First-stage candidates of a student's unjudged training queries (their qrels are never read), with qids
+        prefixed by their dataset id so that no two collections' queries merge into one group."""
+        if not unjudged:
+            return None
+        judged = self.frames(self.config.train, min_label)[0]
+        frames = []
+        for data in unjudged:
+            key = fingerprint("unjudged", data_settings(data), self.config.sample_seed, min_label)
+            if key not in self._frames:
+                started = time.perf_counter()
+                exclude = judged["qid"] if data.dataset == self.config.train.dataset else ()
+                topics = experiment_data.unjudged_topics(data, self.config.sample_seed, exclude)
+                res = experiment_data.candidates(data, topics)
+                self._frames[key] = (topics, None, res.assign(qid=data.dataset + "#" + res["qid"].astype(str)))
+                self.log(f"{data.dataset}: {len(topics)} unjudged training queries"
+                         f"{f' ({data.split} half)' if data.split else ''}, {len(res)} candidates "
+                         f"({time.perf_counter() - started:.1f}s)")
+            frames.append(self._frames[key][2])
+        return pd.concat(frames, ignore_index=True)
+
+    def _fit(self, trainer, stage: Stage, data, min_label: int, exclude_train: bool = False,
+             unjudged: list | None = None) -> dict:
         _, qrels, res = self.frames(data, min_label)
         if exclude_train:  # the data-decoupled control: none of the students' training queries
             students = set(self.frames(self.config.train, min_label)[0]["qid"].astype(str))
             res = res[~res["qid"].astype(str).isin(students)]
             qrels = qrels[~qrels["qid"].astype(str).isin(students)]
             self.log(f"teacher data without the students' {len(students)} queries: {res['qid'].nunique()} queries")
+        extra = self.unjudged_candidates(unjudged or [], min_label)
+        if extra is not None:  # the trainer makes groups of candidates alone for queries without qrels
+            res = pd.concat([res, extra], ignore_index=True)
         va_res = va_qrels = None
         if self.config.validation is not None:
             _, va_qrels, va_res = self.frames(self.config.validation, min_label)
@@ -393,6 +422,8 @@ class ExperimentRunner:
 
         def trainer():
             kwargs = self._trainer_kwargs(spec, seed, stage, cfg.train)
+            if spec.unjudged:  # queries without qrels: groups of candidates, the teacher's scores their target
+                kwargs["unjudged"] = "distil"
             if objective == "CL":
                 return ContrastiveTrainer(self.new_reranker(spec, seed), temperature=args["temperature"], **kwargs)
             teacher_model = teacher.loader()  # loaded before the student: the seed fixes the student's head
@@ -430,6 +461,7 @@ class ExperimentRunner:
 
     def _run_stage_locked(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer,
                           exclude_train: bool = False) -> TrainedModel:
+        unjudged = getattr(spec, "unjudged", None)
         if stage.is_done():
             self.log(f"{stage.description}: done already, reusing {stage.model_dir}")
             model.reused = True
@@ -438,7 +470,7 @@ class ExperimentRunner:
             self.log(f"{stage.description}: training")
             min_label = self.config.training_args(spec)["min_label"]
             trainer = make_trainer()
-            info = self._fit(trainer, stage, data, min_label, exclude_train)
+            info = self._fit(trainer, stage, data, min_label, exclude_train, unjudged)
             large = _is_large(trainer.reranker)
             del trainer
             _free(large)
@@ -478,7 +510,7 @@ class ExperimentRunner:
         first = pt.Transformer.from_df(res)
         systems = {"BM25": first}
         systems.update({m.name: first >> LazyReranker(m.name, m.loader) for m in self._table_order(models)})
-        data_fp = fingerprint(asdict(data), self.config.sample_seed)
+        data_fp = fingerprint(data_settings(data), self.config.sample_seed)
         prints = {"BM25": data_fp, **{m.name: fingerprint(data_fp, m.fingerprint) for m in models}}
         save_dir = self.out / "runs" / label
         self._drop_stale_runs(save_dir, prints)

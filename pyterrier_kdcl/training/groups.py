@@ -3,6 +3,10 @@
 Negatives are the first stage's candidates that are not judged positive (optionally only those within a rank
 window, to dodge unjudged positives at the very top). Every epoch draws afresh from ``(seed, epoch)``, so the
 same seed and data give the same groups in the same order whatever objective is trained: the paper's control.
+
+Queries with no qrels at all can make *unjudged* groups (``unjudged="distil"``): ``group_size`` of the first
+stage's candidates (within the same rank window), drawn the same seeded way, with no positive. Only a teacher
+can supply their targets, so only losses that read no labels train on them.
 """
 
 from __future__ import annotations
@@ -15,20 +19,23 @@ import pandas as pd
 import pyterrier as pt
 
 INSUFFICIENT_POLICIES = ("skip", "replace")
+UNJUDGED_POLICIES = ("skip", "distil")
 
 
 @dataclass(frozen=True)
 class Group:
-    """One query's group: the positive first, then the negatives; labels are 1 for the positive, else 0."""
+    """One query's group: the positive first, then the negatives; labels are 1 for the positive, else 0.
+    An unjudged group (``judged=False``) holds first-stage candidates only, all labelled 0."""
 
     qid: str
     query: str
     docnos: tuple[str, ...]
     texts: tuple[str, ...]
+    judged: bool = True
 
     @property
     def labels(self) -> tuple[int, ...]:
-        return (1,) + (0,) * (len(self.docnos) - 1)
+        return ((1,) if self.judged else (0,)) + (0,) * (len(self.docnos) - 1)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class GroupStats:
     no_positive: int = 0
     positive_text_fetched: int = 0
     too_few_negatives: int = 0
+    unjudged: int = 0
     sampled_with_replacement: int = 0
     duplicate_rows_dropped: int = 0
     qrels_for_unknown_queries: int = 0
@@ -47,7 +55,8 @@ class GroupStats:
 
     def explain(self) -> str:
         return (f"{self.queries} training queries: {self.no_positive} without a judged positive among their "
-                f"candidates, {self.too_few_negatives} with too few negatives, {self.usable} usable "
+                f"candidates, {self.too_few_negatives} with too few negatives, {self.unjudged} with no qrels at all, "
+                f"{self.usable} usable "
                 f"({self.duplicate_rows_dropped} duplicate rows dropped, "
                 f"{self.qrels_for_unknown_queries} qrels for queries not in the frame)")
 
@@ -71,11 +80,14 @@ class GroupSampler:
             their negatives with replacement.
         text_source: where to find the text of positives the first stage missed: a mapping docno → text or a
             transformer such as ``pt.text.get_text(dataset, "text")``. Without it such queries are skipped.
+        unjudged: what becomes of queries with no qrels at all: ``"skip"`` them (counted in ``stats``), or
+            ``"distil"``: groups of ``group_size`` candidates from the window (``insufficient`` applies), for a
+            teacher to score. A query with qrels but no positive among its candidates is skipped either way.
     """
 
     def __init__(self, results: pd.DataFrame, qrels: pd.DataFrame, *, group_size: int = 8, min_label: int = 1,
                  negatives_window: tuple[int, int] | None = None, insufficient: str = "skip", text_source=None,
-                 text_field: str = "text", seed: int = 42):
+                 text_field: str = "text", seed: int = 42, unjudged: str = "skip"):
         if not isinstance(group_size, (int, np.integer)) or group_size < 2:
             raise ValueError(f"group_size must be an integer of at least 2 (one positive and a negative), "
                              f"got {group_size!r}")
@@ -88,9 +100,12 @@ class GroupSampler:
                              "or score columns in the frame, or drop negatives_window")
         if insufficient not in INSUFFICIENT_POLICIES:
             raise ValueError(f"insufficient must be one of {INSUFFICIENT_POLICIES}, got {insufficient!r}")
+        if unjudged not in UNJUDGED_POLICIES:
+            raise ValueError(f"unjudged must be one of {UNJUDGED_POLICIES}, got {unjudged!r}")
         self.group_size = group_size
         self.seed = seed
         self.insufficient = insufficient
+        self.unjudged = unjudged
         self.stats = GroupStats()
         results = _checked_results(results, text_field)
         qrels = _checked_qrels(qrels)
@@ -113,6 +128,7 @@ class GroupSampler:
         positive_sets = positives.groupby("qid")["docno"].apply(set).to_dict()
         known_qids = set(results["qid"])
         self.stats.qrels_for_unknown_queries = int((~qrels["qid"].isin(known_qids)).sum())
+        judged_qids = set(qrels["qid"])
         missing_positive_text = self._fetch_missing_positive_text(results, positives, text_source, text_field)
 
         self._queries: list[tuple[str, str, list[tuple[str, str]], list[tuple[str, str]]]] = []
@@ -127,10 +143,12 @@ class GroupSampler:
             if window is not None:
                 negs_rows = negs_rows[(negs_rows["_rank"] >= window[0]) & (negs_rows["_rank"] < window[1])]
             negs = list(zip(negs_rows["docno"], negs_rows[text_field]))
-            if not pos:
+            unjudged = qid not in judged_qids
+            self.stats.unjudged += unjudged
+            if not pos and not (unjudged and self.unjudged == "distil"):
                 self.stats.no_positive += 1
                 continue
-            needed = self.group_size - 1
+            needed = self.group_size - (0 if unjudged else 1)
             if len(negs) < needed and (self.insufficient == "skip" or not negs):
                 self.stats.too_few_negatives += 1
                 continue
@@ -162,11 +180,12 @@ class GroupSampler:
         rng = np.random.default_rng([self.seed, epoch])
         for index in rng.permutation(len(self._queries)):
             qid, query, pos, negs = self._queries[index]
-            positive = pos[rng.integers(len(pos))]
-            replace = len(negs) < self.group_size - 1
-            picks = rng.choice(len(negs), size=self.group_size - 1, replace=replace)
-            members = [positive] + [negs[i] for i in picks]
-            yield Group(qid, query, tuple(d for d, _ in members), tuple(t for _, t in members))
+            judged = bool(pos)
+            members = [pos[rng.integers(len(pos))]] if judged else []
+            needed = self.group_size - len(members)
+            picks = rng.choice(len(negs), size=needed, replace=len(negs) < needed)
+            members += [negs[i] for i in picks]
+            yield Group(qid, query, tuple(d for d, _ in members), tuple(t for _, t in members), judged)
 
 
 def _checked_results(results: pd.DataFrame, text_field: str) -> pd.DataFrame:

@@ -70,6 +70,10 @@ class RerankerTrainer(pt.Estimator):
             supported; else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``. Whatever it is, the trainable weights are
             stepped in float32 (master weights: a bf16 weight cannot hold an update below ~1/500 of its size) and
             cast back to the reranker's dtype when ``fit`` ends, so a bf16 reranker serves in bf16 as before.
+        unjudged: queries of the training frame with no qrels at all are skipped (``"skip"``), or, with
+            ``"distil"``, trained on as groups of first-stage candidates scored by the teacher alone. Only a loss
+            that reads no labels can learn from them (``KLDistillation``; ``RankNet``/``ListNet`` with
+            ``target="teacher_scores"``): for any other loss ``"distil"`` is refused.
         group_size, min_label, negatives_window, insufficient, text_source: see
             :class:`~pyterrier_kdcl.training.groups.GroupSampler`.
     """
@@ -82,8 +86,8 @@ class RerankerTrainer(pt.Estimator):
                  gradient_accumulation_steps: int = 1, seed: int = 42, output_dir: str | Path | None = None,
                  validate_every: int | None = None, metric: str = "nDCG@10", patience: int | None = None,
                  min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
-                 text_source=None, teacher_cache: str | Path | None = None, teacher_cache_key: str | None = None,
-                 precision: str = "auto",
+                 unjudged: str = "skip", text_source=None, teacher_cache: str | Path | None = None,
+                 teacher_cache_key: str | None = None, precision: str = "auto",
                  gradient_checkpointing: bool = False, checkpoint_every: int | None = None, resume: bool = False,
                  verbose: bool = True):
         if not isinstance(reranker, CrossEncoder):
@@ -96,6 +100,10 @@ class RerankerTrainer(pt.Estimator):
             raise ValueError(f"{loss!r} reads no teacher scores, so teacher={teacher!r} would be ignored: drop "
                              "teacher=, or train with a loss that learns from a teacher (KLDistillation, MarginMSE, "
                              "RankNet(), ListNet(), or Weighted([...]) holding one)")
+        if unjudged == "distil" and "labels" in _uses(loss):
+            raise ValueError(f"unjudged='distil' trains on groups without a judged positive, but {loss!r} reads "
+                             "relevance labels: queries without qrels need a loss that learns from the teacher "
+                             "alone (DistillationTrainer, i.e. KLDistillation), or unjudged='skip'")
         if resume and output_dir is None:
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         if precision not in PRECISIONS:
@@ -128,6 +136,7 @@ class RerankerTrainer(pt.Estimator):
         self.min_label = min_label
         self.negatives_window = negatives_window
         self.insufficient = insufficient
+        self.unjudged = unjudged
         self.text_source = text_source
         if teacher is not None and teacher_cache is not None and teacher_cache_key is None \
                 and not can_fingerprint(teacher):
@@ -146,7 +155,8 @@ class RerankerTrainer(pt.Estimator):
     def sampler_options(self) -> dict:
         """The :class:`~pyterrier_kdcl.training.groups.GroupSampler` arguments among the trainer's options."""
         return {"group_size": self.group_size, "min_label": self.min_label, "insufficient": self.insufficient,
-                "negatives_window": self.negatives_window, "text_source": self.text_source, "seed": self.seed}
+                "negatives_window": self.negatives_window, "text_source": self.text_source, "seed": self.seed,
+                "unjudged": self.unjudged}
 
     # -- the PyTerrier face ----------------------------------------------------------------------------------
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,107 @@
+"""Unjudged training queries and target-domain adaptation in the experiment: config keys, the data each student
+trains on, fingerprints that earlier runs keep, and the report's rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from test_experiment import PREFIX, _data_dir, _fast_cpu, collection, tiny_config  # noqa: F401 — fixtures
+
+from pyterrier_kdcl.experiment import ExperimentRunner, run_experiment
+from pyterrier_kdcl.experiment import data as experiment_data
+from pyterrier_kdcl.experiment import runner as experiment_module
+from pyterrier_kdcl.experiment.config import ConfigError, Data, load_config
+
+
+def unjudged_config(tiny_model, collection) -> dict:  # noqa: F811 — the fixture
+    cfg = tiny_config(tiny_model, collection)
+    cfg["seeds"] = [1]
+    cfg["train"]["queries"] = 6
+    bert = str(tiny_model("bert", seed=1))
+    cfg["students"] = [
+        {"name": "bert-small", "model": bert, "max_length": 32},
+        {"name": "bert-small+u", "model": bert, "max_length": 32, "objectives": ["KD"], "base": "bert-small",
+         "unjudged": [{"dataset": f"irds:{PREFIX}/train", "queries": 5, "depth": 6}]},
+        {"name": "bert-small+ood", "model": bert, "max_length": 32, "objectives": ["KD"], "base": "bert-small",
+         "unjudged": [{"dataset": f"irds:{PREFIX}/ood", "split": "adaptation", "depth": 5,
+                       "first_stage": {"kind": "scoreddocs"}}]},
+    ]
+    cfg["evaluation"]["out_of_domain"] = [{"dataset": f"irds:{PREFIX}/ood", "name": "ood-test", "split": "test",
+                                           "depth": 5, "first_stage": {"kind": "scoreddocs"}}]
+    return cfg
+
+
+def test_unjudged_students_train_on_extra_queries_without_their_qrels(tiny_model, collection, tmp_path,  # noqa: F811
+                                                                     monkeypatch):
+    seen = {}
+    original = experiment_module.DistillationTrainer
+
+    class Recording(original):
+        def fit(self, tr_res, tr_qrels, *args, **kwargs):
+            seen[self.output_dir.parent.parent.name] = (set(tr_res["qid"]), set(tr_qrels["qid"]), self.unjudged)
+            return super().fit(tr_res, tr_qrels, *args, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "DistillationTrainer", Recording)
+    cfg = unjudged_config(tiny_model, collection)
+    result = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+
+    judged, judged_qrels, policy = seen["bert-small"]
+    assert len(judged) == 6 and judged == judged_qrels and policy == "skip"
+    extra, qrels, policy = seen["bert-small+u"]
+    added = extra - judged
+    assert policy == "distil" and qrels == judged  # the added queries' qrels never reach the trainer
+    assert len(added) == 5 and all(q.startswith(f"irds:{PREFIX}/train#") for q in added)
+    assert not {q.split("#")[1] for q in added} & judged  # disjoint from the judged training queries
+    ood, _, _ = seen["bert-small+ood"]
+    halves = {experiment_data.half_of(q.split("#")[1]) for q in ood - judged}
+    assert halves == {"adaptation"}
+    # evaluation sees the test half only
+    test_qids = set(result.collections[-1].perquery["qid"])
+    assert test_qids and {experiment_data.half_of(q) for q in test_qids} == {"test"}
+    # the report compares each unjudged student with its base student's CL and KD runs
+    for objective in ("cl", "kd"):
+        table = (tmp_path / "tables" / f"unjudged_vs_{objective}.csv").read_text()
+        assert "bert-small+u," in table and "bert-small+ood," in table
+    report = (tmp_path / "report.md").read_text()
+    assert "KD with unjudged queries − the base student's KD" in report
+    assert (tmp_path / "plots" / "unjudged_vs_kd.png").is_file()
+
+
+def test_larger_unjudged_samples_hold_the_smaller_ones(collection):  # noqa: F811
+    data = Data(dataset=f"irds:{PREFIX}/train", queries=3)
+    small = experiment_data.unjudged_topics(data, 0, exclude=["train0"])
+    large = experiment_data.unjudged_topics(Data(dataset=data.dataset, queries=8), 0, exclude=["train0"])
+    assert set(small["qid"]) < set(large["qid"]) and "train0" not in set(large["qid"])
+
+
+def test_splits_are_stable_halves(collection):  # noqa: F811
+    halves = {s: set(experiment_data.topics(Data(dataset=f"irds:{PREFIX}/ood", split=s))["qid"])
+              for s in ("adaptation", "test")}
+    everything = set(experiment_data.topics(Data(dataset=f"irds:{PREFIX}/ood"))["qid"])
+    assert halves["adaptation"] and halves["test"] and not halves["adaptation"] & halves["test"]
+    assert halves["adaptation"] | halves["test"] == everything
+    assert experiment_data.half_of("ood3") == experiment_data.half_of("ood3")
+
+
+def test_new_keys_at_their_defaults_keep_earlier_fingerprints(tiny_model, collection, tmp_path):  # noqa: F811
+    cfg = load_config(unjudged_config(tiny_model, collection))
+    runner = ExperimentRunner(cfg, tmp_path, verbose=False)
+    base, variant = cfg.students[0], cfg.students[1]
+    settings = runner._model_settings(base, "KD")
+    assert "unjudged" not in settings["model"] and "base" not in settings["model"]
+    assert "split" not in runner._data_settings(cfg.train)["train"]
+    assert runner._model_settings(variant, "KD")["model"]["unjudged"][0]["queries"] == 5
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s[1].update(objectives=["CL", "KD"]), "students\\[1\\].unjudged: contrastive learning needs a judged"),
+    (lambda s: s[1].update(base="nobody"), "students\\[1\\].base: 'nobody' is not another student"),
+    (lambda s: s[2].update(base="bert-small+u"), "students\\[2\\].base: 'bert-small\\+u' trains on unjudged"),
+    (lambda s: s[1]["unjudged"][0].update(split="half"), "students\\[1\\].unjudged\\[0\\].split"),
+])
+def test_unjudged_config_errors_say_what_to_do(tiny_model, collection, change, message):  # noqa: F811
+    cfg = unjudged_config(tiny_model, collection)
+    change(cfg["students"])
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
