@@ -26,7 +26,7 @@ __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 _HOMES = {  # public name -> the module that defines it
     "CrossEncoder": "pyterrier_kdcl.reranker",
     "ShardedScorer": "pyterrier_kdcl.serving",
-    "optimize_for_cpu": "pyterrier_kdcl.serving",
+    "optimize_for_cpu": "pyterrier_kdcl.fast",
     "RerankerTrainer": "pyterrier_kdcl.training.trainer",
     "ContrastiveTrainer": "pyterrier_kdcl.training.trainer",
     "DistillationTrainer": "pyterrier_kdcl.training.trainer",
@@ -58,10 +58,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from pyterrier_kdcl.fast import optimize_for_cpu
     from pyterrier_kdcl.fusion import ScoreFusion
     from pyterrier_kdcl.offline import datasets
     from pyterrier_kdcl.reranker import CrossEncoder
-    from pyterrier_kdcl.serving import ShardedScorer, optimize_for_cpu
+    from pyterrier_kdcl.serving import ShardedScorer
     from pyterrier_kdcl.training import losses
     from pyterrier_kdcl.training.groups import GroupSampler
     from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer, RerankerTrainer

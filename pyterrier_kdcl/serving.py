@@ -1,8 +1,7 @@
 """Serving rerankers: an opt-in fast CPU path, and scoring sharded across worker processes or devices.
 
-* :func:`optimize_for_cpu` quantises a ``CrossEncoder``'s linear layers to int8 in place (dynamic
-  quantisation: int8 weights, activations quantised per batch). The reranker keeps its one scoring path —
-  ``score_pairs``/``transform`` call the same ``ranker`` module, now with int8 matrix products.
+* :func:`optimize_for_cpu` (from :mod:`pyterrier_kdcl.fast`, importable from here too) makes a ``CrossEncoder``
+  faster on CPU in place: bfloat16 by default, whose scores do not depend on the batch; or dynamic int8.
 * :class:`ShardedScorer` reranks a result frame with several copies of one reranker, one worker process per
   device (or several CPU workers), each query's rows all in one shard. The merged frame has the scores,
   ranks and row order that the single-process reranker gives.
@@ -14,10 +13,8 @@ optimise after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
-import warnings
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,80 +23,10 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
-from torch import nn
 
 from pyterrier_kdcl import models
+from pyterrier_kdcl.fast import FFN_OUTPUT, OPTIMIZATIONS, is_optimized, optimize_for_cpu  # noqa: F401 (public here)
 from pyterrier_kdcl.reranker import CrossEncoder, _check_strings, _validate_result_frame
-
-OPTIMIZATIONS = ("int8",)
-# feed-forward output projections, where int8 hurts most: BERT/MiniLM/ELECTRA/MPNet/RoBERTa (not attention.output),
-# DistilBERT, and Llama/Qwen/Gemma-style decoders
-FFN_OUTPUT = r"(layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj)$"
-_MIN_QUANTIZED_FEATURES = 16  # one-logit scoring heads stay float32: they cost nothing and set the scale
-
-
-def optimize_for_cpu(reranker: CrossEncoder, method: str = "int8", *,
-                     keep_float: str | None = FFN_OUTPUT) -> CrossEncoder:
-    """Makes ``reranker`` faster on CPU, in place, and returns it: dynamic int8 quantisation of its linear layers.
-
-    Measured in ``benchmarks/README.md`` (a trained MiniLM on 2 cores): the default is about 1.3x float32's model
-    speed with nDCG@10 not measurably changed; ``keep_float=None`` (every layer int8) about 1.5x, but it cost
-    0.05 nDCG@10 there. Scores change (int8 rounding), and since activations are quantised with one scale per
-    batch, a pair's int8 score also moves with the other pairs in its batch (float32 scores do not): do not
-    compare or cache int8 scores as if they were float32 ones. A LoRA adapter is merged first. The reranker can
-    no longer be trained or saved: keep the float32 checkpoint and optimise after loading it.
-
-    Example::
-
-        reranker = optimize_for_cpu(kdcl.CrossEncoder.load("my-reranker", device="cpu"))
-        pipeline = bm25 >> pt.text.get_text(dataset, "text") >> reranker
-
-    Args:
-        method: ``"int8"``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` but one-logit heads,
-            weights per output channel.
-        keep_float: a regular expression; linear layers whose module name it matches stay float32. The default,
-            ``FFN_OUTPUT``, keeps the feed-forward output projections: their input (the GELU output) has outlier
-            channels that one int8 scale per batch cannot resolve, and most of the int8 error arises there.
-            ``None`` quantises every layer: faster, less faithful.
-    """
-    if not isinstance(reranker, CrossEncoder):
-        raise TypeError(f"optimize_for_cpu needs a kdcl.CrossEncoder, got {type(reranker).__name__}")
-    if method not in OPTIMIZATIONS:
-        raise ValueError(f"method must be one of {OPTIMIZATIONS}, got {method!r}")
-    if reranker.device.type != "cpu":
-        raise ValueError(
-            f"optimize_for_cpu quantises for CPU, but {reranker!r} is on {reranker.device}; on a GPU load it in "
-            "bfloat16 instead: kdcl.CrossEncoder.load(path, dtype='bf16')"
-        )
-    if is_optimized(reranker):
-        return reranker
-    if reranker.dtype != torch.float32:
-        raise ValueError(f"int8 quantisation starts from float32 weights; {reranker!r} is {reranker.dtype}: "
-                         "load it with dtype='fp32'")
-    if models.has_lora(reranker.ranker):
-        reranker.merge_lora()
-    ranker = reranker.ranker.eval()
-    targets = {name for name, module in ranker.named_modules()
-               if isinstance(module, nn.Linear) and module.out_features >= _MIN_QUANTIZED_FEATURES
-               and not (keep_float and re.search(keep_float, name))}
-    if not targets:
-        raise ValueError(f"{reranker!r} has no linear layers to quantise")
-    with warnings.catch_warnings():
-        # torch.ao's eager quantisation is deprecated in favour of torchao, but its fbgemm kernels are still the
-        # fastest CPU int8 path in torch 2.13: per-token int8 through torch._int_mm measured 2-4x slower here
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-        # one weight scale per output channel: a third of the per-tensor error on a trained MiniLM, same speed
-        spec = dict.fromkeys(targets, torch.ao.quantization.per_channel_dynamic_qconfig)
-        reranker.ranker = torch.ao.quantization.quantize_dynamic(ranker, spec, dtype=torch.qint8, inplace=True)
-    reranker.ranker.requires_grad_(False)
-    reranker.optimized = method
-    return reranker
-
-
-def is_optimized(reranker: CrossEncoder) -> bool:
-    """Whether :func:`optimize_for_cpu` has been applied (such a reranker scores, but neither trains nor saves)."""
-    return getattr(reranker, "optimized", None) is not None
 
 
 # -- sharded scoring ---------------------------------------------------------------------------------------------

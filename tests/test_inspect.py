@@ -22,7 +22,7 @@ def reranker(tiny_model):
 @pytest.fixture(scope="module")
 def transformers(reranker, tiny_model):
     teacher = kdcl.CrossEncoder(tiny_model("bert", seed=1), verbose=False, device="cpu")
-    int8 = kdcl.optimize_for_cpu(kdcl.CrossEncoder(tiny_model("bert"), verbose=False, device="cpu"))
+    int8 = kdcl.optimize_for_cpu(kdcl.CrossEncoder(tiny_model("bert"), verbose=False, device="cpu"), "int8")
     sharded = kdcl.ShardedScorer(reranker, workers=1, batch_size=8)  # workers start at the first non-empty frame
     made = {
         "CrossEncoder": reranker,

@@ -77,13 +77,14 @@ def test_int8_scores_are_close_to_float32_and_rank_alike(saved):
 
 
 def test_int8_keeps_one_logit_heads_in_float32(saved):
-    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int8")
     classifier = int8.ranker.model.classifier
     assert type(classifier) is torch.nn.Linear and classifier.weight.dtype == torch.float32
 
 
 def test_feed_forward_outputs_stay_float32_by_default(saved):
-    layers = dict(optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)).ranker.named_modules())
+    layers = dict(optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int8")
+                  .ranker.named_modules())
     kept = [n for n in layers if re.search(FFN_OUTPUT, n)]
     assert kept == [f"model.bert.encoder.layer.{i}.output.dense" for i in range(2)]
     assert all(type(layers[n]) is torch.nn.Linear for n in kept)
@@ -92,8 +93,8 @@ def test_feed_forward_outputs_stay_float32_by_default(saved):
 
 
 def test_int8_is_idempotent_and_answers_empty_frames(saved):
-    reranker = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
-    assert optimize_for_cpu(reranker) is reranker
+    reranker = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int8")
+    assert optimize_for_cpu(reranker, "int8") is reranker
     assert len(reranker(frame().iloc[:0])) == 0
 
 
@@ -101,7 +102,7 @@ def test_int8_merges_a_lora_adapter_first(tiny_model):
     reranker = kdcl.CrossEncoder(tiny_model("bert"), lora={"r": 4}, device="cpu", verbose=False)
     inp = frame(2, 3)
     before = reranker.score_pairs(inp["query"], inp["text"])
-    optimize_for_cpu(reranker)
+    optimize_for_cpu(reranker, "int8")
     assert not models.has_lora(reranker.ranker)
     after = reranker.score_pairs(inp["query"], inp["text"])
     assert np.abs(after - before).max() < 0.1 * (before.max() - before.min()) + 1e-3
@@ -164,7 +165,7 @@ def test_sharded_scoring_from_a_reranker_object_with_fewer_queries_than_workers(
 def test_sharded_int8_scores_like_int8_in_process(saved):
     """Not bit for bit: dynamic quantisation scales activations per batch, and shards batch differently."""
     inp = frame()
-    local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))(inp)
+    local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int8")(inp)
     out = score_sharded(saved, inp, workers=2, threads=1, optimize="int8")
     merged = local.merge(out, on=["qid", "docno"], suffixes=("_local", "_sharded"))
     assert len(merged) == len(inp)

@@ -1,0 +1,229 @@
+"""The fast CPU path: :func:`optimize_for_cpu` turns a float32 ``CrossEncoder`` into a faster one, in place.
+
+Two methods, both keeping the reranker's one scoring path (``score_pairs``/``transform`` call the same ``ranker``
+module):
+
+* ``"bf16"`` (the default): weights and activations in bfloat16, the one-logit scoring head in float32. Nothing
+  is scaled per batch, and each pair runs through matrix products and an attention width that its batch mates do
+  not change (:class:`FixedRowsLinear`, :class:`FixedWidths`), so its score does not depend on them; how it ranks
+  against float32 is measured in ``benchmarks/README.md``. Fast where
+  the CPU computes bfloat16 natively (Intel AMX or AVX512-BF16: Sapphire Rapids and later, AMD Zen 4 and later);
+  elsewhere torch emulates it and it can be slower than float32.
+* ``"int8"``: dynamic int8 quantisation of the linear layers (``torch.ao.quantization.quantize_dynamic``).
+  Activations get one scale per batch, so a pair's score moves with its batch mates (by up to 1.3 on scores with
+  sd 2.1 in the benchmark): kept for CPUs without native bfloat16, not for comparing or caching scores.
+
+What it never does: an optimised reranker is for inference only — train and save the float32 model, and optimise
+after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from pyterrier_kdcl import models
+from pyterrier_kdcl.reranker import CrossEncoder
+
+OPTIMIZATIONS = ("bf16", "int8")
+# feed-forward output projections, where int8 hurts most: BERT/MiniLM/ELECTRA/MPNet/RoBERTa (not attention.output),
+# DistilBERT, and Llama/Qwen/Gemma-style decoders
+FFN_OUTPUT = r"(layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj)$"
+_WIDTH_STEP = 32  # pairs run at their length rounded up to this (see FixedWidths)
+_ROWS = 256  # rows per bfloat16 matrix product (a padded last block): one shape for every row, large enough for AMX
+_HEAD_FEATURES = 16  # a linear layer with fewer outputs is a scoring head: it stays float32 (it costs nothing)
+
+
+def optimize_for_cpu(reranker: CrossEncoder, method: str = "bf16", *,
+                     keep_float: str | None = FFN_OUTPUT) -> CrossEncoder:
+    """Makes ``reranker`` faster on CPU, in place, and returns it.
+
+    ``method="bf16"`` (default) runs the model in bfloat16 with a float32 scoring head: no activation is scaled
+    per batch, and every pair runs through the same shapes whatever its batch mates, so its score does not depend
+    on them. Speed, nDCG@10 against float32, Kendall's tau and batch dependence are measured in
+    ``benchmarks/README.md`` (a MiniLM trained on the man pages, 2 cores). It is fast only on CPUs that
+    compute bfloat16 natively (Intel AMX or AVX512-BF16; AMD Zen 4 and later): elsewhere it works, but torch
+    emulates bfloat16 and it may be slower than float32 (a warning says so).
+
+    ``method="int8"``: dynamic int8 quantisation (``torch.ao.quantization.quantize_dynamic``, weights per output
+    channel), for CPUs without native bfloat16. Its activations are quantised with one scale per batch, so a
+    pair's int8 score moves with the other pairs in its batch (by up to 1.3 on scores with sd 2.1 in the
+    benchmark): do not compare or cache int8 scores as if they were float32 ones, and check effectiveness on
+    your data. About 1.25x float32 end-to-end with the default ``keep_float`` (measured 2026-11-27).
+
+    Scores change a little either way (rounding). A LoRA adapter is merged first. The reranker can no longer be
+    trained or saved: keep the float32 checkpoint and optimise after loading it.
+
+    Example::
+
+        reranker = optimize_for_cpu(kdcl.CrossEncoder.load("my-reranker", device="cpu"))
+        pipeline = bm25 >> pt.text.get_text(dataset, "text") >> reranker
+
+    Args:
+        method: ``"bf16"`` or ``"int8"``.
+        keep_float: ``"int8"`` only: a regular expression; linear layers whose module name it matches stay
+            float32. The default, ``FFN_OUTPUT``, keeps the feed-forward output projections: their input (the GELU
+            output) has outlier channels that one int8 scale per batch cannot resolve. ``None`` quantises every
+            layer: faster, less faithful.
+    """
+    if not isinstance(reranker, CrossEncoder):
+        raise TypeError(f"optimize_for_cpu needs a kdcl.CrossEncoder, got {type(reranker).__name__}")
+    if method not in OPTIMIZATIONS:
+        raise ValueError(f"method must be one of {OPTIMIZATIONS}, got {method!r}")
+    if reranker.device.type != "cpu":
+        raise ValueError(
+            f"optimize_for_cpu is for CPU, but {reranker!r} is on {reranker.device}; on a GPU load it in "
+            "bfloat16 instead: kdcl.CrossEncoder.load(path, dtype='bf16')"
+        )
+    if is_optimized(reranker):
+        if reranker.optimized != method:
+            raise ValueError(f"{reranker!r} is already optimised ({reranker.optimized}); load the float32 "
+                             f"checkpoint again to optimise it with {method!r}")
+        return reranker
+    if reranker.dtype != torch.float32:
+        raise ValueError(f"optimize_for_cpu starts from float32 weights; {reranker!r} is {reranker.dtype}: "
+                         "load it with dtype='fp32'")
+    if models.has_lora(reranker.ranker):
+        reranker.merge_lora()
+    ranker = reranker.ranker.eval()
+    if method == "bf16":
+        reranker.ranker = FixedWidths(_bfloat16(ranker), limit=reranker.max_length)
+    else:
+        reranker.ranker = _int8(ranker, keep_float, reranker)
+    reranker.ranker.requires_grad_(False)
+    reranker.optimized = method
+    return reranker
+
+
+def is_optimized(reranker: CrossEncoder) -> bool:
+    """Whether :func:`optimize_for_cpu` has been applied (such a reranker scores, but neither trains nor saves)."""
+    return getattr(reranker, "optimized", None) is not None
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AMX tiles or AVX512-BF16)."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+class Float32Head(nn.Module):
+    """A scoring head kept in float32 inside a bfloat16 model: its input is cast up, so scores keep float32's
+    resolution (a bfloat16 score of 5 would move in steps of 0.03, and near ties would become ties)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear.float()
+
+    @property
+    def weight(self) -> torch.Tensor:  # LastTokenRanker casts its input to the head's dtype
+        return self.linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.float())
+
+
+class FixedRowsLinear(nn.Module):
+    """A bfloat16 linear layer that multiplies ``rows`` rows at a time, the last block padded with zeros.
+
+    oneDNN's bfloat16 matrix product blocks its sum over the input features by the number of rows it is given
+    (seen for the 1,536 inputs of MiniLM's feed-forward output), so a row's result changed in the last bit with
+    its batch mates, and bfloat16 rounding carried that to the score (0.01 on scores with sd 3). Every row now
+    goes through a product of the same shape: the same sum in the same order, whatever else is in the batch.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int = _ROWS):
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        n, rows = flat.shape[0], self.rows
+        out = flat.new_empty(n, self.weight.shape[0])
+        weight = self.weight.t()
+        for start in range(0, n - n % rows, rows):
+            _product(flat[start : start + rows], weight, self.bias, out[start : start + rows])
+        if n % rows:
+            tail = flat.new_zeros(rows, flat.shape[1])
+            tail[: n % rows] = flat[n - n % rows :]
+            out[n - n % rows :] = _product(tail, weight, self.bias)[: n % rows]
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class FixedWidths(nn.Module):
+    """Runs a ranker on sub-batches of fixed widths: each pair padded to a width set by its own length alone.
+
+    Attention sums over a batch's padded width, and a different width changes the sum's last bit (padded keys
+    weigh zero, but the blocks of the sum move); bfloat16 rounding carries that to the score. A pair of ``n``
+    tokens is always run at ``n`` rounded up to a multiple of ``step`` (at most ``limit``), whatever its batch
+    mates' lengths, at the cost of a few padded tokens.
+    """
+
+    def __init__(self, ranker: nn.Module, limit: int, step: int = _WIDTH_STEP):
+        super().__init__()
+        self.ranker, self.limit, self.step = ranker, limit, step
+        self.pooling = ranker.pooling
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        lengths = attention_mask.sum(dim=1)
+        widths = torch.clamp((lengths + self.step - 1) // self.step * self.step, max=max(self.limit, lengths.max()))
+        scores = torch.empty(len(lengths), dtype=torch.float32, device=input_ids.device)
+        for width in widths.unique().tolist():
+            rows = (widths == width).nonzero().squeeze(1)
+            parts = [_width(t[rows], width) if t is not None else None
+                     for t in (input_ids, attention_mask, token_type_ids)]
+            scores[rows] = self.ranker(*parts)
+        return scores
+
+
+def _width(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Cut or right-pad (with zeros: masked positions) to ``width`` columns."""
+    if tensor.shape[1] >= width:
+        return tensor[:, :width]
+    return nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+
+def _product(x, weight, bias, out=None):
+    if bias is None:
+        return torch.mm(x, weight, out=out)
+    return torch.addmm(bias, x, weight, out=out)
+
+
+def _heads(ranker: nn.Module) -> list[str]:
+    return [name for name, module in ranker.named_modules()
+            if isinstance(module, nn.Linear) and module.out_features < _HEAD_FEATURES]
+
+
+def _bfloat16(ranker: nn.Module) -> nn.Module:
+    if not native_bfloat16():
+        warnings.warn("this CPU has no native bfloat16 (AMX or AVX512-BF16): optimize_for_cpu(method='bf16') ranks "
+                      "as float32 does but may run slower than float32 here; measure, or use method='int8' (faster "
+                      "on such CPUs, but its scores depend on the batch)", stacklevel=3)
+    heads = set(_heads(ranker))
+    layers = [name for name, module in ranker.named_modules() if isinstance(module, nn.Linear)]
+    ranker.to(torch.bfloat16)
+    for name in layers:
+        parent, _, child = name.rpartition(".")
+        owner = ranker.get_submodule(parent) if parent else ranker
+        linear = getattr(owner, child)
+        setattr(owner, child, Float32Head(linear) if name in heads else FixedRowsLinear(linear))
+    return ranker
+
+
+def _int8(ranker: nn.Module, keep_float: str | None, reranker: CrossEncoder) -> nn.Module:
+    heads = set(_heads(ranker))
+    targets = {name for name, module in ranker.named_modules()
+               if isinstance(module, nn.Linear) and name not in heads
+               and not (keep_float and re.search(keep_float, name))}
+    if not targets:
+        raise ValueError(f"{reranker!r} has no linear layers to quantise")
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is deprecated in favour of torchao, but its fbgemm kernels are still the
+        # fastest CPU int8 path in torch 2.13 without compiling: torchao's per-token int8 ran at 0.5-0.7x float32
+        # eager (benchmarks/README.md)
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+        # one weight scale per output channel: a third of the per-tensor error on a trained MiniLM, same speed
+        spec = dict.fromkeys(targets, torch.ao.quantization.per_channel_dynamic_qconfig)
+        return torch.ao.quantization.quantize_dynamic(ranker, spec, dtype=torch.qint8, inplace=True)
