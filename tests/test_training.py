@@ -5,7 +5,7 @@ import pandas as pd
 import pyterrier as pt
 import pytest
 import torch
-from training_data import training_frames
+from training_data import CountingTeacher, training_frames
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.training import RerankerTrainer
@@ -14,20 +14,6 @@ from pyterrier_kdcl.training.dev_metrics import Validator
 
 def student(tiny_model, family="bert", **kw):
     return kdcl.CrossEncoder(tiny_model(family), verbose=False, max_length=32, **kw)
-
-
-class CountingTeacher(pt.Transformer):
-    """A teacher that prefers documents containing 'answer', and counts the rows it was asked to score."""
-
-    def __init__(self):
-        self.rows = 0
-
-    def transform(self, inp):
-        self.rows += len(inp)
-        return inp.assign(score=[3.0 if "answer" in t else float(len(t) % 3) for t in inp["text"]])
-
-    def __repr__(self):
-        return "CountingTeacher()"
 
 
 def crash_at_step(monkeypatch, step: int):

@@ -2,29 +2,14 @@
 alone scores; contrastive learning refuses them."""
 
 import pandas as pd
-import pyterrier as pt
 import pytest
-from training_data import training_frames
+from training_data import CountingTeacher, training_frames
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class AnswerTeacher(pt.Transformer):
-    """Prefers documents that contain 'answer'; counts the rows it scored."""
-
-    def __init__(self):
-        self.rows = 0
-
-    def transform(self, inp):
-        self.rows += len(inp)
-        return inp.assign(score=[3.0 if "answer" in t else float(len(t) % 3) for t in inp["text"]])
-
-    def __repr__(self):
-        return "AnswerTeacher()"
 
 
 def student(tiny_model):
@@ -39,7 +24,7 @@ def test_a_tiny_model_learns_from_teacher_scores_alone(tiny_model):
     res, qrels = training_frames()
     ce = student(tiny_model)
     before = Validator(ce, res, qrels, "RR@10").evaluate()
-    trainer = kdcl.DistillationTrainer(ce, AnswerTeacher(), group_size=4, epochs=4, batch_size=4,
+    trainer = kdcl.DistillationTrainer(ce, CountingTeacher(), group_size=4, epochs=4, batch_size=4,
                                        learning_rate=5e-3, unjudged="distil", verbose=False)
     log = trainer.fit(res, no_qrels())  # not one judgment: every group comes from the candidates alone
     assert trainer.group_stats.unjudged == trainer.group_stats.usable == 24
@@ -91,9 +76,9 @@ def test_unjudged_queries_are_skipped_unless_asked_for_and_the_window_applies():
 def test_labelled_and_unjudged_groups_mix_in_one_fit_and_are_scored_once(tiny_model, tmp_path):
     res, qrels = training_frames(8)
     judged = qrels[qrels["qid"].isin(["q0", "q1", "q2", "q3"])]
-    teacher = AnswerTeacher()
+    teacher = CountingTeacher()
     options = {"group_size": 4, "batch_size": 4, "verbose": False, "unjudged": "distil",
-               "teacher_cache": tmp_path / "cache", "teacher_cache_key": "answer teacher"}
+               "teacher_cache": tmp_path / "cache", "teacher_cache_key": "counting teacher"}
     trainer = kdcl.DistillationTrainer(student(tiny_model), teacher, **options)
     trainer.fit(res, judged)
     assert trainer.group_stats.usable == 8 and trainer.group_stats.unjudged == 4
@@ -104,7 +89,7 @@ def test_labelled_and_unjudged_groups_mix_in_one_fit_and_are_scored_once(tiny_mo
 
 @pytest.mark.parametrize("make", [
     lambda ce: kdcl.ContrastiveTrainer(ce, unjudged="distil"),
-    lambda ce: kdcl.RerankerTrainer(ce, kdcl.losses.MarginMSE(), teacher=AnswerTeacher(), unjudged="distil"),
+    lambda ce: kdcl.RerankerTrainer(ce, kdcl.losses.MarginMSE(), teacher=CountingTeacher(), unjudged="distil"),
 ], ids=["contrastive", "margin-mse"])
 def test_losses_that_read_labels_refuse_unjudged_groups(tiny_model, make):
     with pytest.raises(ValueError, match="unjudged='distil'.*reads relevance labels"):
@@ -114,7 +99,7 @@ def test_losses_that_read_labels_refuse_unjudged_groups(tiny_model, make):
 def test_a_ranking_loss_on_teacher_scores_accepts_unjudged_groups(tiny_model):
     res, _ = training_frames(4)
     trainer = kdcl.RerankerTrainer(student(tiny_model), kdcl.losses.ListNet(target="teacher_scores"),
-                                   teacher=AnswerTeacher(), group_size=4, unjudged="distil", verbose=False)
+                                   teacher=CountingTeacher(), group_size=4, unjudged="distil", verbose=False)
     log = trainer.fit(res, no_qrels())
     assert len(log) == 1 and trainer.group_stats.unjudged == 4
 

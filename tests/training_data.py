@@ -1,6 +1,8 @@
-"""A small synthetic training set whose positives a tiny model can learn to find in a few dozen steps."""
+"""A small synthetic training set whose positives a tiny model can learn to find in a few dozen steps, and a teacher
+that finds them."""
 
 import pandas as pd
+import pyterrier as pt
 
 WORDS = "read write open close list copy move print change install remove link".split()
 
@@ -17,3 +19,17 @@ def training_frames(n_queries: int = 24, depth: int = 8, positive_rank: int = 5)
                          "score": float(depth - k), "rank": k})
         qrels.append({"qid": f"q{q}", "docno": f"d{q}-{positive_rank}", "label": 1})
     return pd.DataFrame(rows), pd.DataFrame(qrels)
+
+
+class CountingTeacher(pt.Transformer):
+    """A teacher that prefers documents containing 'answer', and counts the rows it was asked to score."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def transform(self, inp):
+        self.rows += len(inp)
+        return inp.assign(score=[3.0 if "answer" in t else float(len(t) % 3) for t in inp["text"]])
+
+    def __repr__(self):
+        return "CountingTeacher()"
