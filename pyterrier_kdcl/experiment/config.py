@@ -149,6 +149,7 @@ class Evaluation:
     test: Literal["t", "wilcoxon"] = "t"
     correction: str | None = "holm"
     alpha: float = 0.05
+    fast: bool = False                          # rerank with optimize_for_cpu (bf16); only models shown equivalent
 
 
 @dataclass
@@ -453,6 +454,26 @@ def _check_evaluation(cfg: ExperimentConfig, problems: list[str]) -> None:
         _check_correction(ev.correction, problems)
     if not 0 < ev.alpha < 1:
         problems.append(f"evaluation.alpha: must lie between 0 and 1, got {ev.alpha}")
+    if ev.fast:
+        _check_fast(cfg, problems)
+
+
+def _check_fast(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """``evaluation.fast`` only for cross-encoders whose fast scores were shown to rank as float32 (docs/serving.md)."""
+    from pyterrier_kdcl.fast import EQUIVALENCE_FILE, equivalence_shown
+
+    if cfg.device not in (None, "cpu"):
+        problems.append(f"evaluation.fast: the fast path is for CPU, but device is {cfg.device!r}; drop one of them")
+    rerankers = [("teacher", cfg.teacher)] if cfg.teacher is not None and cfg.teacher.kind == "cross-encoder" else []
+    rerankers += [(f"students[{i}]", s) for i, s in enumerate(cfg.students or []) if s is not None]
+    for path, model in rerankers:
+        if equivalence_shown(model.model) is None:
+            problems.append(f"{path}.model: evaluation.fast needs the fast path shown to rank as float32 for "
+                            f"{model.model!r}, and {EQUIVALENCE_FILE.name} lists no such result for it; evaluate "
+                            "without fast, or run benchmarks/fast_inference.py --record on a checkpoint of it")
+        elif model.dtype not in (None, "fp32", "float32") or model.lora:
+            problems.append(f"{path}: evaluation.fast was shown for full float32 fine-tuning; this model has "
+                            f"dtype {model.dtype!r} and lora {model.lora!r}: evaluate it without fast")
 
 
 def _check_name(path: str, name: str, problems: list[str]) -> None:

@@ -188,6 +188,18 @@ class LazyReranker(pt.Transformer):
         return f"LazyReranker({self.name!r})"
 
 
+def _fast(loader):
+    """``loader`` with the fast CPU path applied to what it loads, when that is a ``CrossEncoder`` (a bi-encoder
+    teacher is evaluated as it is)."""
+    from pyterrier_kdcl.fast import optimize_for_cpu
+
+    def load():
+        model = loader()
+        return optimize_for_cpu(model) if isinstance(model, CrossEncoder) else model
+
+    return load
+
+
 def _files_of(path: str) -> list | None:
     """Names, sizes and modification times of a local model's files: a given teacher replaced on disk is a new
     teacher (its students are distilled again). None for hub ids and short names."""
@@ -509,9 +521,11 @@ class ExperimentRunner:
         topics, qrels, res = self.frames(data)
         first = pt.Transformer.from_df(res)
         systems = {"BM25": first}
-        systems.update({m.name: first >> LazyReranker(m.name, m.loader) for m in self._table_order(models)})
+        systems.update({m.name: first >> LazyReranker(m.name, _fast(m.loader) if ev.fast else m.loader)
+                        for m in self._table_order(models)})
         data_fp = fingerprint(data_settings(data), self.config.sample_seed)
-        prints = {"BM25": data_fp, **{m.name: fingerprint(data_fp, m.fingerprint) for m in models}}
+        fast = ("fast", "bf16") if ev.fast else ()  # absent at its default: earlier runs keep their fingerprints
+        prints = {"BM25": data_fp, **{m.name: fingerprint(data_fp, m.fingerprint, *fast) for m in models}}
         save_dir = self.out / "runs" / label
         self._drop_stale_runs(save_dir, prints)
         names = list(systems)
