@@ -1,128 +1,258 @@
-"""Fast CPU mode: ``optimize_for_cpu`` (dynamic int8) against float32 — speed and nDCG@10 on kdcl/manpages/test.
+"""Fast CPU serving against float32 and the fast backends a user would pick instead, in one rotated run.
 
-    python benchmarks/fast_inference.py                          # 60 sampled test queries, BM25 top 20
-    python benchmarks/fast_inference.py --queries 931 --depth 100  # every test query, top 100 (hours on 2 cores)
+    python benchmarks/fast_inference.py --anchors-python .venv-anchors/bin/python --queries 500   # the issue's run
+    python benchmarks/fast_inference.py --regime typical --pairs 400   # float32 vs sentence-transformers, typical docs
 
-nDCG means something only for a model that ranks: a fresh head ranks at random. So the model is
-``minilm-l6`` CL-trained for a few minutes on kdcl/manpages/train (``common.trained_checkpoint``: built once,
-then cached). Every variant loads that checkpoint and reranks the same BM25 candidates of a seeded sample of
-test queries, batch 32, max_length 256, slice by slice in a balanced rotating order.
-Variants: ``fp32``; ``int8`` (``optimize_for_cpu(reranker)``: every linear layer int8 but the feed-forward
-output projections, where most of the int8 error arises); ``int8-all`` (``keep_float=None``: every linear
-layer int8). Figures: end-to-end pairs/s (tokenization included, with the package's own pre-cut of long
-documents), model-only pairs/s (time inside the forward pass), nDCG@10 of BM25 and of each variant on the
-sample, each int8 variant's difference from fp32 with its 95% interval over queries, and how much a pair's
-score moves when it is batched with other pairs.
+nDCG means something only for a model that ranks: a fresh head ranks at random. So the model is ``minilm-l6``
+CL-trained on kdcl/manpages/train (``common.trained_checkpoint``: built once, then cached). Every contender loads
+that checkpoint and scores the same pairs, max_length 256, batch 32, slice by slice in a balanced rotating order:
+
+* ``kdcl-fp32``: ``CrossEncoder.load(path)``; ``kdcl-fast``: ``optimize_for_cpu(...)`` (bfloat16, the default);
+  ``kdcl-int8``: ``optimize_for_cpu(..., "int8")`` (dynamic int8, the default before);
+* ``st-fp32``: sentence-transformers' ``CrossEncoder(path).predict`` in float32;
+* with ``--anchors-python``, sentence-transformers' fast backends from their own environment (``anchors.py``):
+  ``st-onnx-int8``, ``st-openvino-int8`` (static, calibrated), ``st-openvino``.
+
+Regimes: ``bm25`` (default) reranks BM25's top ``--depth`` of ``--queries`` sampled test queries (long documents:
+BM25 favours long man pages) and reports pairs/s, nDCG@10 with each contender's paired difference from kdcl-fp32
+and its 95% interval, Kendall's tau within a query, and batch dependence (the largest change of a pair's score
+when 256 pairs of the first slice are scored again shuffled, 7 pairs a batch). ``typical`` pairs the test queries
+with documents drawn at random from the collection (a typical man page's length) and reports speed and agreement.
+``--record`` writes the equivalence figures of kdcl-fast into ``pyterrier_kdcl/fast_equivalence.json`` (read by the
+experiment runner's ``evaluation.fast``) when every quality goal is met.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import pickle
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import ir_measures
 import numpy as np
 import pandas as pd
 import pyterrier as pt
-from common import DATASET, ForwardTimer, bm25_frame, header, rotation, trained_checkpoint
+from common import DATASET, bm25_frame, cache_dir, header, rotation, trained_checkpoint
 from scipy import stats
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl.serving import optimize_for_cpu
+from pyterrier_kdcl.fast import optimize_for_cpu
+
+EQUIVALENCE = Path(kdcl.__file__).parent / "fast_equivalence.json"
+GOALS = {"ndcg_delta": 0.005, "ci_half_bound": 0.01, "tau": 0.95, "batch_dependence": 1e-3}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regime", choices=["bm25", "typical"], default="bm25")
     parser.add_argument("--queries", type=int, default=60, help="test queries, sampled with --seed")
     parser.add_argument("--depth", type=int, default=20, help="BM25 candidates per query")
-    parser.add_argument("--slices", type=int, default=6, help="a multiple of the number of variants")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "int8-all"],
-                        choices=["fp32", "int8", "int8-all"])
+    parser.add_argument("--pairs", type=int, default=400, help="typical regime: number of pairs")
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--contenders", nargs="+", default=["kdcl-fp32", "kdcl-fast", "kdcl-int8", "st-fp32"])
+    parser.add_argument("--anchors-python", help="python of the anchors' environment (see anchors.py)")
+    parser.add_argument("--anchors", nargs="+", default=["st-onnx-int8", "st-openvino-int8", "st-openvino"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--train-queries", type=int, default=800)
+    parser.add_argument("--checkpoint", help="a saved reranker trained on the man pages, instead of training one")
+    parser.add_argument("--record", action="store_true", help="write fast_equivalence.json when the goals are met")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    header(f"fast inference: int8 (optimize_for_cpu) vs fp32, batch {args.batch_size}, max_length {args.max_length}")
+    header(f"fast inference ({args.regime}): kdcl fast/fp32/int8 vs sentence-transformers' backends, batch "
+           f"{args.batch_size}, max_length {args.max_length}")
 
-    path = trained_checkpoint(queries=args.train_queries)
+    path = Path(args.checkpoint) if args.checkpoint else trained_checkpoint(queries=args.train_queries)
     dataset = pt.get_dataset("irds:" + DATASET)
-    topics = dataset.get_topics()
-    sample = topics.sample(n=min(args.queries, len(topics)), random_state=args.seed)
-    frame = bm25_frame(DATASET, depth=args.depth, topics=sample)
-    print(f"model: {path.name}; {frame['qid'].nunique()} test queries x top {args.depth} = {len(frame)} pairs")
+    frame, sample = pairs(args, dataset)
+    lengths = frame["text"].str.len()
+    print(f"model: {path.name}; {frame['qid'].nunique()} queries, {len(frame)} pairs, documents "
+          f"{lengths.mean():,.0f} characters on average (median {lengths.median():,.0f})")
 
-    settings = {"device": "cpu", "verbose": False, "batch_size": args.batch_size, "max_length": args.max_length}
-    variants = {"fp32": kdcl.CrossEncoder.load(path, **settings),
-                "int8": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings)),
-                "int8-all": optimize_for_cpu(kdcl.CrossEncoder.load(path, **settings), keep_float=None)}
-    variants = {name: variants[name] for name in args.variants}
-    timers = {name: ForwardTimer(reranker.ranker) for name, reranker in variants.items()}
-    for reranker in variants.values():
-        reranker(frame.head(8))  # warm-up
+    contenders = {name: local_contender(name, path, args) for name in args.contenders}
+    anchors = Anchors(path, args) if args.anchors_python else None
+    if anchors:
+        contenders.update({name: anchors.contender(name) for name in anchors.names})
+    for score in contenders.values():
+        score(frame["query"].head(8).tolist(), frame["text"].head(8).tolist(), args.batch_size)  # warm-up
 
     qids = frame["qid"].unique()
-    results = {name: [] for name in variants}
-    seconds = {name: [] for name in variants}
-    forward = {name: [] for name in variants}
+    scores = {name: np.empty(len(frame), dtype=np.float32) for name in contenders}
+    seconds = {name: [] for name in contenders}
     for i, part in enumerate(np.array_split(qids, args.slices)):
-        piece = frame[frame["qid"].isin(part)]
-        for name in rotation(list(variants), i):
-            before, start = timers[name].seconds, time.perf_counter()
-            results[name].append(variants[name](piece))
-            seconds[name].append(time.perf_counter() - start)
-            forward[name].append(timers[name].seconds - before)
-        print(f"slice {i}: {len(piece)} pairs, " + ", ".join(
-            f"{n} {seconds[n][-1]:.1f}s (forward {forward[n][-1]:.1f}s)" for n in variants), flush=True)
+        rows = np.flatnonzero(frame["qid"].isin(part).to_numpy())
+        queries, texts = frame["query"].iloc[rows].tolist(), frame["text"].iloc[rows].tolist()
+        for name in rotation(list(contenders), i):
+            scores[name][rows], took = contenders[name](queries, texts, args.batch_size)
+            seconds[name].append(took)
+        print(f"slice {i}: {len(rows)} pairs, " + ", ".join(f"{n} {seconds[n][-1]:.1f}s" for n in contenders),
+              flush=True)
 
-    runs = {"bm25": frame} | {name: pd.concat(parts) for name, parts in results.items()}
-    dependence = {name: rescore_in_other_batches(variants[name], results[name][0]) for name in variants}
+    first = np.flatnonzero(frame["qid"].isin(np.array_split(qids, args.slices)[0]).to_numpy())[:256]
+    dependence = {name: batch_dependence(contenders[name], frame, first, scores[name]) for name in contenders}
+    if anchors:
+        anchors.close()
+    report(args, frame, scores, seconds, dependence, dataset, sample)
+
+
+# -- pairs ---------------------------------------------------------------------------------------------------
+def pairs(args, dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    topics = dataset.get_topics()
+    if args.regime == "bm25":
+        sample = topics.sample(n=min(args.queries, len(topics)), random_state=args.seed)
+        return bm25_frame(DATASET, depth=args.depth, topics=sample), sample
+    rng = np.random.default_rng(args.seed)
+    docs = pd.DataFrame(dataset.get_corpus_iter(verbose=False))
+    chosen = docs.iloc[rng.choice(len(docs), size=args.pairs, replace=False)]
+    queries = topics.iloc[rng.choice(len(topics), size=args.pairs)]
+    frame = pd.DataFrame({"qid": queries["qid"].to_numpy(), "query": queries["query"].to_numpy(),
+                          "docno": chosen["docno"].to_numpy(), "text": chosen["text"].to_numpy()})
+    return frame, queries
+
+
+# -- contenders: (queries, texts, batch_size) -> (scores, seconds) ---------------------------------------------
+def local_contender(name: str, path: Path, args):
+    settings = {"device": "cpu", "verbose": False, "max_length": args.max_length}
+    if name == "st-fp32":
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(str(path), device="cpu", max_length=args.max_length)
+        import torch
+
+        identity = torch.nn.Identity()
+
+        def st(queries, texts, batch_size):
+            start = time.perf_counter()
+            out = model.predict(list(zip(queries, texts)), batch_size=batch_size, show_progress_bar=False,
+                                activation_fn=identity, convert_to_numpy=True)
+            return np.asarray(out, dtype=np.float32).reshape(-1), time.perf_counter() - start
+
+        return st
+    reranker = kdcl.CrossEncoder.load(path, **settings)
+    if name == "kdcl-fast":
+        optimize_for_cpu(reranker)
+    elif name == "kdcl-int8":
+        optimize_for_cpu(reranker, "int8")
+
+    def score(queries, texts, batch_size):
+        reranker.batch_size = batch_size
+        start = time.perf_counter()
+        out = reranker.score_pairs(queries, texts)
+        return out, time.perf_counter() - start
+
+    return score
+
+
+class Anchors:
+    """sentence-transformers' fast backends in their own environment (anchors.py), one process for all of them."""
+
+    def __init__(self, path: Path, args):
+        import torch
+
+        train = bm25_frame("kdcl/manpages/train", queries=40, depth=8)  # calibration: training pairs, never test
+        self._calibration = tempfile.NamedTemporaryFile(suffix=".pkl", delete=False)
+        pickle.dump((train["query"].tolist(), train["text"].tolist()), self._calibration)
+        self._calibration.close()
+        work = cache_dir() / f"{path.name}-anchors"
+        command = [args.anchors_python, str(Path(__file__).with_name("anchors.py")), "--model", str(path),
+                   "--work", str(work), "--calibration", self._calibration.name, "--max-length",
+                   str(args.max_length), "--threads", str(torch.get_num_threads()), "--anchors", *args.anchors]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.names = pickle.load(self.process.stdout)
+
+    def contender(self, name: str):
+        def score(queries, texts, batch_size):
+            pickle.dump((name, list(queries), list(texts), batch_size), self.process.stdin)
+            self.process.stdin.flush()
+            return pickle.load(self.process.stdout)
+
+        return score
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        Path(self._calibration.name).unlink(missing_ok=True)
+
+
+def batch_dependence(score, frame: pd.DataFrame, rows: np.ndarray, scored: np.ndarray) -> float:
+    """Largest |score change| of the given rows scored again shuffled, 7 pairs a batch (other batch mates)."""
+    shuffled = np.random.default_rng(1).permutation(rows)
+    again, _ = score(frame["query"].iloc[shuffled].tolist(), frame["text"].iloc[shuffled].tolist(), 7)
+    return float(np.abs(again - scored[shuffled]).max())
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def report(args, frame, scores, seconds, dependence, dataset, sample) -> None:
+    pairs_count = len(frame)
+    names = list(scores)
+    base = "kdcl-fp32"
+    print(f"\n{'contender':<18} {'pairs/s':>8} {'x kdcl-fp32 (median, range)':>30} {'max |dscore|':>13} "
+          f"{'batch dependence':>17}")
+    for name in names:
+        ratios = [b / s for b, s in zip(seconds[base], seconds[name])]
+        print(f"{name:<18} {pairs_count / sum(seconds[name]):>8.1f} "
+              f"{statistics.median(ratios):>12.2f} ({min(ratios):.2f}-{max(ratios):.2f}){'':>6} "
+              f"{np.abs(scores[name] - scores[base]).max():>13.4f} {dependence[name]:>17.2e}")
+    fast = "kdcl-fast"
+    if fast in names:
+        for other in [n for n in names if n != fast]:
+            ratios = [o / f for o, f in zip(seconds[other], seconds[fast])]
+            print(f"ratio {fast} / {other}: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
+                  f"{max(ratios):.2f} over {len(ratios)} slices)")
+    if args.regime != "bm25":
+        return
     qrels = dataset.get_qrels()
-    report(frame, runs, seconds, forward, qrels[qrels["qid"].isin(sample["qid"])], dependence)
+    qrels = qrels[qrels["qid"].isin(sample["qid"])].rename(
+        columns={"qid": "query_id", "docno": "doc_id", "label": "relevance"})
+    ndcg = {name: per_query_ndcg(frame, frame["score"].to_numpy(), qrels) for name in ["bm25"]}
+    ndcg.update({name: per_query_ndcg(frame, scores[name], qrels) for name in names})
+    print(f"\nnDCG@10 over {len(ndcg[base])} queries: " + ", ".join(f"{n} {v.mean():.4f}" for n, v in ndcg.items()))
+    groups = frame.groupby("qid").indices
+    figures = {}
+    for name in [n for n in names if n != base]:
+        diff = ndcg[name] - ndcg[base].reindex(ndcg[name].index)
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+        taus = [stats.kendalltau(scores[base][rows], scores[name][rows]).statistic for rows in groups.values()]
+        taus = [t for t in taus if not np.isnan(t)]
+        figures[name] = {"ndcg_delta": float(diff.mean()), "ci": [float(diff.mean() - half), float(diff.mean() + half)],
+                         "tau_median": float(statistics.median(taus)), "tau_min": float(min(taus)),
+                         "batch_dependence": dependence[name], "queries": int(len(diff))}
+        print(f"{name}: nDCG@10 - {base} {diff.mean():+.4f} (95% CI {diff.mean() - half:+.4f} to "
+              f"{diff.mean() + half:+.4f}, {int((diff != 0).sum())} queries changed); Kendall tau within a query "
+              f"median {statistics.median(taus):.3f}, min {min(taus):.3f}")
+    if fast in figures:
+        f = figures[fast]
+        met = (abs(f["ndcg_delta"]) <= GOALS["ndcg_delta"] and max(map(abs, f["ci"])) <= GOALS["ci_half_bound"]
+               and f["tau_median"] >= GOALS["tau"] and f["batch_dependence"] <= GOALS["batch_dependence"]
+               and f["queries"] >= 500)
+        print(f"\n{fast} quality goals (|delta| <= 0.005, CI inside +-0.01, tau >= 0.95, batch dependence <= 1e-3, "
+              f">= 500 queries): {'met' if met else 'NOT met'}")
+        if args.record and met:
+            record(f, args)
 
 
-def rescore_in_other_batches(reranker, scored: pd.DataFrame) -> float:
-    """Max |score change| when the same pairs are scored again, batched with different neighbours."""
-    shuffled = scored.sample(frac=1.0, random_state=1)
-    again = reranker.score_pairs(shuffled["query"], shuffled[reranker.text_field])
-    return float(np.abs(again - shuffled["score"].to_numpy()).max())
+def per_query_ndcg(frame: pd.DataFrame, scores: np.ndarray, qrels: pd.DataFrame) -> pd.Series:
+    run = pd.DataFrame({"query_id": frame["qid"].to_numpy(), "doc_id": frame["docno"].to_numpy(), "score": scores})
+    values = {m.query_id: m.value for m in ir_measures.iter_calc([ir_measures.nDCG @ 10], qrels, run)}
+    return pd.Series(values).reindex(frame["qid"].unique()).fillna(0.0)
 
 
-def report(frame, runs, seconds, forward, qrels, dependence: dict) -> None:
-    pairs = len(frame)
-    qrels = qrels.rename(columns={"qid": "query_id", "docno": "doc_id", "label": "relevance"})
-    per_query = {}
-    for name, run in runs.items():
-        run = run.rename(columns={"qid": "query_id", "docno": "doc_id"})[["query_id", "doc_id", "score"]]
-        per_query[name] = pd.Series({m.query_id: m.value for m in ir_measures.iter_calc([ir_measures.nDCG @ 10],
-                                                                                         qrels, run)})
-    print(f"\n{'variant':<10} {'pairs/s':>8} {'model-only pairs/s':>19} {'nDCG@10':>8} {'batch dependence':>17}")
-    for name in runs:
-        speed = f"{pairs / sum(seconds[name]):>8.1f} {pairs / sum(forward[name]):>19.1f}" if name in seconds else \
-            f"{'':>8} {'':>19}"
-        extra = f"{dependence[name]:>17.4f}" if name in dependence else ""
-        print(f"{name:<10} {speed} {per_query[name].mean():>8.4f} {extra}")
-    print("(batch dependence: max |score change| when the same pairs are batched with other neighbours)")
-    fp32 = runs["fp32"].set_index(["qid", "docno"])["score"]
-    for name in [n for n in seconds if n != "fp32"]:
-        quick = runs[name].set_index(["qid", "docno"])["score"].reindex(fp32.index)
-        taus = [stats.kendalltau(fp32[q], quick[q]).statistic for q in fp32.index.get_level_values(0).unique()]
-        diff = per_query[name] - per_query["fp32"].reindex(per_query[name].index)
-        half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-        ratios = [f / i for f, i in zip(seconds["fp32"], seconds[name])]
-        model_ratios = [f / i for f, i in zip(forward["fp32"], forward[name])]
-        print(f"\n{name}: nDCG@10 - fp32 {diff.mean():+.4f} (95% interval {diff.mean() - half:+.4f} to "
-              f"{diff.mean() + half:+.4f} over {len(diff)} queries, {int((diff != 0).sum())} changed; "
-              "goal |difference| <= 0.005)")
-        print(f"{name}: |score - fp32| mean {np.abs(quick - fp32).mean():.3f}, max {np.abs(quick - fp32).max():.3f} "
-              f"(fp32 scores: sd {fp32.std():.2f}); Kendall tau within a query: median "
-              f"{statistics.median(taus):.3f}, min {min(taus):.3f}")
-        print(f"ratio {name}/fp32 model-only: {statistics.median(model_ratios):.2f}x (range "
-              f"{min(model_ratios):.2f}-{max(model_ratios):.2f})")
-        print(f"ratio {name}/fp32 pairs/s end-to-end: {statistics.median(ratios):.2f}x (median of {len(ratios)} "
-              f"slices, range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 1.5)")
+def record(figures: dict, args) -> None:
+    """Adds the model family's entry to fast_equivalence.json (what evaluation.fast accepts)."""
+    entries = json.loads(EQUIVALENCE.read_text()) if EQUIVALENCE.exists() else {}
+    entries["minilm-l6"] = {**figures, "method": "bf16", "dataset": DATASET, "depth": args.depth,
+                            "max_length": args.max_length, "date": time.strftime("%Y-%m-%d"),
+                            "checkpoint": args.checkpoint or f"minilm-l6 CL on {args.train_queries} training queries",
+                            "measured_by": "benchmarks/fast_inference.py"}
+    EQUIVALENCE.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    print(f"recorded in {EQUIVALENCE}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
