@@ -19,8 +19,10 @@ after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +31,8 @@ from pyterrier_kdcl import models
 from pyterrier_kdcl.reranker import CrossEncoder
 
 OPTIMIZATIONS = ("bf16", "int8")
+# where benchmarks/fast_inference.py --record wrote that the default method ranks as float32 (model -> figures)
+EQUIVALENCE_FILE = Path(__file__).with_name("fast_equivalence.json")
 # feed-forward output projections, where int8 hurts most: BERT/MiniLM/ELECTRA/MPNet/RoBERTa (not attention.output),
 # DistilBERT, and Llama/Qwen/Gemma-style decoders
 FFN_OUTPUT = r"(layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj)$"
@@ -73,6 +77,9 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "bf16", *,
         raise TypeError(f"optimize_for_cpu needs a kdcl.CrossEncoder, got {type(reranker).__name__}")
     if method not in OPTIMIZATIONS:
         raise ValueError(f"method must be one of {OPTIMIZATIONS}, got {method!r}")
+    if method == "bf16" and keep_float is not FFN_OUTPUT:
+        raise ValueError("keep_float chooses the layers that int8 leaves in float32: pass method='int8' with it "
+                         "(the bfloat16 default runs every layer in bfloat16 but the scoring head)")
     if reranker.device.type != "cpu":
         raise ValueError(
             f"optimize_for_cpu is for CPU, but {reranker!r} is on {reranker.device}; on a GPU load it in "
@@ -101,6 +108,14 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "bf16", *,
 def is_optimized(reranker: CrossEncoder) -> bool:
     """Whether :func:`optimize_for_cpu` has been applied (such a reranker scores, but neither trains nor saves)."""
     return getattr(reranker, "optimized", None) is not None
+
+
+def equivalence_shown(model: str) -> dict | None:
+    """The benchmark's figures for ``model`` (a packaged short name such as ``"minilm-l6"``) if it showed that the
+    default fast method ranks as float32 does on a checkpoint of that model (nDCG@10 difference within 0.005, its
+    95% interval inside 0.01, Kendall's tau >= 0.95, batch dependence <= 1e-3); else None."""
+    entries = json.loads(EQUIVALENCE_FILE.read_text()) if EQUIVALENCE_FILE.exists() else {}
+    return entries.get(model)
 
 
 def native_bfloat16() -> bool:

@@ -70,4 +70,6 @@ def test_fast_refuses_a_second_method_and_answers_empty_frames(saved):  # noqa: 
     assert kdcl.optimize_for_cpu(reranker) is reranker
     with pytest.raises(ValueError, match="already optimised.*load the float32 checkpoint again"):
         kdcl.optimize_for_cpu(reranker, "int8")
+    with pytest.raises(ValueError, match="keep_float.*method='int8'"):
+        kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), keep_float=None)
     assert len(reranker(frame().iloc[:0])) == 0

@@ -62,7 +62,7 @@ def sharded(saved):
 def test_int8_scores_are_close_to_float32_and_rank_alike(saved):
     inp = frame()
     fp32 = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)
-    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), keep_float=None)
+    int8 = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "int8", keep_float=None)
     assert is_optimized(int8) and not is_optimized(fp32)
     quantized = [m for m in int8.ranker.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
     layers = [m for m in quantized if hasattr(m, "weight")]
