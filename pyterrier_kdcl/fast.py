@@ -37,7 +37,8 @@ EQUIVALENCE_FILE = Path(__file__).with_name("fast_equivalence.json")
 # DistilBERT, and Llama/Qwen/Gemma-style decoders
 FFN_OUTPUT = r"(layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj)$"
 _WIDTH_STEP = 32  # pairs run at their length rounded up to this (see FixedWidths)
-_ROWS = 256  # rows per bfloat16 matrix product (a padded last block): one shape for every row, large enough for AMX
+_ROWS = 256  # rows per bfloat16 matrix product of a 2-D input (a padded last block): one shape for every row
+_SEQUENCES = 8  # sequences per bfloat16 matrix product of a 3-D input (2,048 rows at width 256)
 _HEAD_FEATURES = 16  # a linear layer with fewer outputs is a scoring head: it stays float32 (it costs nothing)
 
 
@@ -140,21 +141,24 @@ class Float32Head(nn.Module):
 
 
 class FixedRowsLinear(nn.Module):
-    """A bfloat16 linear layer that multiplies ``rows`` rows at a time, the last block padded with zeros.
+    """A bfloat16 linear layer that multiplies a fixed number of rows at a time, the last block padded with zeros.
 
     oneDNN's bfloat16 matrix product blocks its sum over the input features by the number of rows it is given
     (seen for the 1,536 inputs of MiniLM's feed-forward output), so a row's result changed in the last bit with
     its batch mates, and bfloat16 rounding carried that to the score (0.01 on scores with sd 3). Every row now
     goes through a product of the same shape: the same sum in the same order, whatever else is in the batch.
+    A block holds ``sequences`` sequences of the input's width (which :class:`FixedWidths` sets from each pair's
+    own length), or ``rows`` rows of a 2-D input: large blocks, since every product is a parallel region whose
+    threads all wait for the slowest (256-row blocks ran at a third of float32's speed on a loaded machine).
     """
 
-    def __init__(self, linear: nn.Linear, rows: int = _ROWS):
+    def __init__(self, linear: nn.Linear, rows: int = _ROWS, sequences: int = _SEQUENCES):
         super().__init__()
-        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.weight, self.bias, self.rows, self.sequences = linear.weight, linear.bias, rows, sequences
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        n, rows = flat.shape[0], self.rows
+        n, rows = flat.shape[0], self.sequences * x.shape[-2] if x.dim() == 3 else self.rows
         out = flat.new_empty(n, self.weight.shape[0])
         weight = self.weight.t()
         for start in range(0, n - n % rows, rows):
