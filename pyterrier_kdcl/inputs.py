@@ -29,6 +29,7 @@ RANKLLAMA_TEMPLATE = "query: {query} document: {text}"
 _MIN_MAX_LENGTH = 16
 _MIN_BUDGET = 8  # tokens left for query and document after the special tokens, the template and EOS
 _CHARS_PER_TOKEN = 12  # a generous bound: English averages 4-5 characters per word piece
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -100,19 +101,22 @@ class PairEncoder:
         Metaspace), a prefix ending at a space starts with the same tokens as the whole text, and the prefix
         holds about three times the tokens the budget takes. A pair for which the prefix might not decide the cut
         as the whole text would (a prefix that the budget did not cut, or with fewer tokens than the query: long
-        unbroken strings) is encoded again from the whole text, so the ids are always the untruncated ones.
+        unbroken strings, lines without spaces) is encoded again from a prefix 16 times longer, and so on up to the
+        whole text, so the ids are always the untruncated ones. Growing the prefix instead of tokenizing the whole
+        text at once keeps memory bounded: a 270 KB man page whose first space came after 62 characters cost
+        60-150 MB of token objects per chunk that held it (issue 16).
         """
         queries, texts = _valid_unicode(queries), _valid_unicode(texts)
         if not self._splits_at_whitespace():
             return self._encode(queries, texts)
-        limit = _CHARS_PER_TOKEN * self.max_length
-        cut = [t[: max(t.rfind(" ", 0, limit), 1)] if len(t) > limit else t for t in texts]
-        pairs = self._encode(queries, cut)
-        again = [i for i, pair in enumerate(pairs) if cut[i] is not texts[i] and not self._decided_by_prefix(pair)]
-        if again:
-            redone = self._encode([queries[i] for i in again], [texts[i] for i in again])
-            for i, pair in zip(again, redone):
+        pairs: list[EncodedPair] = [None] * len(texts)
+        rows, limit = list(range(len(texts))), _CHARS_PER_TOKEN * self.max_length
+        while rows:
+            cut = [_prefix(texts[i], limit) for i in rows]
+            for i, pair in zip(rows, self._encode([queries[i] for i in rows], cut)):
                 pairs[i] = pair
+            rows = [i for i, text in zip(rows, cut) if text is not texts[i] and not self._decided_by_prefix(pairs[i])]
+            limit *= 16
         return pairs
 
     def _decided_by_prefix(self, pair: EncodedPair) -> bool:
@@ -227,11 +231,16 @@ class PairEncoder:
             yield rows, self.collate([pairs[i] for i in rows])
 
 
+def _prefix(text: str, limit: int) -> str:
+    """``text`` itself when it has at most ``limit`` characters, else its start up to the last space before
+    ``limit`` (one character when there is none: too short to decide, so encode tries a longer prefix)."""
+    return text if len(text) <= limit else text[: max(text.rfind(" ", 0, limit), 1)]
+
+
 def _valid_unicode(strings) -> list[str]:
-    """Lone surrogates (text decoded with ``errors="surrogateescape"``) become "?": tokenizers refuse them."""
-    strings = list(strings)
-    try:
-        "".join(strings).encode("utf-8")
-        return strings
-    except UnicodeEncodeError:
-        return [s.encode("utf-8", "replace").decode("utf-8") for s in strings]
+    """Lone surrogates (text decoded with ``errors="surrogateescape"``) become "?": tokenizers refuse them.
+
+    Checked string by string, without a copy: joining a chunk's documents to test them at once held a
+    50-70 MB text as a 200-250 MB UCS-4 string plus its UTF-8 bytes, the peak of scoring (issue 16)."""
+    return [s if s.isascii() or not _SURROGATE.search(s) else s.encode("utf-8", "replace").decode("utf-8")
+            for s in strings]

@@ -6,6 +6,8 @@ One scoring path: :meth:`CrossEncoder.scores` returns differentiable scores for 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -117,6 +119,7 @@ class CrossEncoder(pt.Transformer):
                     out[np.asarray(rows) + start] = scores.cpu().numpy()
                     if bar is not None:
                         bar.update(len(rows))
+                _return_freed_memory()
         if bar is not None:
             bar.close()
         self.ranker.train(was_training)
@@ -208,6 +211,23 @@ class CrossEncoder(pt.Transformer):
         """The box of PyTerrier's pipeline drawings; ``help_url`` is set, so drawing never looks it up online."""
         label = "CrossEncoder" if self.optimized is None else f"CrossEncoder ({self.optimized})"
         return {"label": label, "help_url": "docs/guide.md#1-rerank"}
+
+
+def _return_freed_memory() -> None:
+    """Gives the pages that glibc's malloc keeps after a chunk back to the system (``malloc_trim``; a no-op
+    elsewhere). Nothing in use grows from chunk to chunk, but activations and token lists of ever-different sizes
+    leave free holes that malloc keeps: without this, 20,000 pairs peaked 15% above 2,000 (issue 16)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc, or no C library to open (Windows)
+        return None
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import weakref
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -111,16 +112,34 @@ class ShardedScorer(pt.Transformer):
         return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
 
     def score_pairs(self, qids, queries, texts) -> np.ndarray:
-        """Scores in input order; rows sharing a qid are scored by the same worker."""
+        """Scores in input order; rows sharing a qid are scored by the same worker.
+
+        A worker that dies while scoring (killed, for example by the out-of-memory killer) raises a
+        ``RuntimeError`` naming its device and its queries; no scores are returned, and the next call starts
+        new workers."""
+        qids = np.asarray(list(qids))
         queries, texts = np.asarray(list(queries), dtype=object), np.asarray(list(texts), dtype=object)
-        shards = shard_by_query(np.asarray(list(qids)), len(self.devices))
+        shards = shard_by_query(qids, len(self.devices))
         pools = self._start()
-        futures = [(rows, pool.submit(_score, queries[rows].tolist(), texts[rows].tolist()))
-                   for rows, pool in zip(shards, pools) if len(rows)]
+        futures = [(worker, rows, pool.submit(_score, queries[rows].tolist(), texts[rows].tolist()))
+                   for worker, (rows, pool) in enumerate(zip(shards, pools)) if len(rows)]
         out = np.empty(len(queries), dtype=np.float32)
-        for rows, future in futures:
-            out[rows] = future.result()
+        for worker, rows, future in futures:
+            try:
+                out[rows] = future.result()
+            except BrokenProcessPool:
+                self._abandon()
+                raise RuntimeError(self._died(worker, qids[rows])) from None
         return out
+
+    def _died(self, worker: int, qids: np.ndarray) -> str:
+        names = pd.unique(qids).tolist()
+        shown = ", ".join(repr(q) for q in names[:5]) + (", ..." if len(names) > 5 else "")
+        return (f"{self!r}: worker {worker} (device {self.devices[worker]!r}) died while scoring its shard of "
+                f"{len(qids)} rows, {len(names)} queries (qids {shown}); no frame is returned. It was killed or "
+                "crashed (often the out-of-memory killer: see `dmesg`). The workers were stopped and the next call "
+                "starts new ones: run the frame again, and if a worker dies again, give it more memory (fewer "
+                "workers, a smaller batch_size or max_length, or smaller frames)")
 
     # -- workers -------------------------------------------------------------------------------------------------
     def _start(self) -> list[ProcessPoolExecutor]:
@@ -141,6 +160,13 @@ class ShardedScorer(pt.Transformer):
         """Stops the workers (the next frame starts them again)."""
         if self._stop is not None:
             self._stop()
+        self._pools = self._stop = None
+
+    def _abandon(self) -> None:
+        # after a worker died: stop at once, without waiting for the other workers' shards (they exit after them)
+        if self._stop is not None:
+            self._stop.detach()
+            _shutdown(self._pools, wait=False)
         self._pools = self._stop = None
 
     def __enter__(self) -> ShardedScorer:
@@ -173,9 +199,9 @@ def shard_by_query(qids: np.ndarray, shards: int) -> list[np.ndarray]:
     return [np.flatnonzero(row_owner == shard) for shard in range(shards)]
 
 
-def _shutdown(pools: list[ProcessPoolExecutor]) -> None:
+def _shutdown(pools: list[ProcessPoolExecutor], wait: bool = True) -> None:
     for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 # -- inside a worker process -------------------------------------------------------------------------------------

@@ -151,6 +151,19 @@ def test_lone_surrogates_are_replaced_not_a_tokenizer_crash(rerankers, family):
     assert out.set_index("docno")["score"]["d1"] == pytest.approx(alone(ce, "q ?", "bad ? byte"), abs=1e-5)
 
 
+def test_looking_for_lone_surrogates_copies_no_text(rerankers):
+    """Checking a chunk's documents by joining them held the chunk's text twice more (as a UCS-4 string up to four
+    times its size, and as UTF-8 bytes): the peak of scoring 20,000 man-page pairs (issue 16)."""
+    import tracemalloc
+
+    texts = ["ünïcode text ☃ " * 6_000 + str(i) for i in range(50)]  # 50 documents of 90,000 characters
+    tracemalloc.start()
+    rerankers["bert"].encoder.encode(["copy"] * len(texts), texts)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000, f"encoding 4.5 million characters allocated {peak / 1e6:.1f} MB in Python"
+
+
 # -- documents far longer than max_length --------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_document_far_longer_than_max_length_is_truncated(rerankers, family):

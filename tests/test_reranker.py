@@ -113,6 +113,18 @@ def test_long_documents_are_tokenized_from_a_prefix_with_the_same_ids(tiny_model
     assert seen[1] == [len(texts[1])]
 
 
+def test_a_prefix_too_short_to_decide_grows_instead_of_tokenizing_the_whole_document(tiny_model, monkeypatch):
+    """Like systemd.directives(7): one word a line, the first space after 4 characters, 100 KB of text."""
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    text = "UNIT DIRECTIVES\n" + ("directive\n" * 100 + "see also\n") * 100
+    whole = ce.encoder._encode(["copy"], [text])
+    seen = []
+    tokenize = ce.encoder._encode
+    monkeypatch.setattr(ce.encoder, "_encode", lambda q, t: seen.append(len(t[0])) or tokenize(q, t))
+    assert ce.encoder.encode(["copy"], [text])[0].input_ids == whole[0].input_ids
+    assert seen[0] == len("UNIT") and len(seen) == 2 and seen[1] <= 16 * 12 * 32 < len(text)
+
+
 def test_other_pairs_in_a_batch_do_not_change_a_long_pairs_score(tiny_model):
     ce = kdcl.CrossEncoder(tiny_model("llama"), verbose=False, max_length=24)
     long_text = "copy files and directories " * 50

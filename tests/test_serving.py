@@ -1,6 +1,11 @@
 """The fast CPU path (int8) against float32, and sharded scoring against single-process scoring."""
 
+import os
 import re
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -179,3 +184,41 @@ def test_sharding_refuses_optimised_rerankers_and_wrong_directories(saved, tmp_p
         ShardedScorer(optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)))
     with pytest.raises(FileNotFoundError, match="not a saved pyterrier_kdcl reranker"):
         ShardedScorer(tmp_path)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (fields 14 and 15 of /proc/<pid>/stat, proc(5))."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's CPU time from /proc")
+def test_a_worker_killed_mid_scoring_names_its_shard_and_returns_no_frame(saved):
+    """A real SIGKILL once the worker is busy with its shard (it has used CPU since the frame was sent)."""
+    inp = frame(4, 500)
+    rows = shard_by_query(inp["qid"].to_numpy(), 2)[1]
+    qids = ", ".join(repr(q) for q in pd.unique(inp["qid"].iloc[rows]))
+    scorer = ShardedScorer(saved, workers=2, threads=1)
+    try:
+        scorer(inp.head(2))  # the workers are up
+        victim = scorer._pools[1].submit(os.getpid).result()
+        idle = cpu_seconds(victim)
+
+        def kill_once_busy():
+            deadline = time.monotonic() + 120
+            while cpu_seconds(victim) < idle + 0.1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_once_busy)
+        killer.start()
+        expected = (rf"worker 1 \(device 'cpu'\) died while scoring its shard of {len(rows)} rows, 2 queries "
+                    rf"\(qids {re.escape(qids)}\); no frame is returned.*run the frame again")
+        with pytest.raises(RuntimeError, match=expected):
+            scorer(inp)
+        killer.join()
+        out = scorer(inp.head(12))  # new workers
+        single = kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)(inp.head(12))
+        np.testing.assert_allclose(out["score"], single["score"], rtol=1e-5, atol=1e-5)
+    finally:
+        scorer.close()
