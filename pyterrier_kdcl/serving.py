@@ -57,6 +57,9 @@ class ShardedScorer(pt.Transformer):
     """
 
     schematic = {"label": "ShardedScorer", "help_url": "docs/serving.md#sharded-scoring"}
+    # a shard goes to its worker in pieces of this many rows (one tokenisation chunk of CrossEncoder.transform),
+    # the next as the worker finishes one, so that a worker holds one piece's documents, not its whole shard's
+    piece_rows = 2048
 
     def __init__(self, reranker: CrossEncoder | str | os.PathLike, *, devices: list[str] | None = None,
                  workers: int | None = None, threads: int | None = None, optimize: str | None = None,
@@ -121,12 +124,13 @@ class ShardedScorer(pt.Transformer):
         queries, texts = np.asarray(list(queries), dtype=object), np.asarray(list(texts), dtype=object)
         shards = shard_by_query(qids, len(self.devices))
         pools = self._start()
-        futures = [(worker, rows, pool.submit(_score, queries[rows].tolist(), texts[rows].tolist()))
-                   for worker, (rows, pool) in enumerate(zip(shards, pools)) if len(rows)]
+        work = [(worker, rows, [pool.submit(_score, queries[piece].tolist(), texts[piece].tolist())
+                                for piece in np.array_split(rows, -(-len(rows) // self.piece_rows))])
+                for worker, (rows, pool) in enumerate(zip(shards, pools)) if len(rows)]
         out = np.empty(len(queries), dtype=np.float32)
-        for worker, rows, future in futures:
+        for worker, rows, futures in work:
             try:
-                out[rows] = future.result()
+                out[rows] = np.concatenate([future.result() for future in futures])
             except BrokenProcessPool:
                 self._abandon()
                 raise RuntimeError(self._died(worker, qids[rows])) from None

@@ -151,6 +151,20 @@ def test_sharded_scoring_equals_single_process(saved, sharded):
     pd.testing.assert_frame_equal(again, out)
 
 
+def test_a_shard_goes_to_its_worker_in_pieces_and_scores_as_one(sharded, monkeypatch):
+    inp = frame()
+    whole = sharded.score_pairs(inp["qid"], inp["query"], inp["text"])
+    sent = []
+    for pool in sharded._start():  # record what each submission carries to a worker
+        submit = pool.submit
+        monkeypatch.setattr(pool, "submit", lambda fn, queries, texts, submit=submit: (
+            sent.append(len(queries)), submit(fn, queries, texts))[1])
+    monkeypatch.setattr(sharded, "piece_rows", 4)  # each worker's rows in pieces of at most 4
+    pieces = sharded.score_pairs(inp["qid"], inp["query"], inp["text"])
+    assert sum(sent) == len(inp) and max(sent) <= 4 and len(sent) >= len(inp) // 4
+    np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_scoring_answers_empty_frames_without_workers(saved):
     scorer = ShardedScorer(saved, workers=2)
     out = scorer(frame().iloc[:0])
