@@ -6,10 +6,15 @@ per call: a row's fused score then depends on that row alone, whatever other row
 be cached and compared across calls. ``fit`` learns those statistics and the weights (a grid over the simplex
 that maximises a measure on the judged queries it is given).
 
+A member may be the first stage itself: :class:`FirstStageScore` reads the score the candidates arrived with. The
+fusion hands its members that score as a ``first_stage_score`` column (from its input's ``score``, unless the
+input carries ``first_stage_score`` already, as the distillation trainer's teacher frames do).
+
 Example::
 
     from pyterrier_dr import SBertBiEncoder
-    fused = kdcl.ScoreFusion({"minilm": SBertBiEncoder(minilm_path).text_scorer(),
+    fused = kdcl.ScoreFusion({"bm25": FirstStageScore(),
+                              "minilm": SBertBiEncoder(minilm_path).text_scorer(),
                               "mpnet": SBertBiEncoder(mpnet_path).text_scorer(),
                               "cross": trained_cross_encoder})
     (bm25 % 20 >> text >> fused).fit(dev_topics, dev_qrels)   # statistics and weights from dev
@@ -26,6 +31,30 @@ import pandas as pd
 import pyterrier as pt
 
 _HELP_URL = "docs/guide.md#4-choose-a-teacher"
+FIRST_STAGE_COLUMN = "first_stage_score"
+
+
+class FirstStageScore(pt.Transformer):
+    """A fusion member that scores each row with its first-stage score (BM25's, in ``bm25 >> text >> fused``).
+
+    It reads the ``first_stage_score`` column, which :class:`ScoreFusion` fills from its input's ``score`` and the
+    distillation trainer from its groups. It has no ``fingerprint()``: its scores depend on the first stage, not on
+    itself, so a fusion holding it caches its scores under a key the user (or the experiment) names.
+    """
+
+    schematic = {"label": "FirstStageScore", "help_url": _HELP_URL}
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        if FIRST_STAGE_COLUMN not in inp.columns:
+            raise ValueError(f"FirstStageScore reads the candidates' first-stage score from a {FIRST_STAGE_COLUMN!r} "
+                             f"column, and this frame (columns {list(inp.columns)}) has none: use it as a member of "
+                             "ScoreFusion fed with the first stage's result frame (bm25 >> text >> fused), whose "
+                             "'score' the fusion passes on, or train with a frame that keeps the first stage's "
+                             "'score' column")
+        return inp.assign(score=inp[FIRST_STAGE_COLUMN].astype("float64"))
+
+    def __repr__(self) -> str:
+        return "FirstStageScore()"
 
 
 class ScoreFusion(pt.Estimator):
@@ -56,11 +85,15 @@ class ScoreFusion(pt.Estimator):
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def member_scores(self, inp: pd.DataFrame) -> pd.DataFrame:
-        """One column per scorer, aligned with ``inp``'s rows (joined back by qid and docno)."""
+        """One column per scorer, aligned with ``inp``'s rows (joined back by qid and docno). Each scorer sees the
+        input without its ``score`` and ``rank``; that score travels as ``first_stage_score``."""
         keys = inp[["qid", "docno"]].astype(str)
+        given = inp.drop(columns=["score", "rank"], errors="ignore")
+        if "score" in inp.columns and FIRST_STAGE_COLUMN not in inp.columns:
+            given = given.assign(**{FIRST_STAGE_COLUMN: inp["score"]})
         columns = {}
         for name, scorer in self.scorers.items():
-            out = scorer(inp.drop(columns=["score", "rank"], errors="ignore"))
+            out = scorer(given)
             scored = out[["qid", "docno"]].astype(str).assign(score=out["score"].to_numpy(dtype="float64"))
             columns[name] = keys.merge(scored.drop_duplicates(["qid", "docno"]), on=["qid", "docno"],
                                        how="left")["score"].to_numpy()
@@ -85,17 +118,23 @@ class ScoreFusion(pt.Estimator):
         return total
 
     # -- fitting ---------------------------------------------------------------------------------------------
-    def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
-            va_qrels: pd.DataFrame | None = None) -> pd.DataFrame:
-        """Fits statistics and weights on the judged candidates (validation ones when given); returns the grid."""
-        res, qrels = (va_res, va_qrels) if va_res is not None and va_qrels is not None else (tr_res, tr_qrels)
+    def fit_statistics(self, res: pd.DataFrame) -> pd.DataFrame:
+        """Fits each scorer's mean and standard deviation on ``res``'s rows (no labels needed: enough to use given
+        weights); returns the scorers' scores, one column each."""
         if len(res) == 0:
-            raise ValueError("ScoreFusion.fit needs judged candidates: the result frame is empty")
+            raise ValueError("ScoreFusion.fit needs candidates to fit on: the result frame is empty")
         members = self.member_scores(res)
         self.stats = {}
         for name in self.scorers:
             std = float(members[name].std())
             self.stats[name] = (float(members[name].mean()), std if std > 0 else 1.0)
+        return members
+
+    def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
+            va_qrels: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Fits statistics and weights on the judged candidates (validation ones when given); returns the grid."""
+        res, qrels = (va_res, va_qrels) if va_res is not None and va_qrels is not None else (tr_res, tr_qrels)
+        members = self.fit_statistics(res)
         measure = ir_measures.parse_measure(self.metric)
         qids = set(res["qid"].astype(str))  # the mean runs over these queries only
         qrels = qrels[qrels["qid"].astype(str).isin(qids)]

@@ -104,3 +104,39 @@ def test_fitted_temperature_is_invariant_to_the_teachers_scale():
 def test_fitted_temperature_refuses_groups_without_positives():
     with pytest.raises(ValueError, match="labelled positive"):
         fit_temperature(np.zeros((3, 4)), np.zeros((3, 4)))
+
+
+def test_a_first_stage_member_fuses_the_score_the_candidates_arrived_with():
+    from pyterrier_kdcl.fusion import FirstStageScore
+
+    res, qrels = _candidates(n_queries=30)
+    res["score"] = 5.0 * res["truth"] + 0.01 * res.index  # a first stage that finds every positive
+    fusion = ScoreFusion({"first": FirstStageScore(), "noise": _members()["noise"]}, grid_step=0.5)
+    fusion.fit(res, qrels)
+    assert fusion.weights == {"first": 1.0, "noise": 0.0}
+    assert fusion.stats["first"][0] == pytest.approx(res["score"].mean())  # the input's score, not another column
+    fused = fusion(res)
+    np.testing.assert_allclose(fused["score"], (res["score"] - fusion.stats["first"][0]) / fusion.stats["first"][1])
+    with pytest.raises(ValueError, match="reads the candidates' first-stage score from a 'first_stage_score'"):
+        FirstStageScore()(res.drop(columns="score"))
+
+
+def test_groups_hand_the_teacher_their_first_stage_scores():
+    from pyterrier_kdcl.fusion import FirstStageScore
+    from pyterrier_kdcl.training.groups import GroupSampler
+    from pyterrier_kdcl.training.teachers import TeacherScores
+
+    res, qrels = _candidates(n_queries=4, depth=5)
+    res["score"] = [float(100 * q + d) for q in range(4) for d in range(5)]
+    res = res[~((res["qid"] == "q0") & (res["docno"] == qrels["docno"][0]))]  # the first stage missed q0's positive
+    sampler = GroupSampler(res, qrels, group_size=3, seed=0, text_source={qrels["docno"][0]: "missed"})
+    groups = list(sampler.epoch(0))
+    lookup = dict(zip(res["docno"], res["score"]))
+    for g in groups:
+        expected = [lookup.get(d, res[res["qid"] == g.qid]["score"].min()) for d in g.docnos]
+        assert g.first_stage_scores == tuple(expected)  # a missed positive: its query's lowest candidate score
+    scores = TeacherScores(FirstStageScore(), None)
+    scores.prepare(groups)
+    np.testing.assert_allclose(scores.lookup(groups).numpy(), np.array([g.first_stage_scores for g in groups]))
+    unscored = GroupSampler(res.drop(columns="score"), qrels, group_size=3, seed=0)
+    assert next(unscored.epoch(0)).first_stage_scores is None

@@ -7,6 +7,10 @@ same seed and data give the same groups in the same order whatever objective is 
 Queries with no qrels at all can make *unjudged* groups (``unjudged="distil"``): ``group_size`` of the first
 stage's candidates (within the same rank window), drawn the same seeded way, with no positive. Only a teacher
 can supply their targets, so only losses that read no labels train on them.
+
+Each group also carries its documents' first-stage ``score`` (when the frame has one), for teachers that fuse it
+(``pyterrier_kdcl.fusion.FirstStageScore``). A positive the first stage missed gets the lowest score among its
+query's candidates: it ranked below all of them.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ UNJUDGED_POLICIES = ("skip", "distil")
 @dataclass(frozen=True)
 class Group:
     """One query's group: the positive first, then the negatives; labels are 1 for the positive, else 0.
-    An unjudged group (``judged=False``) holds first-stage candidates only, all labelled 0."""
+    An unjudged group (``judged=False``) holds first-stage candidates only, all labelled 0. ``first_stage_scores``
+    are the documents' first-stage scores, when the training frame has a ``score`` column."""
 
     qid: str
     query: str
     docnos: tuple[str, ...]
     texts: tuple[str, ...]
     judged: bool = True
+    first_stage_scores: tuple[float, ...] | None = None
 
     @property
     def labels(self) -> tuple[int, ...]:
@@ -131,18 +137,22 @@ class GroupSampler:
         judged_qids = set(qrels["qid"])
         missing_positive_text = self._fetch_missing_positive_text(results, positives, text_source, text_field)
 
-        self._queries: list[tuple[str, str, list[tuple[str, str]], list[tuple[str, str]]]] = []
+        # (docno, text, first-stage score or None) of each positive and negative
+        self._scored = "score" in results.columns
+        self._queries: list[tuple[str, str, list[tuple], list[tuple]]] = []
         for qid, rows in results.groupby("qid", sort=True):
             self.stats.queries += 1
             judged = positive_sets.get(qid, set())
             is_pos = rows["docno"].isin(judged).to_numpy()
-            pos = list(zip(rows["docno"][is_pos], rows[text_field][is_pos]))
-            pos += [(d, missing_positive_text[qid, d]) for d in sorted(judged)
+            scores = rows["score"].astype("float64") if self._scored else pd.Series(None, index=rows.index)
+            pos = list(zip(rows["docno"][is_pos], rows[text_field][is_pos], scores[is_pos]))
+            lowest = scores.min() if self._scored else None  # a missed positive ranked below every candidate
+            pos += [(d, missing_positive_text[qid, d], lowest) for d in sorted(judged)
                     if (qid, d) in missing_positive_text]
             negs_rows = rows[~is_pos]
             if window is not None:
                 negs_rows = negs_rows[(negs_rows["_rank"] >= window[0]) & (negs_rows["_rank"] < window[1])]
-            negs = list(zip(negs_rows["docno"], negs_rows[text_field]))
+            negs = list(zip(negs_rows["docno"], negs_rows[text_field], scores[negs_rows.index]))
             unjudged = qid not in judged_qids
             self.stats.unjudged += unjudged
             if not pos and not (unjudged and self.unjudged == "distil"):
@@ -185,7 +195,8 @@ class GroupSampler:
             needed = self.group_size - len(members)
             picks = rng.choice(len(negs), size=needed, replace=len(negs) < needed)
             members += [negs[i] for i in picks]
-            yield Group(qid, query, tuple(d for d, _ in members), tuple(t for _, t in members), judged)
+            yield Group(qid, query, tuple(d for d, _, _ in members), tuple(t for _, t, _ in members), judged,
+                        tuple(float(s) for _, _, s in members) if self._scored else None)
 
 
 def _checked_results(results: pd.DataFrame, text_field: str) -> pd.DataFrame:

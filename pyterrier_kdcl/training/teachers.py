@@ -2,7 +2,9 @@
 
 Any PyTerrier transformer that scores the rows it is given can teach: a ``CrossEncoder``, a pyterrier_dr
 bi-encoder's ``text_scorer()``, a sum of transformers. Scores are joined by (qid, docno), never by position,
-and must be finite.
+and must be finite. The teacher sees each pair's qid, query, docno and text, and, when the groups carry them, its
+first-stage score as ``first_stage_score`` (for a fused teacher's ``FirstStageScore`` member; never ``score``,
+which is the teacher's to write).
 
 The cache (``ScoreStore``) is one SQLite table per teacher, keyed by a hash of the query, the docno *and the
 document text*, so a changed text is scored afresh. Its directory is named after the teacher's fingerprint: a
@@ -223,7 +225,7 @@ class TeacherScores:
         rest, each process its share, in chunks written to the cache as they are scored."""
         processes = processes or Processes()
         pairs, self._index = _distinct_pairs(groups)
-        keys = [pair_key(q, d, t) for _, q, d, t in pairs]
+        keys = [pair_key(q, d, t) for _, q, d, t, _ in pairs]
         scores = np.full(len(pairs), np.nan)
         if processes.is_main and self.store is not None:
             cached = self.store.get(keys)
@@ -242,7 +244,10 @@ class TeacherScores:
         bar = pt.tqdm(total=len(indices), desc=f"teacher {self.teacher!r}", unit="pair", disable=not self.verbose)
         for start in range(0, len(indices), CHUNK_PAIRS):
             chunk = indices[start : start + CHUNK_PAIRS]
-            frame = pd.DataFrame([pairs[i] for i in chunk], columns=["qid", "query", "docno", "text"])
+            frame = pd.DataFrame([pairs[i] for i in chunk], columns=["qid", "query", "docno", "text",
+                                                                     "first_stage_score"])
+            if frame["first_stage_score"].isna().all():  # groups without first-stage scores
+                frame = frame.drop(columns="first_stage_score")
             out[start : start + len(chunk)] = self.checked(frame)["score"].to_numpy(dtype="float64")
             self.scored += len(chunk)
             if self.store is not None:
@@ -280,12 +285,14 @@ def pair_key(query: str, docno: str, text: str) -> bytes:
     return digest.digest()
 
 
-def _distinct_pairs(groups: Iterable[Group]) -> tuple[list[tuple[str, str, str, str]], dict]:
-    """The distinct (qid, query, docno, text) of the groups, and each (query, docno, text)'s position among them
-    (the strings are the groups' own: an index of millions of pairs holds references, not copies)."""
+def _distinct_pairs(groups: Iterable[Group]) -> tuple[list[tuple[str, str, str, str, float]], dict]:
+    """The distinct (qid, query, docno, text, first-stage score or NaN) of the groups, and each (query, docno,
+    text)'s position among them (the strings are the groups' own: an index of millions of pairs holds references,
+    not copies)."""
     pairs, index = [], {}
     for g in groups:
-        for d, t in zip(g.docnos, g.texts):
+        scores = g.first_stage_scores or (np.nan,) * len(g.docnos)
+        for d, t, s in zip(g.docnos, g.texts, scores):
             if index.setdefault((g.query, d, t), len(pairs)) == len(pairs):
-                pairs.append((g.qid, g.query, d, t))
+                pairs.append((g.qid, g.query, d, t, s))
     return pairs, index
