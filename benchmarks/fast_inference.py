@@ -10,8 +10,10 @@ that checkpoint and scores the same pairs, max_length 256, batch 32, slice by sl
 * ``kdcl-fp32``: ``CrossEncoder.load(path)``; ``kdcl-fast``: ``optimize_for_cpu(...)`` (bfloat16, the default);
   ``kdcl-int8``: ``optimize_for_cpu(..., "int8")`` (dynamic int8, the default before);
 * ``st-fp32``: sentence-transformers' ``CrossEncoder(path).predict`` in float32;
-* with ``--anchors-python``, sentence-transformers' fast backends from their own environment (``anchors.py``):
-  ``st-onnx-int8``, ``st-openvino-int8`` (static, calibrated), ``st-openvino``.
+* with ``--anchors-python``, fast backends from their own environment (``anchors.py``): sentence-transformers'
+  ``st-onnx-int8``, ``st-openvino-int8`` (static, calibrated) and ``st-openvino``, and two ways we could serve the
+  checkpoint ourselves: ``ort-fused`` (ONNX Runtime float32 after optimum's O2 graph fusions) and ``ct2-int8``
+  (CTranslate2's encoder, int8 weights, the checkpoint's classifier on its pooled output); ``--anchors`` picks.
 
 Regimes: ``bm25`` (default) reranks BM25's top ``--depth`` of ``--queries`` sampled test queries (long documents:
 BM25 favours long man pages) and reports pairs/s, nDCG@10 with each contender's paired difference from kdcl-fp32
@@ -38,6 +40,7 @@ import ir_measures
 import numpy as np
 import pandas as pd
 import pyterrier as pt
+from anchors import ANCHORS
 from common import DATASET, bm25_frame, cache_dir, header, rotation, trained_checkpoint
 from scipy import stats
 
@@ -57,7 +60,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--contenders", nargs="+", default=["kdcl-fp32", "kdcl-fast", "kdcl-int8", "st-fp32"])
     parser.add_argument("--anchors-python", help="python of the anchors' environment (see anchors.py)")
-    parser.add_argument("--anchors", nargs="+", default=["st-onnx-int8", "st-openvino-int8", "st-openvino"])
+    parser.add_argument("--anchors", nargs="+", choices=ANCHORS, default=ANCHORS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--train-queries", type=int, default=800)
@@ -150,7 +153,7 @@ def local_contender(name: str, path: Path, args):
 
 
 class Anchors:
-    """sentence-transformers' fast backends in their own environment (anchors.py), one process for all of them."""
+    """The fast backends of anchors.py in their own environment, one process for all of them."""
 
     def __init__(self, path: Path, args):
         import torch
