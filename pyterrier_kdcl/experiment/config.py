@@ -115,10 +115,25 @@ class Teacher(Model):
     name: str = "teacher"
     model: str = ""
     train: Literal["contrastive", "none"] = "contrastive"  # "none": use ``model`` as it is (already trained)
-    kind: Literal["cross-encoder", "bi-encoder"] = "cross-encoder"  # bi-encoder: sentence-transformers, as it is
+    # bi-encoder: sentence-transformers, as it is; fusion: a weighted sum of its members' standardised scores
+    kind: Literal["cross-encoder", "bi-encoder", "fusion"] = "cross-encoder"
     disjoint: bool = False                      # train on ``data`` minus the students' training queries (a control)
     seed: int | None = None                     # default: the first of ``seeds``
     data: Data | None = None                    # its own training data (default: the experiment's ``train``)
+    members: list[FusionMember] = field(default_factory=list)  # kind: fusion
+    weights: dict | None = None                 # kind: fusion: member name -> weight (default: fitted on validation)
+    grid_step: float = 0.1                      # kind: fusion: spacing of the weight grid that is searched
+
+
+FUSION_KEYS = {"members": [], "weights": None, "grid_step": 0.1}  # a fused teacher's keys, at their defaults
+
+
+@dataclass
+class FusionMember(Teacher):
+    """A member of a fused teacher: a teacher of its own (trained or given), or the first stage's own score."""
+
+    name: str | None = None                     # required: keys the member's weight
+    kind: Literal["cross-encoder", "bi-encoder", "first-stage"] = "cross-encoder"
 
 
 @dataclass
@@ -370,6 +385,8 @@ def _check_datas(cfg: ExperimentConfig, problems: list[str]) -> None:
     ev = cfg.evaluation
     datas = [("train", cfg.train), ("validation", cfg.validation)]
     datas += [("teacher.data", cfg.teacher.data)] if cfg.teacher else []
+    datas += [(f"teacher.members[{i}].data", m.data) for i, m in enumerate(cfg.teacher.members or [])
+              if m is not None] if cfg.teacher else []
     datas += [(f"evaluation.in_domain[{i}]", d) for i, d in enumerate(ev.in_domain or [])] if ev else []
     datas += [(f"evaluation.out_of_domain[{i}]", d) for i, d in enumerate(ev.out_of_domain or [])] if ev else []
     datas += [(f"students[{i}].unjudged[{j}]", d) for i, s in enumerate(cfg.students or []) if s is not None
@@ -385,21 +402,94 @@ def _check_datas(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(f"evaluation: two collections are labelled {label!r}; give them distinct 'name's")
 
 
+def _check_teacher(path: str, teacher: Teacher, problems: list[str]) -> None:
+    """A teacher, or one member of a fused teacher (``path`` says which)."""
+    _check_model(path, teacher, problems)
+    if teacher.kind == "first-stage":
+        for key in ("model", "data", "lora", "template", "pooling"):
+            if getattr(teacher, key):
+                problems.append(f"{path}.{key}: a first-stage member scores with the candidates' own first-stage "
+                                "score; it takes no model or training settings: drop it")
+        return
+    if not teacher.model:
+        problems.append(f"{path}.model: required key is missing (a model to train, or with train: none a "
+                        "trained reranker)")
+    if teacher.disjoint and (teacher.data is None or teacher.train != "contrastive"):
+        problems.append(f"{path}.disjoint: trains the teacher on {path}.data minus the students' queries; give "
+                        f"{path}.data (e.g. the whole training split) and train: contrastive")
+    if teacher.kind == "bi-encoder":
+        if teacher.train != "none":
+            problems.append(f"{path}.train: a bi-encoder teacher scores as it is (zero-shot); add `train: none`")
+        for key in ("lora", "template", "pooling"):
+            if getattr(teacher, key) is not None:
+                problems.append(f"{path}.{key}: applies to cross-encoders only, not to a bi-encoder teacher")
+
+
+def _check_fusion(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """``teacher.kind: fusion``: named members, weights naming them, something to fit the weights on."""
+    teacher = cfg.teacher
+    if teacher.kind != "fusion":
+        for key, default in FUSION_KEYS.items():
+            if getattr(teacher, key) != default:
+                problems.append(f"teacher.{key}: only a fused teacher has {key}; add `kind: fusion` (and list the "
+                                "teachers to fuse under members:), or drop it")
+        return
+    example = "e.g. [{name: bm25, kind: first-stage}, {name: cross, model: minilm-l6}]"
+    if not teacher.members:
+        problems.append(f"teacher.members: a fused teacher needs at least one member to fuse ({example})")
+    for key in ("model", "data", "disjoint", "lora", "template", "pooling", "seed"):
+        if getattr(teacher, key) not in (None, False, ""):
+            problems.append(f"teacher.{key}: a fused teacher's models are its members': set {key} on the member "
+                            "it belongs to")
+    if teacher.grid_step is not None and not 0 < teacher.grid_step <= 1:
+        problems.append(f"teacher.grid_step: must lie in (0, 1] (weights are multiples of it), got {teacher.grid_step}")
+    names = []
+    for i, member in enumerate(teacher.members):
+        path = f"teacher.members[{i}]"
+        if member is None:
+            continue
+        if member.name is None:
+            problems.append(f"{path}.name: required key is missing: each member needs a name, which keys its "
+                            "weight (e.g. name: bm25)")
+        elif member.name in names:
+            problems.append(f"teacher.members: two members are named {member.name!r}; names must be unique")
+        names.append(member.name)
+        for key, default in FUSION_KEYS.items():
+            if getattr(member, key) != default:
+                problems.append(f"{path}.{key}: belongs to the fused teacher, not to a member; move it up to "
+                                f"teacher.{key}")
+        _check_teacher(path, member, problems)
+    if teacher.weights is not None:
+        unknown = [k for k in teacher.weights if k not in names]
+        if unknown:
+            problems.append(f"teacher.weights: {', '.join(map(repr, unknown))} not a member; the members are "
+                            f"{names}")
+        missing = [n for n in names if n is not None and n not in teacher.weights]
+        if missing:
+            problems.append(f"teacher.weights: give a weight to every member (missing: {', '.join(missing)}), or "
+                            "drop weights to fit them on the validation candidates")
+        values = list(teacher.weights.values())
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values) \
+                or not any(v > 0 for v in values):
+            problems.append(f"teacher.weights: expected non-negative numbers, at least one above 0, got "
+                            f"{_show(teacher.weights)}")
+    elif cfg.validation is None:
+        problems.append("teacher.weights: a fused teacher's weights are fitted on the validation candidates; add a "
+                        "`validation:` section, or give the weights (e.g. weights: {bm25: 0.2, cross: 0.8})")
+
+
+def fusion_members(teacher: Teacher) -> list[FusionMember]:
+    """The members of a fused teacher; none for any other teacher."""
+    return list(teacher.members) if teacher.kind == "fusion" else []
+
+
 def _check_models(cfg: ExperimentConfig, problems: list[str]) -> None:
     if cfg.teacher is not None:
-        _check_model("teacher", cfg.teacher, problems)
-        if not cfg.teacher.model:
-            problems.append("teacher.model: required key is missing (a model to train, or with train: none a "
-                            "trained reranker)")
-        if cfg.teacher.disjoint and (cfg.teacher.data is None or cfg.teacher.train != "contrastive"):
-            problems.append("teacher.disjoint: trains the teacher on teacher.data minus the students' queries; give "
-                            "teacher.data (e.g. the whole training split) and train: contrastive")
-        if cfg.teacher.kind == "bi-encoder":
-            if cfg.teacher.train != "none":
-                problems.append("teacher.train: a bi-encoder teacher scores as it is (zero-shot); add `train: none`")
-            for key in ("lora", "template", "pooling"):
-                if getattr(cfg.teacher, key) is not None:
-                    problems.append(f"teacher.{key}: applies to cross-encoders only, not to a bi-encoder teacher")
+        if cfg.teacher.kind == "fusion":
+            _check_model("teacher", cfg.teacher, problems)
+        else:
+            _check_teacher("teacher", cfg.teacher, problems)
+        _check_fusion(cfg, problems)
     if cfg.students is None:
         return
     if cfg.validation is None and any(cfg.training_args(s).get("teacher_temperature") == "auto"
@@ -577,7 +667,7 @@ def _resolve(value: str, base: Path) -> str:
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
-    for model in [cfg.teacher, *cfg.students]:
+    for model in [cfg.teacher, *fusion_members(cfg.teacher), *cfg.students]:
         if isinstance(model.model, str) and (_looks_like_path(model.model) or (base / model.model).exists()):
             model.model = _resolve(model.model, base)
     for data in _all_data(cfg):
@@ -587,7 +677,7 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
 
 def _all_data(cfg: ExperimentConfig) -> list[Data]:
     datas = [cfg.train, cfg.validation, cfg.teacher.data, *cfg.evaluation.in_domain, *cfg.evaluation.out_of_domain,
-             *(d for s in cfg.students for d in s.unjudged)]
+             *(d for s in cfg.students for d in s.unjudged), *(m.data for m in fusion_members(cfg.teacher))]
     return [d for d in datas if d is not None]
 
 
@@ -605,6 +695,8 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
     paths.update({id(d): f"evaluation.out_of_domain[{i}]" for i, d in enumerate(cfg.evaluation.out_of_domain)})
     paths.update({id(d): f"students[{i}].unjudged[{j}]" for i, s in enumerate(cfg.students)
                   for j, d in enumerate(s.unjudged)})
+    paths.update({id(m.data): f"teacher.members[{i}].data" for i, m in enumerate(fusion_members(cfg.teacher))
+                  if m.data is not None})
     for data in _all_data(cfg):
         path = paths[id(data)]
         ids = [(f"{path}.dataset", data.dataset)]
@@ -624,6 +716,7 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
         if data.first_stage.path and not Path(data.first_stage.path).is_file():
             problems.append(f"{path}.first_stage.path: run file {data.first_stage.path!r} does not exist")
     models = [("teacher.model", cfg.teacher)] + [(f"students[{i}].model", s) for i, s in enumerate(cfg.students)]
+    models += [(f"teacher.members[{i}].model", m) for i, m in enumerate(fusion_members(cfg.teacher))]
     for key, model in models:
         if model.model and _looks_like_path(model.model) and not Path(model.model).exists():
             problems.append(f"{key}: local model {model.model!r} does not exist")

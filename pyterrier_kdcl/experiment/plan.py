@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from pyterrier_kdcl.experiment.config import ExperimentConfig, Model, evaluation_collections
+from pyterrier_kdcl.experiment.config import ExperimentConfig, Model, evaluation_collections, fusion_members
 
 # pairs per second at max_length 128 on the 2-core CPU: (inference, training incl. backward and AdamW);
 # the MiniLM figures as measured after the document pre-cut and fused AdamW (2026-11-27), the others before
@@ -76,6 +76,20 @@ def _minutes(pairs: int | None, speed: float | None) -> float | None:
     return None if pairs is None or speed is None else pairs / speed / 60
 
 
+def _scorers(teacher) -> list[Model]:
+    """The models that score when the teacher scores: itself, or a fused teacher's members (the first stage's
+    score costs nothing)."""
+    if teacher.kind != "fusion":
+        return [teacher]
+    return [m for m in teacher.members if m.kind != "first-stage"]
+
+
+def _scoring_minutes(models: list[Model], pairs: int | None) -> float | None:
+    """Minutes for every model in ``models`` to score ``pairs`` pairs (a fused teacher: the sum of its members)."""
+    minutes = [_minutes(pairs, _speed(m, False)) for m in models]
+    return None if None in minutes else sum(minutes)
+
+
 def plan(cfg: ExperimentConfig) -> str:
     """A table of steps with pair counts and rough CPU minutes."""
     rows: list[tuple[str, int | None, float | None]] = []
@@ -102,7 +116,18 @@ def plan(cfg: ExperimentConfig) -> str:
                      f"validations of {val_pairs if validations else 0} pairs", count, total))
 
     teacher = cfg.teacher
-    if teacher.train != "none":
+    if teacher.kind == "fusion":
+        trained = [m for m in fusion_members(teacher) if m.kind == "cross-encoder" and m.train != "none"]
+        for member in trained:
+            training_rows(f"teacher member {member.name}", member, member.data or cfg.train, "CL", 1)
+        data = cfg.validation or cfg.train
+        n = _queries(data) if cfg.validation or not teacher.weights else min(_queries(data) or 0, 200)
+        pairs = None if n is None else n * data.depth
+        scorers = _scorers(teacher)
+        rows.append((f"fit the fused teacher on {'validation' if cfg.validation else 'training'} candidates "
+                     f"({len(teacher.members)} members, {len(scorers)} scoring)",
+                     None if pairs is None else pairs * len(scorers), _scoring_minutes(scorers, pairs)))
+    elif teacher.train != "none":
         training_rows("teacher", teacher, teacher.data or cfg.train, "CL", 1)
     kd_students = [s for s in cfg.students if "KD" in s.objectives]
     if kd_students:
@@ -111,17 +136,19 @@ def plan(cfg: ExperimentConfig) -> str:
         extra = [_unjudged_queries(cfg, s) for s in kd_students]
         n = None if n is None or None in extra else n + sum(extra)
         pairs = None if n is None else n * args["group_size"] * args["epochs"] * len(cfg.seeds)
-        rows.append((f"teacher scores for distillation (cached; shared by {len(kd_students)} students)", pairs,
-                     _minutes(pairs, _speed(teacher, False))))
+        scorers = _scorers(teacher)
+        rows.append((f"teacher scores for distillation (cached; shared by {len(kd_students)} students)"
+                     + (f"; {len(scorers)} fused members score each pair" if teacher.kind == "fusion" else ""),
+                     pairs, _scoring_minutes(scorers, pairs)))
     for s in cfg.students:
         for objective in s.objectives:
             training_rows(s.name, s, cfg.train, objective, len(cfg.seeds), _unjudged_queries(cfg, s))
     rerankers = [teacher] + [s for s in cfg.students for _ in s.objectives for _ in cfg.seeds]
+    scorers = _scorers(teacher) + rerankers[1:]  # a fused teacher reranks by running each member
     for label, data, in_domain in evaluation_collections(cfg):
         n = _queries(data)
         pairs = None if n is None else n * data.depth
-        minutes = [_minutes(pairs, _speed(m, False)) for m in rerankers]
-        total = None if any(m is None for m in minutes) else sum(minutes)
+        total = _scoring_minutes(scorers, pairs)
         where = "in domain" if in_domain else "out of domain"
         rows.append((f"evaluate on {label} ({where}): {n} queries × {data.depth} candidates × {len(rerankers)} "
                      "rerankers", None if pairs is None else pairs * len(rerankers), total))

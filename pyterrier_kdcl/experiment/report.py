@@ -50,10 +50,14 @@ class Report:
 # -- systems ---------------------------------------------------------------------------------------------------
 def system_groups(config) -> list[dict]:
     """Every row of the summary: its label, student, objective, and its system names (one per seed)."""
-    teacher = "teacher" if config.teacher.name == "teacher" else f"teacher {config.teacher.name}"
+    spec = config.teacher
+    teacher = "teacher" if spec.name == "teacher" else f"teacher {spec.name}"
+    objective = "CL" if spec.train != "none" else "given"
+    if spec.kind == "fusion":  # the row says what was fused
+        teacher += f" (fusion of {', '.join(m.name for m in spec.members)})"
+        objective = "fused"
     rows = [{"system": "BM25", "student": None, "objective": None, "names": ["BM25"]},
-            {"system": teacher, "student": None, "objective": "CL" if config.teacher.train != "none" else "given",
-             "names": ["teacher"]}]
+            {"system": teacher, "student": None, "objective": objective, "names": ["teacher"]}]
     for s in config.students:
         for o in s.objectives:
             rows.append({"system": f"{s.name} {o}", "student": s.name, "objective": o,

@@ -4,6 +4,9 @@ Everything goes to one output directory::
 
     config.json                     the validated config as run
     teacher/                        model/ (CrossEncoder.save), log.csv, stage.json; done.json is written last
+    teacher-<member>/               a fused teacher's second and later trained members, laid out like teacher/
+    teacher-fusion.json             a fused teacher's fitted statistics and weights (teacher-temperature.json: its
+                                    fitted temperature, for ``teacher_temperature: auto``)
     teacher-scores/                 the teacher score cache, shared by every distilled student
     students/<name>/<CL|KD>/seed-<s>/   one training run each, laid out like teacher/
     runs/<collection>/              pt.Experiment's save_dir: a run file per system, aggregated.csv, perquery.csv
@@ -48,15 +51,18 @@ from pyterrier_kdcl.directory_lock import directory_lock
 from pyterrier_kdcl.experiment import data as experiment_data
 from pyterrier_kdcl.experiment import report as reporting
 from pyterrier_kdcl.experiment.config import (
+    FUSION_KEYS,
     ExperimentConfig,
     Model,
     Student,
+    Teacher,
     data_label,
     data_settings,
     evaluation_collections,
     load_config,
 )
-from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_temperature
+from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_fusion, fitted_temperature
+from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
 from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training.teachers import can_fingerprint
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
@@ -346,7 +352,7 @@ class ExperimentRunner:
                     if k not in ("training", "data", "name", "batch_size", "base")}
         if "unjudged" in settings:
             settings["unjudged"] = [data_settings(d) for d in spec.unjudged]
-        for key, default in (("kind", "cross-encoder"), ("disjoint", False), ("unjudged", [])):
+        for key, default in (("kind", "cross-encoder"), ("disjoint", False), ("unjudged", []), *FUSION_KEYS.items()):
             if settings.get(key, default) == default:  # keys that came later: earlier teachers keep their fingerprint
                 settings.pop(key, None)
         return {"model": settings, "training": training, "objective": objective}
@@ -399,8 +405,15 @@ class ExperimentRunner:
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def teacher(self) -> TrainedModel:
-        """Trains the teacher with contrastive learning (or takes it as given); reuses a finished one."""
-        cfg, spec = self.config, self.config.teacher
+        """Trains the teacher with contrastive learning (or takes it as given); reuses a finished one. A fused
+        teacher trains (or takes) each member so, then fits its statistics and weights."""
+        if self.config.teacher.kind == "fusion":
+            return self.fused_teacher()
+        return self._teacher(self.config.teacher, self.out / "teacher")
+
+    def _teacher(self, spec: Teacher, path: Path) -> TrainedModel:
+        """One teacher (or member of a fused teacher); a trained one lives in ``path``."""
+        cfg = self.config
         seed = spec.seed if spec.seed is not None else cfg.seeds[0]
         if spec.train == "none" and spec.kind == "bi-encoder":
             fp = fingerprint("bi-encoder teacher", spec.model, _files_of(spec.model), spec.max_length)
@@ -412,13 +425,84 @@ class ExperimentRunner:
             model = TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: self.new_reranker(spec))
             return model
         data = spec.data or cfg.train
-        stage = Stage(self.out / "teacher", fingerprint(self._model_settings(spec, "CL"), self._data_settings(data),
+        stage = Stage(path, fingerprint(self._model_settings(spec, "CL"), self._data_settings(data),
                                                         seed), f"teacher {spec.name} ({spec.model}, CL)")
         model = TrainedModel("teacher", "teacher", "CL", seed, stage.fingerprint,
                              loader=self._load_saved(stage.model_dir, spec))
         return self._run_stage(model, stage, spec, data, lambda: ContrastiveTrainer(
             self.new_reranker(spec, seed), temperature=cfg.training_args(spec)["temperature"],
             **self._trainer_kwargs(spec, seed, stage, data)), exclude_train=spec.disjoint)
+
+    def fused_teacher(self) -> TrainedModel:
+        """``kind: fusion``: each member as a teacher of its own (a trained cross-encoder member has the stage, and
+        fingerprint, it would have as the sole teacher: the first in ``teacher/``, later ones in
+        ``teacher-<name>/``), then statistics and weights fitted once (:meth:`fusion_fit`). The fused fingerprint
+        holds the members' and the fitted numbers: change a member, and every KD student is distilled again."""
+        spec = self.config.teacher
+        members, trained = {}, []
+        for member in spec.members:
+            if member.kind == "first-stage":
+                members[member.name] = TrainedModel(member.name, "teacher", "given", None,
+                                                    fingerprint("first-stage member", self._first_stage_settings()),
+                                                    loader=FirstStageScore)
+                continue
+            path = self.out / ("teacher" if not trained and member.train != "none" else f"teacher-{member.name}")
+            members[member.name] = model = self._teacher(member, path)
+            if model.objective == "CL":
+                trained.append(model)
+        fit = self.fusion_fit(members)
+        fp = fingerprint("fused teacher", {name: m.fingerprint for name, m in members.items()},
+                         fit["weights"], fit["stats"])
+
+        def load() -> ScoreFusion:
+            return ScoreFusion({name: m.loader() for name, m in members.items()}, weights=fit["weights"],
+                               stats={name: tuple(v) for name, v in fit["stats"].items()})
+
+        model = TrainedModel("teacher", "teacher", "fused", None, fp, loader=load,
+                             log=trained[0].log if trained else None, seconds=sum(m.seconds for m in trained),
+                             reused=all(m.reused for m in trained))
+        self.timings["train teacher"] = model.seconds
+        return model
+
+    def _first_stage_settings(self) -> list:
+        """What a first-stage member's scores of the training groups depend on: the first stage of the data the
+        students train on (a missed positive takes its query's lowest candidate score, so the depth too)."""
+        datas = [self.config.train, *(d for s in self.config.students for d in s.unjudged)]
+        settings = {json.dumps([d.dataset, asdict(d.first_stage), d.depth], sort_keys=True) for d in datas}
+        return sorted(settings)
+
+    def fusion_fit(self, members: dict[str, TrainedModel]) -> dict:
+        """A fused teacher's member statistics (mean, sd) and weights: fitted once per set of members on the
+        validation candidates (the weights on a grid over the simplex, maximising the teacher's validation metric),
+        or, with ``weights`` given, only the statistics (on the validation candidates, else on the first 200
+        training queries'). Kept in ``teacher-fusion.json``; a rerun with the same members reads them back."""
+        cfg, spec = self.config, self.config.teacher
+        metric = cfg.training_args(spec)["metric"]
+        source = cfg.validation if cfg.validation is not None else cfg.train
+        key = fingerprint("fusion fit", {name: m.fingerprint for name, m in members.items()}, spec.weights,
+                          spec.grid_step, metric, data_settings(source), cfg.sample_seed)
+        path = self.out / "teacher-fusion.json"
+        fitted = _read_json(path)
+        if fitted and fitted.get("key") == key:
+            return fitted
+        _, qrels, res = self.frames(source)
+        if cfg.validation is None:  # statistics only (the weights are given): a deterministic few queries suffice
+            res = res[res["qid"].astype(str).isin(sorted(res["qid"].astype(str).unique())[:200])]
+        fusion = ScoreFusion({name: m.loader() for name, m in members.items()}, metric=metric,
+                             grid_step=spec.grid_step)
+        started = time.perf_counter()
+        fitted = {"key": key, **fitted_fusion(fusion, res, qrels, spec.weights), "fitted_on": data_label(source)}
+        del fusion
+        _free(True)
+        fitted["seconds"] = time.perf_counter() - started
+        if self.processes.is_main:
+            _write_json(path, fitted)
+        weights = ", ".join(f"{name} {w:g}" for name, w in fitted["weights"].items())
+        alone = "; ".join(f"{name} alone {v:.3f}" for name, v in fitted.get("alone", {}).items())
+        self.log(f"fused teacher: weights {weights} ({'given' if spec.weights else 'fitted'}; statistics from "
+                 f"{fitted['queries']} {data_label(source)} queries)"
+                 + (f"; {metric} {fitted['value']:.3f} on them, {alone}" if "value" in fitted else ""))
+        return fitted
 
     def student(self, spec: Student, objective: str, seed: int, teacher: TrainedModel) -> TrainedModel:
         """Trains one student with one objective and seed; reuses a finished one."""

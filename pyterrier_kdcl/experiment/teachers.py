@@ -2,6 +2,9 @@
 
 - ``kind: bi-encoder``: a sentence-transformers model (a packaged short name, a local directory or a hub id)
   scoring each (query, document) row as pyterrier_dr's ``SBertBiEncoder(...).text_scorer()`` does, zero-shot.
+- ``kind: fusion``: :class:`~pyterrier_kdcl.fusion.ScoreFusion` of member teachers (and the first stage's own
+  score), its statistics and weights fitted once on the validation candidates (:func:`fitted_fusion`). Its
+  scores are weighted sums of z-scores: a spread of about 1 within a query, whatever its members' scales.
 - ``teacher_temperature: auto``: the temperature that calibrates the teacher's softmax over a query's validation
   candidates to the validation qrels (:func:`pyterrier_kdcl.training.temperature.fit_temperature`), fitted once
   per teacher. A cosine-similarity teacher gets a small temperature, a logit teacher a large one.
@@ -17,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 
+from pyterrier_kdcl.fusion import ScoreFusion
 from pyterrier_kdcl.training.temperature import fit_temperature
 
 
@@ -37,6 +41,8 @@ def fitted_temperature(teacher: pt.Transformer, va_res: pd.DataFrame, va_qrels: 
     """Scores every validation candidate with ``teacher`` and fits the calibrating temperature over each query's
     candidates (queries whose candidates hold no positive are left out). Returns the temperature and its inputs."""
     frame = va_res[["qid", "query", "docno", "text"]].astype({"qid": str, "docno": str})
+    if "score" in va_res.columns:  # for a fused teacher's first-stage member (other teachers ignore it)
+        frame = frame.assign(first_stage_score=va_res["score"].to_numpy())
     scored = teacher(frame)[["qid", "docno", "score"]].astype({"qid": str, "docno": str})
     positives = va_qrels[va_qrels["label"] > 0].astype({"qid": str, "docno": str})
     scored = scored.assign(label=scored.set_index(["qid", "docno"]).index.isin(
@@ -56,3 +62,21 @@ def fitted_temperature(teacher: pt.Transformer, va_res: pd.DataFrame, va_qrels: 
     finite = np.where(np.isfinite(scores), scores, np.nan)
     return {"temperature": temperature, "queries": len(rows), "depth": depth,
             "score_sd_within_query": float(np.nanmean(np.nanstd(finite, axis=1)))}
+
+
+def fitted_fusion(fusion: ScoreFusion, res: pd.DataFrame, qrels: pd.DataFrame, weights: dict | None = None) -> dict:
+    """Fits ``fusion``'s member statistics on ``res`` and, unless ``weights`` are given, its weights on the grid
+    (maximising its metric against ``qrels``). Returns what was fitted, as JSON: weights, stats, and for fitted
+    weights the best value, each member's value alone and the whole grid."""
+    queries = int(res["qid"].nunique())
+    if weights is not None:
+        fusion.fit_statistics(res)
+        fusion.weights = {name: float(weights[name]) for name in fusion.scorers}
+        return {"weights": fusion.weights, "stats": fusion.stats, "queries": queries}
+    grid = fusion.fit(res, qrels)
+    metric = fusion.metric
+    best = float(grid[metric].max())
+    alone = {name: float(grid.loc[grid[name] == 1.0, metric].iloc[0]) for name in fusion.scorers
+             if (grid[name] == 1.0).any()}
+    return {"weights": fusion.weights, "stats": fusion.stats, "queries": queries, "metric": metric, "value": best,
+            "alone": alone, "grid": grid.to_dict("records")}
