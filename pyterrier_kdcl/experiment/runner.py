@@ -425,8 +425,8 @@ class ExperimentRunner:
             model = TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: self.new_reranker(spec))
             return model
         data = spec.data or cfg.train
-        stage = Stage(path, fingerprint(self._model_settings(spec, "CL"), self._data_settings(data),
-                                                        seed), f"teacher {spec.name} ({spec.model}, CL)")
+        stage = Stage(path, fingerprint(self._model_settings(spec, "CL"), self._data_settings(data), seed),
+                      f"teacher {spec.name} ({spec.model}, CL)")
         model = TrainedModel("teacher", "teacher", "CL", seed, stage.fingerprint,
                              loader=self._load_saved(stage.model_dir, spec))
         return self._run_stage(model, stage, spec, data, lambda: ContrastiveTrainer(

@@ -144,15 +144,16 @@ class GroupSampler:
             self.stats.queries += 1
             judged = positive_sets.get(qid, set())
             is_pos = rows["docno"].isin(judged).to_numpy()
-            scores = rows["score"].astype("float64") if self._scored else pd.Series(None, index=rows.index)
+            scores = rows["score"].to_numpy("float64") if self._scored else np.full(len(rows), None)
             pos = list(zip(rows["docno"][is_pos], rows[text_field][is_pos], scores[is_pos]))
-            lowest = scores.min() if self._scored else None  # a missed positive ranked below every candidate
+            lowest = np.nanmin(scores) if self._scored else None  # a missed positive ranked below every candidate
             pos += [(d, missing_positive_text[qid, d], lowest) for d in sorted(judged)
                     if (qid, d) in missing_positive_text]
-            negs_rows = rows[~is_pos]
+            is_neg = ~is_pos
             if window is not None:
-                negs_rows = negs_rows[(negs_rows["_rank"] >= window[0]) & (negs_rows["_rank"] < window[1])]
-            negs = list(zip(negs_rows["docno"], negs_rows[text_field], scores[negs_rows.index]))
+                ranks = rows["_rank"].to_numpy()
+                is_neg &= (ranks >= window[0]) & (ranks < window[1])
+            negs = list(zip(rows["docno"][is_neg], rows[text_field][is_neg], scores[is_neg]))
             unjudged = qid not in judged_qids
             self.stats.unjudged += unjudged
             if not pos and not (unjudged and self.unjudged == "distil"):
