@@ -43,6 +43,7 @@ def test_a_fused_teacher_validates_and_plans_the_cost_of_its_members(tiny_model,
     members = cfg.teacher.members
     assert [m.name for m in members] == ["bm25", "bi", "cross"] and all(isinstance(m, FusionMember) for m in members)
     assert members[2].training == {"epochs": 2}
+    assert cfg.teacher.model == "" and members[0].model == ""  # no model: never resolved to a directory
     text = plan(cfg)
     assert "train teacher member cross" in text and "train teacher (" not in text
     assert "fit the fused teacher on validation candidates (3 members, 2 scoring)" in text

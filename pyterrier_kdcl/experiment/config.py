@@ -668,7 +668,9 @@ def _resolve(value: str, base: Path) -> str:
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
     for model in [cfg.teacher, *fusion_members(cfg.teacher), *cfg.students]:
-        if isinstance(model.model, str) and (_looks_like_path(model.model) or (base / model.model).exists()):
+        if not isinstance(model.model, str) or not model.model:  # a first-stage member (or a fused teacher)
+            continue
+        if _looks_like_path(model.model) or (base / model.model).exists():
             model.model = _resolve(model.model, base)
     for data in _all_data(cfg):
         if data.first_stage.path:
