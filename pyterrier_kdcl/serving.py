@@ -52,7 +52,8 @@ class ShardedScorer(pt.Transformer):
             CPU workers.
         workers: number of CPU workers when ``devices`` is not given (default 2).
         threads: torch threads per CPU worker (default: the cores shared out between them).
-        optimize: ``"int8"`` applies :func:`optimize_for_cpu` in each CPU worker.
+        optimize: ``"bf16"`` (batch-independent, the fast path) or ``"int8"`` applies :func:`optimize_for_cpu` with
+            that method in each CPU worker.
         batch_size, max_length: override the saved settings in the workers.
     """
 
@@ -74,7 +75,7 @@ class ShardedScorer(pt.Transformer):
         if not devices:
             raise ValueError("ShardedScorer needs at least one device or worker")
         if optimize and any(torch.device(d).type != "cpu" for d in devices):
-            raise ValueError("optimize='int8' is a CPU path; on GPUs save and load the reranker in bfloat16")
+            raise ValueError(f"optimize={optimize!r} is a CPU path; on GPUs load the reranker with dtype='bfloat16'")
         self.devices = [str(d) for d in devices]
         cpu_workers = sum(torch.device(d).type == "cpu" for d in self.devices)
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
@@ -86,7 +87,8 @@ class ShardedScorer(pt.Transformer):
         self._tmp = None
         if isinstance(reranker, CrossEncoder):
             if is_optimized(reranker):
-                raise ValueError("pass the float32 reranker with optimize='int8': an optimised one cannot be saved")
+                raise ValueError("pass the float32 reranker with optimize='bf16' (or 'int8'): an optimised one "
+                                 "cannot be saved for the workers")
             self.text_field = reranker.text_field
             self.name = repr(reranker)
             self._tmp = tempfile.mkdtemp(prefix="kdcl-sharded-")

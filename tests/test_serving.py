@@ -1,4 +1,4 @@
-"""The fast CPU path (int8) against float32, and sharded scoring against single-process scoring."""
+"""The int8 CPU path against float32, and sharded scoring against single-process scoring (float32, bf16, int8)."""
 
 import os
 import re
@@ -179,6 +179,17 @@ def test_sharded_scoring_from_a_reranker_object_with_fewer_queries_than_workers(
     inp = frame(1, 5)
     out = score_sharded(reranker, inp, workers=2, threads=1)
     np.testing.assert_allclose(out["score"], reranker(inp)["score"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*bfloat16")  # CPUs without native bfloat16 warn that it is slow there
+def test_sharded_bf16_scores_like_bf16_in_process(saved):
+    """The fast path's scores do not depend on the batch, so shards batching differently score as one process."""
+    inp = frame()
+    local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))(inp)
+    out = score_sharded(saved, inp, workers=2, threads=1, optimize="bf16")
+    merged = local.merge(out, on=["qid", "docno"], suffixes=("_local", "_sharded"))
+    assert len(merged) == len(inp)
+    np.testing.assert_allclose(merged["score_sharded"], merged["score_local"], atol=1e-3)
 
 
 def test_sharded_int8_scores_like_int8_in_process(saved):
