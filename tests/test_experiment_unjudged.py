@@ -4,12 +4,17 @@ trains on, fingerprints that earlier runs keep, and the report's rows."""
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 from test_experiment import PREFIX, _data_dir, _fast_cpu, collection, tiny_config  # noqa: F401 — fixtures
 
 from pyterrier_kdcl.experiment import ExperimentRunner, run_experiment
 from pyterrier_kdcl.experiment import data as experiment_data
+from pyterrier_kdcl.experiment import report as reporting
 from pyterrier_kdcl.experiment import runner as experiment_module
 from pyterrier_kdcl.experiment.config import ConfigError, Data, load_config
 
@@ -66,6 +71,13 @@ def test_unjudged_students_train_on_extra_queries_without_their_qrels(tiny_model
     report = (tmp_path / "report.md").read_text()
     assert "KD with unjudged queries − the base student's KD" in report
     assert (tmp_path / "plots" / "unjudged_vs_kd.png").is_file()
+    # the curve counts the unjudged queries the trainer got (5 sampled from the training dataset), not the config's
+    curve = pd.read_csv(tmp_path / "tables" / "unjudged_curve.csv").set_index(["system", "in_domain"])
+    groups = json.loads((tmp_path / "students" / "bert-small+u" / "KD" / "seed-1" / "done.json").read_text())
+    assert curve.loc[("bert-small+u KD", True), "unjudged queries"] == groups["groups"]["unjudged"] == 5
+    assert curve.loc[("bert-small+ood KD", True), "kind"] == reporting.OTHER_DATA
+    assert curve.loc[("bert-small KD", True), "unjudged queries"] == 0
+    assert (tmp_path / "plots" / "unjudged_curve.png").is_file() and "against unjudged training queries" in report
 
 
 def test_larger_unjudged_samples_hold_the_smaller_ones(collection):  # noqa: F811
@@ -105,3 +117,55 @@ def test_unjudged_config_errors_say_what_to_do(tiny_model, collection, change, m
     change(cfg["students"])
     with pytest.raises(ConfigError, match=message):
         load_config(cfg)
+
+
+def _per_query(systems: dict[str, list[float]], label: str, qids: list[str]) -> pd.DataFrame:
+    return pd.DataFrame([{"name": name, "qid": q, "measure": "nDCG@10", "value": v}
+                         for name, values in systems.items() for q, v in zip(qids, values)])
+
+
+def test_unjudged_curve_points_are_seed_means_with_paired_t_intervals(tiny_model, collection, tmp_path):  # noqa: F811
+    cfg = unjudged_config(tiny_model, collection)
+    cfg["seeds"] = [1, 2]
+    cfg = load_config(cfg)
+    for student, seen in (("bert-small", [0, 0]), ("bert-small+u", [5, 7]), ("bert-small+ood", [3, 3])):
+        for seed, unjudged in zip((1, 2), seen):
+            path = tmp_path / "students" / student / "KD" / f"seed-{seed}" / "done.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"groups": {"unjudged": unjudged}}))
+    counts = reporting.unjudged_counts(cfg, tmp_path)
+    assert counts == {"bert-small+u": 6.0, "bert-small+ood": 3.0}  # the group statistics, averaged over seeds
+
+    rng = np.random.default_rng(0)
+    qids = {"in": [f"i{k}" for k in range(6)], "o1": [f"a{k}" for k in range(4)], "o2": [f"b{k}" for k in range(5)]}
+    values = {label: {name: rng.uniform(0, 1, len(q)).tolist() for name in
+                      ("BM25", "teacher", "bert-small-CL-s1", "bert-small-CL-s2", "bert-small-KD-s1",
+                       "bert-small-KD-s2", "bert-small+u-KD-s1", "bert-small+u-KD-s2", "bert-small+ood-KD-s1",
+                       "bert-small+ood-KD-s2")} for label, q in qids.items()}
+    collections = [experiment_module.CollectionResult(label, label == "in", pd.DataFrame(),
+                                                      _per_query(values[label], label, q), len(q), 5, 0.0)
+                   for label, q in qids.items()]
+    curve = reporting.unjudged_curve_table(cfg, collections, counts)
+    low, high = reporting._curve_interval(cfg)
+
+    def seed_mean(student: str, labels: list[str]) -> np.ndarray:
+        return np.concatenate([(np.array(values[c][f"{student}-KD-s1"]) + np.array(values[c][f"{student}-KD-s2"])) / 2
+                               for c in labels])
+
+    for in_domain, labels in ((True, ["in"]), (False, ["o1", "o2"])):
+        rows = curve[curve["in_domain"] == in_domain].set_index("system")
+        assert list(rows.index) == ["bert-small KD", "bert-small+u KD", "bert-small+ood KD", "bert-small CL",
+                                    "teacher", "BM25"]
+        assert rows["unjudged queries"].iloc[:3].tolist() == [0.0, 6.0, 3.0]
+        assert rows["kind"].iloc[:3].tolist() == ["KD (base)", reporting.UNJUDGED, reporting.OTHER_DATA]
+        base, extra = seed_mean("bert-small", labels), seed_mean("bert-small+u", labels)
+        assert rows.loc["bert-small KD", "nDCG@10"] == pytest.approx(base.mean())
+        assert rows.loc["bert-small+u KD", "nDCG@10"] == pytest.approx(extra.mean())
+        d = extra - base
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert rows.loc["bert-small+u KD", low] == pytest.approx(extra.mean() - half)
+        assert rows.loc["bert-small+u KD", high] == pytest.approx(extra.mean() + half)
+        assert rows.loc["bert-small KD", low] == rows.loc["bert-small KD", high] == pytest.approx(base.mean())
+        teacher = np.concatenate([values[c]["teacher"] for c in labels])
+        assert rows.loc["teacher", "nDCG@10"] == pytest.approx(teacher.mean())
+    assert reporting.plot_unjudged_curve(cfg, curve, tmp_path / "curve.png").is_file()

@@ -12,6 +12,10 @@ Written under the output directory:
   test over queries (each query's measure averaged over seeds), an interval that agrees with it, the corrected
   p-value and the minimum detectable effect (:mod:`pyterrier_kdcl.experiment.statistics`);
 - ``tables/teacher_vs_cl.csv|md``: the teacher's margin over each student's CL run, the same way;
+- ``tables/unjudged_vs_cl.csv|md`` and ``unjudged_vs_kd``: each student trained with unjudged queries against its
+  base student's CL and KD runs, the same way (with ``plots/unjudged_vs_cl.png``, ``unjudged_vs_kd.png``);
+- ``tables/unjudged_curve.csv|md`` and ``plots/unjudged_curve.png``: the main measure against the number of
+  unjudged training queries, pooled in and out of domain, with paired t intervals and the references;
 - ``plots/kd_minus_cl.png`` and ``plots/training_curves.png``; ``report.md`` with all of it and the verdict.
 
 Every number has one definition, named in its column: a pooled number is the mean over the scope's queries
@@ -20,6 +24,7 @@ Every number has one definition, named in its column: a pooled number is the mea
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,18 +186,9 @@ def comparison_table(config, collections, pairs, cols: Columns) -> pd.DataFrame:
     main = _measure(ev.main_measure)
     rows = []
     for student, names_a, names_b in pairs:
-        both = {}
-        for c in collections:
-            pq = c.perquery[c.perquery["measure"] == main]
-            frame = pd.concat([_seed_mean(pq, names_a).rename("a"), _seed_mean(pq, names_b).rename("b")], axis=1,
-                              join="inner").dropna()
-            both[c.label] = frame
-            rows.append({"student": student, "scope": "collection", "collection": c.label,
-                         "in_domain": c.in_domain, **_compare(frame, ev)})
-        for scope, in_domain, members in _scopes(collections):
-            frame = pd.concat([both[m].set_axis([f"{m}/{q}" for q in both[m].index]) for m in members])
-            rows.append({"student": student, "scope": "pooled", "collection": pooled_label(scope, members),
-                         "in_domain": in_domain, **_compare(frame, ev)})
+        for scope, label, in_domain, frame in paired_frames(collections, main, names_a, names_b):
+            rows.append({"student": student, "scope": scope, "collection": label, "in_domain": in_domain,
+                         **_compare(frame, ev)})
     table = pd.DataFrame(rows, columns=["student", "scope", "collection", "in_domain", "queries", "a", "b", "diff",
                                         "estimate", "low", "high", "p", "sd"])
     table["p corrected"], table["significant"], table["winner"] = np.nan, False, "-"
@@ -215,6 +211,22 @@ def comparison_table(config, collections, pairs, cols: Columns) -> pd.DataFrame:
     order = ["student", "scope", "collection", "in_domain", "queries", "a", "b", "diff", "estimate", "low", "high",
              "p", "p corrected", "significant", "winner", "sd", "mde", "mde alpha"]
     return table[[c for c in order if c in table.columns]].rename(columns=names)
+
+
+def paired_frames(collections, measure: str, names_a: list[str], names_b: list[str]):
+    """``(scope, label, in_domain, frame)`` per collection (scope ``collection``) and per pooled scope (``pooled``,
+    :func:`pooled_label`): ``frame`` holds columns ``a`` and ``b``, each query's ``measure`` averaged over the
+    seeds of ``names_a`` / ``names_b``, on the queries both have (a pooled frame's index: ``collection/qid``)."""
+    both = {}
+    for c in collections:
+        pq = c.perquery[c.perquery["measure"] == measure]
+        frame = pd.concat([_seed_mean(pq, names_a).rename("a"), _seed_mean(pq, names_b).rename("b")], axis=1,
+                          join="inner").dropna()
+        both[c.label] = frame
+        yield "collection", c.label, c.in_domain, frame
+    for scope, in_domain, members in _scopes(collections):
+        frame = pd.concat([both[m].set_axis([f"{m}/{q}" for q in both[m].index]) for m in members])
+        yield "pooled", pooled_label(scope, members), in_domain, frame
 
 
 def kd_vs_cl_table(config, collections) -> pd.DataFrame:
@@ -245,6 +257,90 @@ def unjudged_tables(config, collections) -> dict[str, pd.DataFrame]:
         if pairs:
             tables[objective] = comparison_table(config, collections, pairs, columns(config, objective, UNJUDGED))
     return tables
+
+
+OTHER_DATA = "KD+unjudged (other data)"
+REFERENCES = ("CL", "teacher", "BM25")
+
+
+def unjudged_counts(config, out: Path) -> dict[str, float]:
+    """The unjudged training queries each ``unjudged:`` student trained on, as the runner counted them: the group
+    statistics of its KD stages (``students/<name>/KD/seed-<s>/done.json``: queries with no qrels at all that
+    reached the trainer), averaged over seeds. A student whose stages recorded none is left out."""
+    counts = {}
+    for s in config.students:
+        if not (s.unjudged and s.base):
+            continue
+        seen = []
+        for seed in config.seeds:
+            try:
+                done = json.loads((Path(out) / "students" / s.name / "KD" / f"seed-{seed}" / "done.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if (done.get("groups") or {}).get("unjudged") is not None:
+                seen.append(done["groups"]["unjudged"])
+        if seen:
+            counts[s.name] = float(np.mean(seen))
+    return counts
+
+
+def unjudged_curve_table(config, collections, counts: dict[str, float]) -> pd.DataFrame:
+    """The main measure against the number of unjudged training queries (``counts``, :func:`unjudged_counts`),
+    per base student and pooled scope: the base's KD run at 0, each ``unjudged:`` student at its count — on the
+    curve when its unjudged queries come from the training dataset, ``KD+unjudged (other data)`` otherwise — and
+    the base's CL run, the teacher and BM25 as references.
+
+    ``mean`` is the mean over the scope's queries of each query's value averaged over seeds (the summary's pooled
+    number); the interval is the paired t interval (level ``1 - alpha``) of the difference from the base's KD run
+    (:func:`statistics.paired`), added to the base's KD mean, so it surrounds ``mean``; 0 wide for the base itself.
+    """
+    ev = config.evaluation
+    main = _measure(ev.main_measure)
+    low, high = _curve_interval(config)
+    students = {s.name: s for s in config.students}
+    rows = []
+    for base in dict.fromkeys(s.base for s in config.students if s.unjudged and s.base):
+        if "KD" not in students[base].objectives:
+            continue
+        variants = [(UNJUDGED if all(d.dataset == config.train.dataset for d in s.unjudged) else OTHER_DATA, s.name)
+                    for s in config.students if s.base == base and s.unjudged and s.name in counts]
+        systems = [(f"{base} KD", "KD (base)", 0.0, _names(config, base, "KD"))]
+        for kind, name in sorted(variants, key=lambda v: (v[0] != UNJUDGED, counts[v[1]])):  # the curve, then apart
+            systems.append((f"{name} KD", kind, counts[name], _names(config, name, "KD")))
+        if "CL" in students[base].objectives:
+            systems.append((f"{base} CL", "CL", float("nan"), _names(config, base, "CL")))
+        systems += [("teacher", "teacher", float("nan"), ["teacher"]), ("BM25", "BM25", float("nan"), ["BM25"])]
+        for student, kind, x, names in systems:
+            for scope, label, in_domain, frame in paired_frames(collections, main, _names(config, base, "KD"), names):
+                if scope != "pooled":
+                    continue
+                c = statistics.paired(frame["a"], frame["b"], test="t", alpha=ev.alpha)
+                rows.append({"base": base, "system": student, "kind": kind, "unjudged queries": x, "scope": label,
+                             "in_domain": in_domain, "queries": c.queries, main: c.mean_b,
+                             low: c.mean_a + c.ci_low, high: c.mean_a + c.ci_high})
+    table = pd.DataFrame(rows, columns=["base", "system", "kind", "unjudged queries", "scope", "in_domain", "queries",
+                                        main, low, high])
+    # counts print as counts (299, not 299.0000); a mean over seeds that is not whole stays as it is
+    table["unjudged queries"] = pd.Series([int(x) if not pd.isna(x) and float(x).is_integer() else x
+                                           for x in table["unjudged queries"]], index=table.index, dtype=object)
+    return table
+
+
+def _curve_interval(config) -> tuple[str, str]:
+    level = f"{100 * (1 - config.evaluation.alpha):g}% CI"
+    return f"{level} low (paired t vs base KD)", f"{level} high (paired t vs base KD)"
+
+
+def unjudged_curve_caption(config) -> str:
+    main = _measure(config.evaluation.main_measure)
+    seeds = f"each query's value averaged over {len(config.seeds)} seeds, " if len(config.seeds) > 1 else ""
+    level = f"{100 * (1 - config.evaluation.alpha):g}%"
+    return (f"{main} against the unjudged training queries each student trained on (its KD stages' group "
+            f"statistics; 0: the base student's KD run on judged queries alone). `{main}`: {seeds}the mean over the "
+            f"pooled queries of the scope. Interval: the {level} paired t interval over queries of the difference "
+            "from the base's KD run, added to that run's mean (uncorrected; none for the base itself). "
+            f"`{UNJUDGED}`: unjudged queries from the training dataset (the curve); `{OTHER_DATA}`: from another "
+            "dataset (e.g. FAQ adaptation halves), drawn apart; CL (the base's), teacher and BM25: references.")
 
 
 def _names(config, student: str, objective: str) -> list[str]:
@@ -499,6 +595,61 @@ def plot_comparison(config, kd: pd.DataFrame, cols: Columns, path: Path) -> Path
     return path
 
 
+def plot_unjudged_curve(config, curve: pd.DataFrame, path: Path) -> Path | None:
+    """:func:`unjudged_curve_table` drawn: one panel per base student and scope; the base's KD run and the students
+    whose unjudged queries come from the training dataset as a line over their counts (symlog axis, counts as
+    ticks), with the table's intervals; students with other data as labelled diamonds; CL, teacher and BM25 as
+    labelled horizontal lines."""
+    if not curve["kind"].isin([UNJUDGED, OTHER_DATA]).any():
+        return None
+    from matplotlib import transforms
+
+    main = _measure(config.evaluation.main_measure)
+    low, high = _curve_interval(config)
+    plt = _pyplot()
+    panels = list(dict.fromkeys(zip(curve["base"], curve["scope"])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (base, scope) in zip(axes[0], panels):
+        rows = curve[(curve["base"] == base) & (curve["scope"] == scope)]
+        line = rows[rows["kind"].isin(["KD (base)", UNJUDGED])].sort_values("unjudged queries")
+        apart = rows[rows["kind"] == OTHER_DATA]
+        # other data sits apart from the line: 10 points to the left of its count, so that its bar stays visible
+        dodge = transforms.offset_copy(ax.transData, fig=fig, x=-10, units="points")
+        for points, style in ((line, dict(fmt="o-", color="tab:blue", label=f"{base} KD + unjudged queries")),
+                              (apart, dict(fmt="D", color="tab:purple", transform=dodge,
+                                           label="unjudged queries of other data (drawn left of its count)"))):
+            if points.empty:
+                continue
+            err = np.vstack([(points[main] - points[low]).to_numpy(float),
+                             (points[high] - points[main]).to_numpy(float)])
+            ax.errorbar(points["unjudged queries"], points[main], yerr=np.where(np.isfinite(err), err, 0.0),
+                        capsize=4, markersize=5, **style)
+        for row in apart.to_dict("records"):
+            ax.annotate(f"{row['system']} ({row['unjudged queries']:.0f})", (row["unjudged queries"], row[main]),
+                        textcoords="offset points", xytext=(-14, 0), ha="right", va="center", fontsize=7,
+                        color="tab:purple")
+        for row, linestyle in zip(rows[rows["kind"].isin(REFERENCES)].to_dict("records"), ("--", ":", "-.")):
+            ax.axhline(row[main], color="grey", linestyle=linestyle, linewidth=1)
+            ax.text(0.01, row[main], f"{row['system']} {row[main]:.3f}", transform=ax.get_yaxis_transform(),
+                    ha="left", va="bottom", fontsize=7, color="dimgrey")
+        counts = line["unjudged queries"].to_numpy(float)
+        positive = [x for x in (*counts, *apart["unjudged queries"]) if x > 0]
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+        ax.set_xticks(counts, [f"{x:.0f}" for x in counts])
+        ax.minorticks_off()
+        ax.margins(x=0.08)
+        ax.set(xlabel="unjudged training queries (symlog axis)", ylabel=main, title=scope)
+        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.08))
+    level = f"{100 * (1 - config.evaluation.alpha):g}%"
+    fig.suptitle(f"{main} (pooled queries, seeds averaged) against unjudged training queries; bars: {level} paired t "
+                 "interval of the difference from the base KD run, added to its mean", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_training_curves(models, path: Path, metric: str = "metric", window: int = 10) -> Path | None:
     """Loss per step (moving average over ``window`` steps) for CL and for KD runs — their scales differ — and the
     validation metric per step; one colour per model throughout."""
@@ -574,6 +725,13 @@ def write_report(config, models, collections, out: Path) -> Report:
         save(table, stem, table_md)
         sections[f"KD with unjudged queries − the base student's {objective}"] = _without(table_md, table)
         plot_files.append(plot_comparison(config, table, cols, plots / f"{stem}.png"))
+    curve = unjudged_curve_table(config, collections, unjudged_counts(config, out))
+    if not curve.empty:
+        curve_md = markdown(curve) + "\n\n" + unjudged_curve_caption(config)
+        save(curve, "unjudged_curve", curve_md)
+        sections[f"{_measure(config.evaluation.main_measure)} against unjudged training queries"] = \
+            _without(curve_md, curve)
+        plot_files.append(plot_unjudged_curve(config, curve, plots / "unjudged_curve.png"))
     files.extend(p for p in plot_files if p is not None)
     report = _report_markdown(config, summary_md, sections, text, per_collection, models, plot_files, out)
     (out / "report.md").write_text(report, encoding="utf-8")
