@@ -448,6 +448,14 @@ def test_plan_of_the_quick_config_fits_its_budget():
     assert minutes <= 17, text  # 20 minutes on the 2-core CPU, with room for loading and first stages
 
 
+def test_plan_says_early_stopping_makes_it_an_upper_bound():
+    from pyterrier_kdcl.experiment.plan import plan
+
+    text = plan(load_config(EXPERIMENTS / "cpu-recipes.yaml", check_environment=False))  # patience: 3
+    assert text.count("at most: patience 3") == 2  # its two students' rows; the total says so when it is known
+    assert "at most" not in plan(load_config(EXPERIMENTS / "quick.yaml", check_environment=False))
+
+
 def test_runner_steps_can_run_alone(finished_run, tiny_model, collection):
     cfg, out, _ = finished_run
     runner = ExperimentRunner(load_config(copy.deepcopy(cfg)), out, verbose=False)

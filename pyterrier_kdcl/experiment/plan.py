@@ -112,8 +112,9 @@ def plan(cfg: ExperimentConfig) -> str:
         count = None if pairs is None else (pairs + (val_pairs or 0)) * seeds
         times = f" × {seeds} seeds" if seeds > 1 else ""
         added = f" (with {extra} unjudged queries)" if extra else ""
+        stops = f"; at most: patience {args['patience']} may stop it early" if args["patience"] is not None else ""
         rows.append((f"train {label} ({model.model}, {objective}{added}){times}: {pairs} pairs, {validations} "
-                     f"validations of {val_pairs if validations else 0} pairs", count, total))
+                     f"validations of {val_pairs if validations else 0} pairs{stops}", count, total))
 
     teacher = cfg.teacher
     if teacher.kind == "fusion":
@@ -158,7 +159,9 @@ def plan(cfg: ExperimentConfig) -> str:
         lines.append(f"{'?' if pairs is None else pairs:>10}  {shown:>8}  {text}")
     known = [m for _, _, m in rows if m is not None]
     if len(known) == len(rows):
-        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, fp32; plus model loading)")
+        stopping = any("at most:" in text for text, _, _ in rows)
+        at_most = "; at most, where early stopping ends a run sooner" if stopping else ""
+        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, fp32; plus model loading{at_most})")
     else:
         lines.append("\n'?': no CPU speed on record for that model (or no query count); run it to find out")
     return "\n".join(lines)
