@@ -44,6 +44,9 @@ class FirstStageScore(pt.Transformer):
 
     schematic = {"label": "FirstStageScore", "help_url": _HELP_URL}
 
+    def __init__(self):  # no settings (pt.inspect reads a transformer's settings from its __init__)
+        super().__init__()
+
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         if FIRST_STAGE_COLUMN not in inp.columns:
             raise ValueError(f"FirstStageScore reads the candidates' first-stage score from a {FIRST_STAGE_COLUMN!r} "

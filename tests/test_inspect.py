@@ -10,7 +10,7 @@ import pytest
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.experiment.runner import LazyReranker
-from pyterrier_kdcl.fusion import ScoreFusion
+from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
 from pyterrier_kdcl.training.teachers import CheckedTeacher
 
 
@@ -34,6 +34,7 @@ def transformers(reranker, tiny_model):
         "CheckedTeacher": CheckedTeacher(teacher),
         "LazyReranker": LazyReranker("teacher", lambda: teacher),
         "ScoreFusion": ScoreFusion({"a": reranker, "b": teacher}),
+        "FirstStageScore": FirstStageScore(),
     }
     yield made
     sharded.close()
@@ -52,7 +53,7 @@ def test_every_transformer_of_the_package_is_covered(transformers):
 
 @pytest.mark.parametrize("name", ["CrossEncoder", "CrossEncoder (int8)", "RerankerTrainer", "ContrastiveTrainer",
                                   "DistillationTrainer", "ShardedScorer", "CheckedTeacher", "LazyReranker",
-                                  "ScoreFusion"])
+                                  "ScoreFusion", "FirstStageScore"])
 def test_attributes_read_back_under_their_init_names_and_schematics_stay_offline(name, transformers, monkeypatch):
     transformer = transformers[name]
     attributes = pt.inspect.transformer_attributes(transformer)  # strict: raises on an argument it cannot find
@@ -65,7 +66,7 @@ def test_attributes_read_back_under_their_init_names_and_schematics_stay_offline
     monkeypatch.setattr(pt.documentation, "url_for_class", online)
     schematic = pt.schematic.transformer_schematic(transformer)
     assert schematic["label"] == name and schematic["help_url"]
-    assert schematic["settings"] or pt.inspect.subtransformers(transformer)
+    assert schematic["settings"] or pt.inspect.subtransformers(transformer) or not parameters  # FirstStageScore
     assert "<div" in pt.schematic.draw(transformer)
 
 
