@@ -182,8 +182,9 @@ def test_sharded_scoring_from_a_reranker_object_with_fewer_queries_than_workers(
 
 
 @pytest.mark.filterwarnings("ignore:.*bfloat16")  # CPUs without native bfloat16 warn that it is slow there
-def test_sharded_bf16_scores_like_bf16_in_process(saved):
-    """The fast path's scores do not depend on the batch, so shards batching differently score as one process."""
+def test_sharded_bf16_scores_like_bf16_in_process(saved, one_thread):
+    """The fast path's scores do not depend on the batch, so shards batching differently score as one process
+    (one thread here as in the workers: bfloat16 rounding could carry a thread count's summation order)."""
     inp = frame()
     local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))(inp)
     out = score_sharded(saved, inp, workers=2, threads=1, optimize="bf16")
