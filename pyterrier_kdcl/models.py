@@ -1,6 +1,6 @@
 """Model name or path → tokenizer + scoring module, for every family; LoRA; save and load.
 
-Two scoring modules share one call, ``ranker(**batch) -> scores (batch,)`` in float32, used unchanged by
+Three scoring modules share one call, ``ranker(**batch) -> scores (batch,)`` in float32, used unchanged by
 inference and by training:
 
 * :class:`ClassifierRanker` — encoder models (BERT, MiniLM, ELECTRA, MPNet, RoBERTa, …) through their own
@@ -9,6 +9,8 @@ inference and by training:
 * :class:`LastTokenRanker` — decoder LLMs (Qwen, Gemma, Llama) and recurrent models (Mamba): the hidden state
   of the last *real* token (found through the attention mask, so neither the pad id nor the padding side
   matters) through a ``Linear(hidden, 1)`` head called ``score``, as in RankLLaMA and RankMamba.
+* :class:`MeanTokenRanker` — the same head on the mean of the real tokens' hidden states (``pooling="mean"``),
+  for encoders pretrained as mean-pooled sentence embedders.
 
 Saved directories hold safetensors only, plus ``kdcl.json`` describing how to rebuild the ranker.
 """
@@ -68,11 +70,35 @@ class LastTokenRanker(nn.Module):
         self.score = score
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        pooled = self.pool(hidden, attention_mask)
+        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (positions * attention_mask).argmax(dim=1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1).float()
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class MeanTokenRanker(LastTokenRanker):
+    """Score = ``Linear(hidden, 1)`` on the mean hidden state of the tokens whose attention mask is 1.
+
+    For encoders pretrained as mean-pooled sentence embedders (sentence-transformers' paraphrase and all-* models),
+    whose ``[CLS]`` output no loss ever shaped: Lightning IR's ``pooling_strategy="mean"``.
+    """
+
+    pooling = "mean"
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+HEAD_RANKERS = {ranker.pooling: ranker for ranker in (LastTokenRanker, MeanTokenRanker)}
+POOLINGS = ("classifier", *HEAD_RANKERS)
 
 
 # -- quiet loading -------------------------------------------------------------------------------------------
@@ -214,17 +240,18 @@ def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> tu
         config.num_labels = 1
         model, new_head = _from_pretrained(AutoModelForSequenceClassification, source, kwargs)
         return ClassifierRanker(model), new_head
-    if pooling != "last":
-        raise ValueError(f"pooling must be 'classifier' or 'last', got {pooling!r}")
+    if pooling not in HEAD_RANKERS:
+        raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, got {pooling!r}")
+    head_ranker = HEAD_RANKERS[pooling]
     head_path = Path(source) / HEAD_FILE
-    if head_path.exists() or not _has_classification_head(config):
+    if head_path.exists() or pooling != "last" or not _has_classification_head(config):
         backbone, _ = _from_pretrained(AutoModel, source, kwargs)
         score = nn.Linear(config.hidden_size, 1, dtype=dtype)
         _init_head(score, config)
         if not head_path.exists():
-            return LastTokenRanker(backbone, score), ["score.weight", "score.bias"]
+            return head_ranker(backbone, score), ["score.weight", "score.bias"]
         score.load_state_dict(load_file(head_path))
-        return LastTokenRanker(backbone, score), []
+        return head_ranker(backbone, score), []
     # an existing decoder reranker (e.g. Qwen2ForSequenceClassification): reuse its trunk and its head
     config.num_labels = 1
     model, new_head = _from_pretrained(AutoModelForSequenceClassification, source, kwargs)
@@ -294,10 +321,8 @@ def _not_found(source: str, err: Exception) -> OSError:
 
 def max_positions(ranker: nn.Module) -> int | None:
     """Tokens an encoder with learned absolute positions can read; None where positions do not run out."""
-    if not isinstance(ranker, ClassifierRanker):
-        return None
-    model = ranker.model.get_base_model() if has_lora(ranker) else ranker.model
-    embeddings = getattr(model.base_model, "embeddings", None)
+    model = ranker.backbone.get_base_model() if has_lora(ranker) else ranker.backbone
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
     positions = getattr(embeddings, "position_embeddings", None)
     if not isinstance(positions, nn.Embedding):
         return None
@@ -349,7 +374,7 @@ def add_lora(ranker: nn.Module, lora) -> nn.Module:
     config = lora_config(lora, ranker)
     if isinstance(ranker, ClassifierRanker):
         return ClassifierRanker(get_peft_model(ranker.model, config))
-    return LastTokenRanker(get_peft_model(ranker.backbone, config), ranker.score)
+    return type(ranker)(get_peft_model(ranker.backbone, config), ranker.score)
 
 
 def has_lora(ranker: nn.Module) -> bool:
@@ -364,7 +389,7 @@ def merge_lora(ranker: nn.Module) -> nn.Module:
     if not has_lora(ranker):
         return ranker
     merged = ranker.backbone.merge_and_unload()
-    return ClassifierRanker(merged) if isinstance(ranker, ClassifierRanker) else LastTokenRanker(merged, ranker.score)
+    return ClassifierRanker(merged) if isinstance(ranker, ClassifierRanker) else type(ranker)(merged, ranker.score)
 
 
 # -- saving and loading --------------------------------------------------------------------------------------
@@ -416,7 +441,7 @@ def load_saved_ranker(path: Path, settings: dict, dtype: torch.dtype, trust_remo
         if isinstance(base, ClassifierRanker):
             return ClassifierRanker(PeftModel.from_pretrained(base.model, adapter, is_trainable=True))
         base.score.load_state_dict(load_file(path / HEAD_FILE))
-        return LastTokenRanker(PeftModel.from_pretrained(base.backbone, adapter, is_trainable=True), base.score)
+        return type(base)(PeftModel.from_pretrained(base.backbone, adapter, is_trainable=True), base.score)
     except (ValueError, RuntimeError, KeyError) as err:
         raise ValueError(f"the LoRA adapter in {path} does not fit its base model {base_model!r} "
                          f"({type(err).__name__}: {err}); base_model in {path / KDCL_CONFIG} names another model "

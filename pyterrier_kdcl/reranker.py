@@ -48,7 +48,9 @@ class CrossEncoder(pt.Transformer):
             fit is cut by tokenizers' ``longest_first`` rule: a query of up to half the remaining tokens is never
             cut, and the document keeps the rest (see :func:`pyterrier_kdcl.inputs.split_budget`).
         template: a prompt with ``{query}`` and ``{text}`` (default: none for encoders, RankLLaMA's for others).
-        pooling: ``"classifier"`` (encoder head) or ``"last"`` (last real token); default by architecture.
+        pooling: ``"classifier"`` (encoder head), ``"last"`` (last real token) or ``"mean"`` (mean of the real
+            tokens, through a fresh ``Linear(hidden, 1)``: for encoders pretrained as mean-pooled sentence
+            embedders, such as paraphrase-MiniLM-L3-v2); default by architecture.
         lora: ``True``, a dict of ``peft.LoraConfig`` arguments, or a ``LoraConfig``: adds a trainable adapter.
             A fresh head and the adapter are drawn from a fixed seed: two rerankers built with the same arguments
             hold identical weights, whatever ran in between.

@@ -216,3 +216,51 @@ def test_fresh_heads_start_identical_whatever_the_global_seed(tiny_model):
     b = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False)
     assert torch.equal(a.ranker.score.weight, b.ranker.score.weight)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
+
+
+def test_mean_pooling_scores_the_mean_of_the_real_tokens_with_their_token_types(tiny_model):
+    from transformers import AutoModel
+
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, pooling="mean")
+    assert ce.pooling == "mean" and ce.template is None
+    pair = ce.encoder.encode(["read file"], ["read from a file descriptor"])[0]
+    assert 1 in pair.token_type_ids  # the document's segment: its type must reach the model
+    backbone = AutoModel.from_pretrained(tiny_model("bert")).eval()
+    with torch.no_grad():
+        hidden = backbone(input_ids=torch.tensor([pair.input_ids]),
+                          token_type_ids=torch.tensor([pair.token_type_ids])).last_hidden_state[0]
+        expected = ce.ranker.score(hidden.mean(dim=0)).item()
+    padded = ce.score_pairs(["read file", "x"], ["read from a file descriptor", "y " * 40])[0]  # longer batch mate
+    assert padded == pytest.approx(expected, abs=1e-5)
+    classifier = kdcl.CrossEncoder(tiny_model("bert"), verbose=False)
+    assert padded != pytest.approx(classifier.score_pairs(["read file"], ["read from a file descriptor"])[0], abs=1e-3)
+
+
+def test_mean_pooling_round_trips_with_and_without_lora(tiny_model, tmp_path):
+    inp = frame()
+    for lora in (None, {"r": 4, "lora_alpha": 8}):
+        ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, pooling="mean", lora=lora)
+        with torch.no_grad():  # a trained head and adapter: moved from their starting values
+            for name, param in ce.ranker.named_parameters():
+                if "score" in name or "lora_B" in name:
+                    param.normal_(0, 0.5)
+        before = ce.score_pairs(inp["query"], inp["text"])
+        path = tmp_path / f"mean-{bool(lora)}"
+        ce.save(path)
+        loaded = kdcl.CrossEncoder.load(path, verbose=False)
+        assert loaded.pooling == "mean" and type(loaded.ranker) is type(ce.ranker)
+        np.testing.assert_array_equal(loaded.score_pairs(inp["query"], inp["text"]), before)
+        if lora:
+            merged = kdcl.CrossEncoder.load(path, verbose=False, merge_lora=True)
+            assert merged.pooling == "mean"
+            np.testing.assert_allclose(merged.score_pairs(inp["query"], inp["text"]), before, atol=1e-4)
+
+
+def test_mean_pooling_keeps_the_encoders_position_limit(tiny_model):
+    with pytest.raises(ValueError, match="max_length=600 is longer than the 512 positions"):
+        kdcl.CrossEncoder(tiny_model("bert"), verbose=False, pooling="mean", max_length=600)
+
+
+def test_unknown_pooling_names_the_choices(tiny_model):
+    with pytest.raises(ValueError, match="'classifier', 'last', 'mean'"):
+        kdcl.CrossEncoder(tiny_model("bert"), verbose=False, pooling="max")

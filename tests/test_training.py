@@ -366,3 +366,12 @@ def test_resume_is_a_constructor_option_that_a_pipeline_fit_reaches(tiny_model, 
     assert_same_weights(weights(resumed.reranker), weights(reference.reranker))
     with pytest.raises(ValueError, match="resume=True needs output_dir"):
         kdcl.ContrastiveTrainer(student(tiny_model), resume=True)
+
+
+def test_a_mean_pooled_student_learns(tiny_model):
+    res, qrels = training_frames()
+    ce = student(tiny_model, pooling="mean")
+    before = Validator(ce, res, qrels, "RR@10").evaluate()
+    kdcl.ContrastiveTrainer(ce, group_size=4, epochs=4, batch_size=4, learning_rate=5e-3, verbose=False).fit(res, qrels)
+    after = Validator(ce, res, qrels, "RR@10").evaluate()
+    assert before < 0.9 and after > 0.95, (before, after)  # the mean of a random model already leans right

@@ -105,7 +105,7 @@ class Model:
     max_length: int = 256
     batch_size: int = 32                        # pairs per forward pass at inference
     template: str | None = None
-    pooling: Literal["classifier", "last"] | None = None
+    pooling: Literal["classifier", "last", "mean"] | None = None
     dtype: str | None = None
     training: dict = field(default_factory=dict)  # overrides of the top-level training settings
 
