@@ -261,6 +261,12 @@ def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> tu
 _HEAD_PARTS = {"classifier", "pre_classifier", "pooler", "score", "head"}  # may be new: training fits them
 
 
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter (a ``named_parameters()`` name of a ranker) belongs to the scoring head: the encoder's
+    pooler and classifier, or the ``score`` layer, also inside a LoRA wrapper."""
+    return bool(_HEAD_PARTS & set(name.split(".")))
+
+
 def _from_pretrained(auto_class, source: str, kwargs: dict) -> tuple[nn.Module, list[str]]:
     """``from_pretrained`` that refuses a checkpoint lacking trunk weights (transformers only warns, then scores
     with random weights: a checkpoint from another architecture than its config.json names). Returns the model
@@ -272,8 +278,8 @@ def _from_pretrained(auto_class, source: str, kwargs: dict) -> tuple[nn.Module, 
     except SafetensorError as err:
         raise OSError(f"the weights in {source} are unreadable ({err}): the file is truncated or corrupt; "
                       "download or save the model again") from err
-    new_head = sorted(k for k in info["missing_keys"] if _HEAD_PARTS & set(k.split(".")))
-    missing = sorted(k for k in info["missing_keys"] if not _HEAD_PARTS & set(k.split(".")))
+    new_head = sorted(k for k in info["missing_keys"] if is_head_parameter(k))
+    missing = sorted(k for k in info["missing_keys"] if not is_head_parameter(k))
     if missing:
         raise ValueError(
             f"{source}: {len(missing)} weights of its {kwargs['config'].model_type} architecture are not in the "

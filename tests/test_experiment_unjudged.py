@@ -104,6 +104,9 @@ def test_new_keys_at_their_defaults_keep_earlier_fingerprints(tiny_model, collec
     assert "unjudged" not in settings["model"] and "base" not in settings["model"]
     assert "split" not in runner._data_settings(cfg.train)["train"]
     assert runner._model_settings(variant, "KD")["model"]["unjudged"][0]["queries"] == 5
+    assert "head_learning_rate" not in settings["training"]
+    cfg.students[0].training["head_learning_rate"] = 1e-2  # given, it is part of the stage's settings
+    assert runner._model_settings(base, "KD")["training"]["head_learning_rate"] == 1e-2
 
 
 @pytest.mark.parametrize("change, message", [

@@ -375,3 +375,22 @@ def test_a_mean_pooled_student_learns(tiny_model):
     kdcl.ContrastiveTrainer(ce, group_size=4, epochs=4, batch_size=4, learning_rate=5e-3, verbose=False).fit(res, qrels)
     after = Validator(ce, res, qrels, "RR@10").evaluate()
     assert before < 0.9 and after > 0.95, (before, after)  # the mean of a random model already leans right
+
+
+def test_head_learning_rate_moves_the_head_and_leaves_the_backbone(tiny_model):
+    res, qrels = training_frames()
+
+    def moved(**kw):
+        ce = student(tiny_model)
+        before = weights(ce)
+        kdcl.ContrastiveTrainer(ce, group_size=4, epochs=1, batch_size=4, verbose=False, learning_rate=1e-7,
+                                weight_decay=0.0, **kw).fit(res, qrels)
+        after = weights(ce)
+        change = {k: (after[k] - before[k]).abs().max().item() for k in before}
+        head = max(v for k, v in change.items() if "classifier" in k)
+        return head, max(v for k, v in change.items() if "classifier" not in k and "pooler" not in k)
+
+    head, backbone = moved(head_learning_rate=1e-2)
+    assert head > 1e-3 and backbone < 1e-5, (head, backbone)
+    head, backbone = moved()  # without it, the head steps at the backbone's rate
+    assert head < 1e-5 and backbone < 1e-5, (head, backbone)

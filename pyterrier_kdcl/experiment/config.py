@@ -32,6 +32,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "epochs": 1,
     "batch_size": 4,               # queries (groups) per optimizer step
     "learning_rate": 1e-4,         # suits a fresh scoring head (OFFLINE.md: 3e-5 left the loss at ln 8)
+    "head_learning_rate": None,    # the scoring head's own rate; None = learning_rate
     "warmup_ratio": 0.1,
     "weight_decay": 0.01,
     "max_grad_norm": 1.0,
@@ -50,7 +51,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "student_temperature": 1.0,
 }
 _TRAINING_TYPES: dict[str, Any] = {
-    "group_size": int, "epochs": int, "batch_size": int, "learning_rate": float, "warmup_ratio": float,
+    "group_size": int, "epochs": int, "batch_size": int, "learning_rate": float,
+    "head_learning_rate": float | None, "warmup_ratio": float,
     "weight_decay": float, "max_grad_norm": float | None, "gradient_accumulation_steps": int,
     "validate_every": int | None, "metric": str, "patience": int | None, "min_label": int,
     "negatives_window": list[int] | None, "insufficient": Literal["skip", "replace"],
@@ -619,7 +621,7 @@ def _check_training(path: str, training: dict, problems: list[str]) -> None:
             training[key] = checked
     positive = ("group_size", "epochs", "batch_size", "gradient_accumulation_steps", "validate_every", "patience",
                 "checkpoint_every",
-                "learning_rate", "temperature", "teacher_temperature", "student_temperature")
+                "learning_rate", "head_learning_rate", "temperature", "teacher_temperature", "student_temperature")
     for key in positive:
         value = training.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:

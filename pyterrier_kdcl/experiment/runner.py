@@ -348,6 +348,8 @@ class ExperimentRunner:
     def _model_settings(self, spec: Model, objective: str) -> dict:
         drop = _KD_ONLY if objective == "CL" else _CL_ONLY
         training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
+        if training.get("head_learning_rate") is None:  # a key that came later: earlier stages keep their fingerprint
+            training.pop("head_learning_rate", None)
         settings = {k: v for k, v in asdict(spec).items()
                     if k not in ("training", "data", "name", "batch_size", "base")}
         if "unjudged" in settings:

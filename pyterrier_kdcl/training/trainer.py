@@ -24,6 +24,7 @@ import pyterrier as pt
 import torch
 from torch import nn
 
+from pyterrier_kdcl import models
 from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training import checkpoints
 from pyterrier_kdcl.training.dev_metrics import Validator
@@ -60,6 +61,10 @@ class RerankerTrainer(pt.Estimator):
         batch_size: queries (groups) per forward pass across all processes.
         gradient_accumulation_steps: forward passes per optimizer step.
         learning_rate, warmup_ratio, weight_decay, max_grad_norm: AdamW with linear warm-up and decay, clipping.
+        head_learning_rate: the scoring head's (pooler, classifier or ``score`` layer) own learning rate, warmed
+            up and decayed alike; default ``learning_rate``. A fresh head's Adam steps of ``learning_rate`` each
+            move its logits slowly while a pretrained backbone needs small steps: a larger head rate lets the
+            scores separate early without washing out what the backbone knows.
         validate_every: optimizer steps between validations (default: once per epoch); ``metric`` any
             ir_measures name. The best weights are restored at the end; ``patience`` stops early.
         output_dir: checkpoints (atomic), the final model, the log and the teacher score cache go here;
@@ -82,7 +87,7 @@ class RerankerTrainer(pt.Estimator):
 
     def __init__(self, reranker: CrossEncoder, loss: nn.Module, *, teacher: pt.Transformer | None = None,
                  group_size: int = 8, epochs: int = 1, batch_size: int = 4, learning_rate: float = 1e-4,
-                 warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
+                 head_learning_rate: float | None = None, warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
                  gradient_accumulation_steps: int = 1, seed: int = 42, output_dir: str | Path | None = None,
                  validate_every: int | None = None, metric: str = "nDCG@10", patience: int | None = None,
                  min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
@@ -124,6 +129,7 @@ class RerankerTrainer(pt.Estimator):
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.head_learning_rate = head_learning_rate
         self.warmup_ratio = warmup_ratio
         self.weight_decay = weight_decay
         self.max_grad_norm = max_grad_norm
@@ -217,8 +223,9 @@ class RerankerTrainer(pt.Estimator):
         try:
             reranker.ranker.train()
             params = [p for p in reranker.ranker.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay), lr=self.learning_rate,
-                                          fused=_fused_adamw_fits(params))
+            optimizer = torch.optim.AdamW(_param_groups(reranker.ranker, self.weight_decay, self.learning_rate,
+                                                        self.head_learning_rate),
+                                          lr=self.learning_rate, fused=_fused_adamw_fits(params))
             batches_per_epoch = _batches_per_epoch(len(sampler), self.batch_size, world)
             steps_per_epoch = math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
             total_steps = steps_per_epoch * self.epochs
@@ -496,10 +503,15 @@ def _fused_adamw_fits(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and normalisation weights."""
-    decay, no_decay = [], []
+def _param_groups(module: nn.Module, weight_decay: float, learning_rate: float,
+                  head_learning_rate: float | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalisation weights; the scoring head's own learning rate
+    where one is given."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            head = head_learning_rate is not None and models.is_head_parameter(name)
+            groups.setdefault((head, param.ndim < 2 or "norm" in name.lower()), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr": head_learning_rate if head else learning_rate}
+            for (head, no_decay), params in sorted(groups.items())]
