@@ -87,7 +87,8 @@ class RerankerTrainer(pt.Estimator):
 
     def __init__(self, reranker: CrossEncoder, loss: nn.Module, *, teacher: pt.Transformer | None = None,
                  group_size: int = 8, epochs: int = 1, batch_size: int = 4, learning_rate: float = 1e-4,
-                 head_learning_rate: float | None = None, warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
+                 head_learning_rate: float | None = None, warmup_ratio: float = 0.1, weight_decay: float = 0.01,
+                 max_grad_norm: float | None = 1.0,
                  gradient_accumulation_steps: int = 1, seed: int = 42, output_dir: str | Path | None = None,
                  validate_every: int | None = None, metric: str = "nDCG@10", patience: int | None = None,
                  min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
