@@ -426,6 +426,14 @@ def test_shipped_configs_parse_and_validate(name):
         assert all("is not built" in p for p in err.problems), err.problems
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "paper"))
+def test_every_shipped_cpu_config_has_its_run_in_the_repository(name):
+    """A shipped config that has never run is not done: its report, tables and the config as run are committed."""
+    results = EXPERIMENTS.parent / "docs" / "results" / name
+    assert (results / "report.md").is_file() and (results / "config.json").is_file(), f"run {name} and commit it"
+    assert any((results / "tables").glob("*.csv")), name
+
+
 def test_check_prints_the_plan_and_trains_nothing(tiny_model, collection, tmp_path, capsys):
     from pyterrier_kdcl.experiment.cli import main
 
