@@ -131,12 +131,11 @@ def test_unjudged_curve_points_are_seed_means_with_paired_t_intervals(tiny_model
     cfg = unjudged_config(tiny_model, collection)
     cfg["seeds"] = [1, 2]
     cfg = load_config(cfg)
-    for student, seen in (("bert-small", [0, 0]), ("bert-small+u", [5, 7]), ("bert-small+ood", [3, 3])):
-        for seed, unjudged in zip((1, 2), seen):
-            path = tmp_path / "students" / student / "KD" / f"seed-{seed}" / "done.json"
-            path.parent.mkdir(parents=True)
-            path.write_text(json.dumps({"groups": {"unjudged": unjudged}}))
-    counts = reporting.unjudged_counts(cfg, tmp_path)
+    models = [experiment_module.TrainedModel(f"{student}-KD-s{seed}", "student", "KD", seed, "fp", student=student,
+                                             groups={"unjudged": unjudged})
+              for student, seen in (("bert-small", [0, 0]), ("bert-small+u", [5, 7]), ("bert-small+ood", [3, 3]))
+              for seed, unjudged in zip((1, 2), seen)]
+    counts = reporting.unjudged_counts(cfg, models)
     assert counts == {"bert-small+u": 6.0, "bert-small+ood": 3.0}  # the group statistics, averaged over seeds
 
     rng = np.random.default_rng(0)

@@ -24,7 +24,6 @@ Every number has one definition, named in its column: a pooled number is the mea
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,22 +262,16 @@ OTHER_DATA = "KD+unjudged (other data)"
 REFERENCES = ("CL", "teacher", "BM25")
 
 
-def unjudged_counts(config, out: Path) -> dict[str, float]:
+def unjudged_counts(config, models) -> dict[str, float]:
     """The unjudged training queries each ``unjudged:`` student trained on, as the runner counted them: the group
-    statistics of its KD stages (``students/<name>/KD/seed-<s>/done.json``: queries with no qrels at all that
-    reached the trainer), averaged over seeds. A student whose stages recorded none is left out."""
+    statistics its KD stages recorded (queries with no qrels at all that reached the trainer), averaged over
+    seeds. A student whose stages recorded none is left out."""
     counts = {}
     for s in config.students:
         if not (s.unjudged and s.base):
             continue
-        seen = []
-        for seed in config.seeds:
-            try:
-                done = json.loads((Path(out) / "students" / s.name / "KD" / f"seed-{seed}" / "done.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if (done.get("groups") or {}).get("unjudged") is not None:
-                seen.append(done["groups"]["unjudged"])
+        seen = [m.groups["unjudged"] for m in models
+                if m.student == s.name and m.objective == "KD" and (m.groups or {}).get("unjudged") is not None]
         if seen:
             counts[s.name] = float(np.mean(seen))
     return counts
@@ -725,7 +718,7 @@ def write_report(config, models, collections, out: Path) -> Report:
         save(table, stem, table_md)
         sections[f"KD with unjudged queries − the base student's {objective}"] = _without(table_md, table)
         plot_files.append(plot_comparison(config, table, cols, plots / f"{stem}.png"))
-    curve = unjudged_curve_table(config, collections, unjudged_counts(config, out))
+    curve = unjudged_curve_table(config, collections, unjudged_counts(config, models))
     if not curve.empty:
         curve_md = markdown(curve) + "\n\n" + unjudged_curve_caption(config)
         save(curve, "unjudged_curve", curve_md)

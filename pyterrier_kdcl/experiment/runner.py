@@ -243,6 +243,7 @@ class TrainedModel:
     loader: object = field(default=None, repr=False)
     log: pd.DataFrame | None = field(default=None, repr=False)
     seconds: float = 0.0
+    groups: dict | None = None   # the trainer's group statistics (queries used, skipped, unjudged), as recorded
     reused: bool = False
 
 
@@ -574,7 +575,8 @@ class ExperimentRunner:
             _free(large)
             stage.finish(info, self.processes)
             self.log(f"{stage.description}: trained in {info['seconds']:.1f}s")
-        model.seconds = float(stage.info().get("seconds", 0.0))
+        info = stage.info()
+        model.seconds, model.groups = float(info.get("seconds", 0.0)), info.get("groups")
         model.log = stage.log_frame()
         self.timings[f"train {model.name}"] = model.seconds
         return model
