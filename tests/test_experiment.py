@@ -411,6 +411,29 @@ in_domain = [{{dataset = "irds:{PREFIX}/test", depth = 5}}]
     assert cfg.seeds == [1, 2] and cfg.training_args(cfg.students[0])["learning_rate"] == 5e-5
 
 
+def test_yaml_numbers_with_an_exponent_are_numbers(tmp_path):
+    """YAML 1.1 reads ``1e-4`` as text; a config means the number (issue 23, item 15)."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"""
+name: exponents
+train: {{dataset: "irds:{PREFIX}/train"}}
+training: {{learning_rate: 1e-4, teacher_temperature: 2e0, student_temperature: 1.0e0}}
+teacher: {{model: minilm-l6}}
+students:
+  - {{name: small, model: minilm-l3, training: {{learning_rate: "3e-5", head_learning_rate: 1E-2}}}}
+evaluation: {{in_domain: [{{dataset: "irds:{PREFIX}/test", depth: 5}}], alpha: 5e-2}}
+""")
+    cfg = load_config(path, check_environment=False)
+    args = cfg.training_args(cfg.students[0])
+    assert args["learning_rate"] == 3e-5 and isinstance(args["learning_rate"], float)  # quoted: a float field
+    assert args["head_learning_rate"] == 1e-2 and args["teacher_temperature"] == 2.0
+    assert cfg.training["learning_rate"] == 1e-4 and cfg.training["student_temperature"] == 1.0
+    assert cfg.evaluation.alpha == 0.05 and cfg.name == "exponents" and cfg.seeds == [42]
+    path.write_text(path.read_text().replace('"3e-5"', '"fast"'))
+    assert "students[0].training.learning_rate: expected a number, got 'fast'" in _problems(
+        path, check_environment=False)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
 def test_shipped_configs_parse_and_validate(name):
     path = EXPERIMENTS / f"{name}.yaml"

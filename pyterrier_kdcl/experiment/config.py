@@ -234,14 +234,28 @@ def _parse(path: Path) -> dict:
 
             data = tomllib.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
     except Exception as e:  # a parser's own message says where the syntax is wrong
         raise ConfigError([f"cannot parse: {e}"], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of keys to values"], str(path))
     return data
+
+
+# YAML 1.1 (PyYAML) reads an exponent without a dot or without a sign (``1e-4``, ``1.0e4``) as text; YAML 1.2 and
+# TOML read it as the number a user means. Added for plain (unquoted) scalars only, after YAML 1.1's own rules.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+_NUMBER_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _yaml_load(text: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader: no Python objects are built)
 
 
 def _join(path: str, key: str | int) -> str:
@@ -307,6 +321,8 @@ def _check(tp, value, path: str, problems: list[str]):
             return {}
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER_TEXT.match(value.strip()):  # "1e-4" from a dict or a quoted value
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {_show(value)}")
             return value
