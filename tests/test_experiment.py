@@ -375,6 +375,28 @@ def test_config_errors_for_things_outside_the_file(tiny_model, collection, tmp_p
     assert load_config(bad, check_environment=False)  # the schema alone is fine
 
 
+def test_config_errors_come_in_one_round(tiny_model, collection, tmp_path):
+    """A dataset typo or a missing file is listed with the schema's problems, not after they are fixed (issue 23,
+    item 17); so are problems of a config whose parts have the wrong type."""
+    bad = tiny_config(tiny_model, collection)
+    bad["students"][0]["training"] = {"learning_rate": "fast"}
+    bad["evaluation"]["in_domain"][0]["dataset"] = f"irds:{PREFIX}/tset"
+    bad["teacher"]["model"] = "./no/such/model"
+    bad["evaluation"]["out_of_domain"][1]["first_stage"]["path"] = str(tmp_path / "missing.run")
+    bad["validation"] = "dev"  # not a mapping: its checks are skipped, the others still run
+    problems = "\n".join(_problems(bad))
+    for expected in ("students[0].training.learning_rate: expected a number, got 'fast'",
+                     "validation: expected a mapping, got 'dev'",
+                     f"evaluation.in_domain[0].dataset: ir_datasets does not know 'irds:{PREFIX}/tset'",
+                     "teacher.model: local model", "evaluation.out_of_domain[1].first_stage.path: run file"):
+        assert expected in problems, f"{expected!r} not in:\n{problems}"
+    path = tmp_path / "exp.yaml"  # a relative model path is still resolved against the config's folder
+    bad["teacher"]["model"] = "./model-here"
+    (tmp_path / "model-here").mkdir()
+    path.write_text(yaml.safe_dump(bad))
+    assert "teacher.model" not in "\n".join(_problems(path))
+
+
 def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_path):
     cfg = tiny_config(tiny_model, collection)
     (tmp_path / "runs").mkdir()

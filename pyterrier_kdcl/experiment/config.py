@@ -217,9 +217,8 @@ def load_config(config: str | os.PathLike | dict, *, check_environment: bool = T
     if cfg is not None:
         cfg.source = source
         _check_semantics(cfg, problems)
-        if not problems:
-            _resolve_paths(cfg, base)
-        if check_environment and not problems:
+        _resolve_paths(cfg, base)  # both also run on a config with problems: one run lists every problem
+        if check_environment:
             _check_environment(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
@@ -685,20 +684,52 @@ def _resolve(value: str, base: Path) -> str:
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
-    for model in [cfg.teacher, *fusion_members(cfg.teacher), *cfg.students]:
-        if not isinstance(model.model, str) or not model.model:  # a first-stage member (or a fused teacher)
+    for _, model in _named_models(cfg):
+        if not model.model:  # a first-stage member (or a fused teacher)
             continue
         if _looks_like_path(model.model) or (base / model.model).exists():
             model.model = _resolve(model.model, base)
     for data in _all_data(cfg):
-        if data.first_stage.path:
+        if isinstance(data.first_stage, FirstStage) and isinstance(data.first_stage.path, str):
             data.first_stage.path = _resolve(data.first_stage.path, base)
 
 
+# The parts below also run on a config with problems (so that one run lists every problem): a part whose type was
+# wrong is None or of another type, reported already, and skipped here.
+def _named_datas(cfg: ExperimentConfig) -> list[tuple[str, Data]]:
+    """Every collection of the config with its key path."""
+    teacher, ev = cfg.teacher, cfg.evaluation
+    named = [("train", cfg.train), ("validation", cfg.validation)]
+    if isinstance(teacher, Teacher):
+        named.append(("teacher.data", teacher.data))
+        named += [(f"teacher.members[{i}].data", m.data) for i, m in enumerate(_members(teacher))]
+    if isinstance(ev, Evaluation):
+        named += [(f"evaluation.in_domain[{i}]", d) for i, d in enumerate(_list(ev.in_domain))]
+        named += [(f"evaluation.out_of_domain[{i}]", d) for i, d in enumerate(_list(ev.out_of_domain))]
+    named += [(f"students[{i}].unjudged[{j}]", d) for i, s in enumerate(_list(cfg.students))
+              if isinstance(s, Student) for j, d in enumerate(_list(s.unjudged))]
+    return [(path, d) for path, d in named if isinstance(d, Data)]
+
+
+def _named_models(cfg: ExperimentConfig) -> list[tuple[str, Model]]:
+    """Every model of the config that names a model (a string) with the key path of that name."""
+    named = [("teacher.model", cfg.teacher)] if isinstance(cfg.teacher, Teacher) else []
+    named += [(f"students[{i}].model", s) for i, s in enumerate(_list(cfg.students))]
+    if isinstance(cfg.teacher, Teacher):
+        named += [(f"teacher.members[{i}].model", m) for i, m in enumerate(_members(cfg.teacher))]
+    return [(path, m) for path, m in named if isinstance(m, Model) and isinstance(m.model, str)]
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _members(teacher: Teacher) -> list[FusionMember]:
+    return [m for m in _list(teacher.members) if isinstance(m, FusionMember)] if teacher.kind == "fusion" else []
+
+
 def _all_data(cfg: ExperimentConfig) -> list[Data]:
-    datas = [cfg.train, cfg.validation, cfg.teacher.data, *cfg.evaluation.in_domain, *cfg.evaluation.out_of_domain,
-             *(d for s in cfg.students for d in s.unjudged), *(m.data for m in fusion_members(cfg.teacher))]
-    return [d for d in datas if d is not None]
+    return [d for _, d in _named_datas(cfg)]
 
 
 def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
@@ -709,20 +740,14 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
 
     kdcl_datasets.register()  # lists the kdcl ids in ir_datasets.registry, which is searched below
 
-    paths = {id(d): p for p, d in [("train", cfg.train), ("validation", cfg.validation),
-                                   ("teacher.data", cfg.teacher.data)] if d is not None}
-    paths.update({id(d): f"evaluation.in_domain[{i}]" for i, d in enumerate(cfg.evaluation.in_domain)})
-    paths.update({id(d): f"evaluation.out_of_domain[{i}]" for i, d in enumerate(cfg.evaluation.out_of_domain)})
-    paths.update({id(d): f"students[{i}].unjudged[{j}]" for i, s in enumerate(cfg.students)
-                  for j, d in enumerate(s.unjudged)})
-    paths.update({id(m.data): f"teacher.members[{i}].data" for i, m in enumerate(fusion_members(cfg.teacher))
-                  if m.data is not None})
-    for data in _all_data(cfg):
-        path = paths[id(data)]
+    for path, data in _named_datas(cfg):
+        first_stage = data.first_stage if isinstance(data.first_stage, FirstStage) else FirstStage()
         ids = [(f"{path}.dataset", data.dataset)]
-        if data.first_stage.index:
-            ids.append((f"{path}.first_stage.index", "irds:" + data.first_stage.index.removeprefix("irds:")))
+        if isinstance(first_stage.index, str) and first_stage.index:
+            ids.append((f"{path}.first_stage.index", "irds:" + first_stage.index.removeprefix("irds:")))
         for key, dataset_id in ids:
+            if not isinstance(dataset_id, str) or not dataset_id.startswith("irds:"):
+                continue  # reported by the schema check
             bare = dataset_id.removeprefix("irds:")
             if bare not in ir_datasets.registry:
                 close = difflib.get_close_matches(bare, list(ir_datasets.registry), n=1)
@@ -733,10 +758,8 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
             if folder is not None and not kdcl_datasets.is_built(folder.name):
                 problems.append(f"{key}: the kdcl collection {folder.name!r} is not built; build it once with "
                                 "`python -m pyterrier_kdcl.offline.datasets build`")
-        if data.first_stage.path and not Path(data.first_stage.path).is_file():
-            problems.append(f"{path}.first_stage.path: run file {data.first_stage.path!r} does not exist")
-    models = [("teacher.model", cfg.teacher)] + [(f"students[{i}].model", s) for i, s in enumerate(cfg.students)]
-    models += [(f"teacher.members[{i}].model", m) for i, m in enumerate(fusion_members(cfg.teacher))]
-    for key, model in models:
+        if isinstance(first_stage.path, str) and first_stage.path and not Path(first_stage.path).is_file():
+            problems.append(f"{path}.first_stage.path: run file {first_stage.path!r} does not exist")
+    for key, model in _named_models(cfg):
         if model.model and _looks_like_path(model.model) and not Path(model.model).exists():
             problems.append(f"{key}: local model {model.model!r} does not exist")
