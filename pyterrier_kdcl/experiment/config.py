@@ -760,6 +760,10 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
                                 "`python -m pyterrier_kdcl.offline.datasets build`")
         if isinstance(first_stage.path, str) and first_stage.path and not Path(first_stage.path).is_file():
             problems.append(f"{path}.first_stage.path: run file {first_stage.path!r} does not exist")
+    from pyterrier_kdcl.offline.packaged_models import misspelled_model
+
     for key, model in _named_models(cfg):
         if model.model and _looks_like_path(model.model) and not Path(model.model).exists():
             problems.append(f"{key}: local model {model.model!r} does not exist")
+        elif model.model and misspelled_model(model.model) is not None:
+            problems.append(f"{key}: {misspelled_model(model.model)}")

@@ -22,9 +22,11 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.metadata
+import os
 import shutil
 import time
 import zipfile
@@ -35,7 +37,8 @@ from types import ModuleType
 
 from pyterrier_kdcl import paths
 
-__all__ = ["OFFLINE_MODELS", "OfflineModel", "MissingModelPackage", "is_offline_model", "resolve_offline_model"]
+__all__ = ["OFFLINE_MODELS", "OfflineModel", "MissingModelPackage", "is_offline_model", "misspelled_model",
+           "resolve_offline_model"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,35 @@ def resolve_offline_model(name: str) -> Path:
             "Pass a Hugging Face hub id or a local model directory for any other model."
         )
     return OFFLINE_MODELS[name].build()
+
+
+def misspelled_model(name: str) -> str | None:
+    """What is wrong with ``name`` when it looks like a misspelled short name, else None.
+
+    Such a name is no short name, no existing path, has no ``owner/`` as hub ids have, is not in the local Hugging
+    Face cache, and is close to a short name (``minilm-l4``). Loading it would ask the Hub for it, which fails only
+    after a minute of retries offline; a config check or a constructor says so at once instead.
+
+    >>> misspelled_model("minilm-l4")  # doctest: +SKIP
+    "'minilm-l4' is not a packaged model; did you mean 'minilm-l6' or 'minilm-l3'? ..."
+    """
+    if not isinstance(name, str) or name in OFFLINE_MODELS or "/" in name or os.sep in name or os.path.exists(name):
+        return None
+    close = difflib.get_close_matches(name.lower(), OFFLINE_MODELS, n=2, cutoff=0.75)
+    if not close or _in_hub_cache(name):
+        return None
+    return (f"{name!r} is not a packaged model; did you mean {' or '.join(map(repr, close))}? The packaged short "
+            f"names are {', '.join(OFFLINE_MODELS)}; any other model is a Hugging Face hub id (owner/name) or a "
+            "local model directory")
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, or no huggingface_hub: not in its cache
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- helpers
