@@ -9,7 +9,14 @@ Both directories are per user and can be moved with an environment variable:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import os
+import shutil
+import stat
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,23 +39,97 @@ def data_dir() -> Path:
 
 
 @contextlib.contextmanager
-def finalized_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """``pt.io.finalized_directory``: the block fills a temporary directory beside ``path``, which is renamed to
-    ``path`` when the block ends without error and removed when it fails, so ``path`` is absent or complete.
+def finalized_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """The block fills a private temporary directory beside ``path`` (mode ``0o700`` while it is written); when the
+    block ends without error it gets the mode a plain ``mkdir`` would give (the umask's) and is renamed to ``path``
+    in one step, and when the block fails it is removed. So ``path`` is absent or complete, and never writable by
+    others for an instant (PyTerrier's ``pt.io.finalized_directory`` renames a ``0o777`` directory into place).
 
-    The rename cannot replace a non-empty directory: a block that replaces one removes (or moves aside) the old
-    ``path`` as its last step. The directory's mode then follows the umask, as for any ``mkdir``: PyTerrier 1.1
-    leaves it ``0o777``, writable by every user, which would let anyone swap a saved model's weights.
+    Without ``replace``, an existing non-empty ``path`` makes the rename fail with ``OSError`` (a race lost to
+    another writer). With ``replace=True`` an existing directory is swapped for the new one in one step (Linux's
+    ``renameat2(RENAME_EXCHANGE)``) and deleted afterwards: a reader, or a kill at any instant, finds the old
+    directory or the new one at ``path``, never neither. Where the swap is unavailable (other systems, some
+    network file systems) the old directory is first renamed aside to ``.<name>.old-<pid>``: a kill between the
+    two renames leaves it there, complete (:func:`interrupted_replacement` finds it).
 
     Example::
 
         with finalized_directory(target) as tmp:
             (tmp / "config.json").write_text("{}")
     """
-    import pyterrier as pt
+    path = Path(path)
+    stem, ext = os.path.splitext(path.name)  # the temporary name pt.io gives: cleaners of leftovers glob for it
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, _mkdir_mode(tmp))
+        if replace and path.is_dir() and not path.is_symlink():
+            _swap_in(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except BaseException:  # a KeyboardInterrupt too: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
-    with pt.io.finalized_directory(str(path)) as tmp:
-        yield Path(tmp)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+
+def interrupted_replacement(path: str | os.PathLike) -> Path | None:
+    """The complete old directory that a replacement of ``path`` interrupted between its two renames left aside
+    (only where the one-step swap is unavailable), or None."""
+    path = Path(path)
+    aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+    return aside[-1] if aside and not path.exists() else None
+
+
+def _mkdir_mode(inside: Path) -> int:
+    """The mode a new directory gets from the process's umask (read without changing the umask, thread-safely)."""
+    probe = inside / ".mode-probe"
+    probe.mkdir()
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.rmdir()
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Puts directory ``new`` at ``path`` in place of the directory there, then deletes the old one."""
+    if _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now names the old directory
+        return
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)  # the old directory back: the caller removes the new one
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux ``renameat2``); False where the system or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no RENAME_EXCHANGE here: rename aside instead
+        return False
+    raise OSError(err, f"could not swap {a} into {b}: {os.strerror(err)}")
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.3+
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,14 +139,18 @@ class CrossEncoder(pt.Transformer):
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the reranker to ``path`` (atomically: a crash never leaves a half-written directory)."""
+        """Writes the reranker to ``path``: weights (safetensors), tokenizer and ``kdcl.json``.
+
+        Atomic: the directory is written under a private temporary name beside ``path`` and swapped in whole, so
+        an interruption at any instant leaves the model that was there before, or the new one, and the directory
+        is never writable by others (:func:`pyterrier_kdcl.paths.finalized_directory`). Saving over a directory
+        that holds anything but an earlier saved reranker is refused rather than deleting it."""
         self.check_float_weights("save")
         path = Path(path)
+        _check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with paths.finalized_directory(path) as tmp:
+        with paths.finalized_directory(path, replace=True) as tmp:
             models.save_ranker(self.ranker, self.tokenizer, tmp, self._settings())
-            if path.exists():
-                shutil.rmtree(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, merge_lora: bool = False, device=None, dtype=None,
@@ -157,6 +160,10 @@ class CrossEncoder(pt.Transformer):
         A directory saved with ``trust_remote_code=True`` runs code it ships: it loads only when the caller
         passes ``trust_remote_code=True`` too (a downloaded directory cannot switch it on by itself)."""
         path = Path(path)
+        aside = paths.interrupted_replacement(path)
+        if aside is not None:
+            raise FileNotFoundError(f"{path} is missing: a save over it was interrupted, and the model that was there "
+                                    f"is complete in {aside}; rename that directory to {path}, or save again")
         settings = models.read_settings(path)
         if settings.get("trust_remote_code") and not trust_remote_code:
             raise ValueError(f"{path} was saved with trust_remote_code=True, so loading it runs Python code from "
@@ -213,6 +220,16 @@ class CrossEncoder(pt.Transformer):
         """The box of PyTerrier's pipeline drawings; ``help_url`` is set, so drawing never looks it up online."""
         label = "CrossEncoder" if self.optimized is None else f"CrossEncoder ({self.optimized})"
         return {"label": label, "help_url": "docs/guide.md#1-rerank"}
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuses to save over a file, or over a directory whose files are not an earlier saved reranker."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"cannot save the reranker to {path}: it is a file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not (path / models.KDCL_CONFIG).exists():
+        raise FileExistsError(f"cannot save the reranker to {path}: the directory holds files that are not a saved "
+                              "reranker (no kdcl.json), which saving would delete; choose another path, or move "
+                              "those files away first")
 
 
 def _return_freed_memory() -> None:
