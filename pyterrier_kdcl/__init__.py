@@ -32,11 +32,12 @@ _HOMES = {  # public name -> the module that defines it
     "DistillationTrainer": "pyterrier_kdcl.training.trainer",
     "GroupSampler": "pyterrier_kdcl.training.groups",
     "ScoreFusion": "pyterrier_kdcl.fusion",
+    "FirstStageScore": "pyterrier_kdcl.fusion",
 }
 _MODULES = {"losses": "pyterrier_kdcl.training.losses", "datasets": "pyterrier_kdcl.offline.datasets"}
 
-__all__ = ["ContrastiveTrainer", "CrossEncoder", "DistillationTrainer", "GroupSampler", "RerankerTrainer",
-           "ScoreFusion", "ShardedScorer", "datasets", "losses", "optimize_for_cpu"]
+__all__ = ["ContrastiveTrainer", "CrossEncoder", "DistillationTrainer", "FirstStageScore", "GroupSampler",
+           "RerankerTrainer", "ScoreFusion", "ShardedScorer", "datasets", "losses", "optimize_for_cpu"]
 
 
 register_pattern()
@@ -59,7 +60,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from pyterrier_kdcl.fast import optimize_for_cpu
-    from pyterrier_kdcl.fusion import ScoreFusion
+    from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
     from pyterrier_kdcl.offline import datasets
     from pyterrier_kdcl.reranker import CrossEncoder
     from pyterrier_kdcl.serving import ShardedScorer

@@ -105,6 +105,23 @@ def test_a_teacher_without_a_fingerprint_is_persisted_only_under_a_named_key(tin
     assert teacher.rows == 6 * 4
 
 
+def test_a_retriever_as_teacher_is_refused_pointing_to_first_stage_score(tiny_model, tmp_path):
+    """``teacher=bm25`` failed with PyTerrier's bare InputValidationError (issue 23, item 19)."""
+    from pyterrier_pisa import PisaIndex
+
+    res, qrels = training_frames(6)
+    docs = res.drop_duplicates("docno")[["docno", "text"]].to_dict("records")
+    bm25 = PisaIndex(str(tmp_path / "index"), text_field="text").index(docs).bm25(num_results=10)
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    trainer = kdcl.DistillationTrainer(ce, bm25, group_size=4, batch_size=2, verbose=False)
+    with pytest.raises(ValueError, match=r"refused the \(query, document\) rows.*a retriever such as BM25.*"
+                                         r"kdcl\.FirstStageScore\(\)") as err:
+        trainer.fit(res, qrels)
+    assert "extra_columns=['docno']" in str(err.value)  # PyTerrier's own reason, in one line
+    first_stage = kdcl.DistillationTrainer(ce, kdcl.FirstStageScore(), group_size=4, batch_size=2, verbose=False)
+    assert len(first_stage.fit(res, qrels))  # what the message points to trains
+
+
 def test_teacher_scores_in_memory_need_no_directory():
     gs = groups()
     scores = TeacherScores(composed_teacher()[0], None)

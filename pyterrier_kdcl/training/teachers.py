@@ -102,7 +102,10 @@ class CheckedTeacher(pt.Transformer):
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         if len(inp) == 0:
             return inp.assign(score=pd.Series(dtype="float64"))
-        out = self.teacher(inp.drop(columns=["score", "rank"], errors="ignore"))
+        try:
+            out = self.teacher(inp.drop(columns=["score", "rank"], errors="ignore"))
+        except pt.validate.InputValidationError as err:  # a retriever (BM25) wants queries, not (query, doc) rows
+            raise ValueError(not_a_scorer_message(self.teacher, inp, err)) from err
         if "score" not in out.columns:
             raise ValueError(f"teacher {self.teacher!r} returned no 'score' column; a teacher scores its input rows")
         keys = ["qid", "docno"]
@@ -265,6 +268,15 @@ class TeacherScores:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def not_a_scorer_message(teacher, inp: pd.DataFrame, err: Exception) -> str:
+    return (f"teacher {teacher!r} refused the (query, document) rows it was given (columns {list(inp.columns)}): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. A teacher scores the rows it is "
+            "given, as a reranker does; a retriever such as BM25 finds documents for queries instead. To teach "
+            "with the first stage's own score (BM25's, when BM25 found the candidates), use kdcl.FirstStageScore(), "
+            "alone or fused with other scorers in kdcl.ScoreFusion; to teach with a retriever's scores of the "
+            "given documents, use a scorer of rows such as pt.text.scorer(wmodel='BM25')")
 
 
 def unnamed_teacher_message(teacher) -> str:
