@@ -140,3 +140,60 @@ def test_groups_hand_the_teacher_their_first_stage_scores():
     np.testing.assert_allclose(scores.lookup(groups).numpy(), np.array([g.first_stage_scores for g in groups]))
     unscored = GroupSampler(res.drop(columns="score"), qrels, group_size=3, seed=0)
     assert next(unscored.epoch(0)).first_stage_scores is None
+
+
+class _ScaledTeacher(pt.Transformer):
+    """Scores 'answer' documents ``scale`` above the others: a sharp teacher, or a flat one at a small scale."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def transform(self, inp):
+        return inp.assign(score=[self.scale * (1.0 if "answer" in t else len(t) % 3 / 3) for t in inp["text"]])
+
+    def fingerprint(self) -> str:
+        return f"scaled {self.scale}"
+
+
+def test_distillation_fits_teacher_temperature_auto_on_the_validation_frames(tiny_model):
+    """``teacher_temperature="auto"`` worked in configs, not in Python ("could not convert string to float"; issue
+    23, item 18)."""
+    from training_data import training_frames
+
+    import pyterrier_kdcl as kdcl
+    from pyterrier_kdcl.training.temperature import fit_teacher_temperature
+
+    res, qrels = training_frames(8)
+    va_res, va_qrels = training_frames(4)
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    teacher = _ScaledTeacher(5.0)
+    options = {"group_size": 4, "batch_size": 4, "verbose": False}
+    kd = kdcl.DistillationTrainer(ce, teacher, teacher_temperature="auto", **options)
+    with pytest.raises(ValueError, match=r"teacher_temperature='auto' is fitted on the validation candidates: pass "
+                                         r"them to fit\(tr_res, tr_qrels, va_res, va_qrels\)"):
+        kd.fit(res, qrels)
+    kd.fit(res, qrels, va_res, va_qrels)
+    expected = fit_teacher_temperature(teacher, va_res, va_qrels)["temperature"]
+    assert kd.loss.teacher_temperature == pytest.approx(expected) and kd.teacher_temperature == "auto"
+    assert kd.fitted_teacher_temperature_["queries"] == 4 and expected != 1.0
+    with pytest.raises(ValueError, match="teacher_temperature must be a finite number > 0, got 'hot'"):
+        kdcl.DistillationTrainer(ce, teacher, teacher_temperature="hot")
+    with pytest.raises(ValueError, match="got 'auto': 'auto' is DistillationTrainer"):
+        kdcl.losses.KLDistillation(teacher_temperature="auto")
+
+
+def test_a_nearly_uniform_teacher_target_is_warned_about(tiny_model):
+    import warnings
+
+    from training_data import training_frames
+
+    import pyterrier_kdcl as kdcl
+
+    res, qrels = training_frames(8)
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    options = {"group_size": 4, "batch_size": 4, "verbose": False, "teacher_temperature": 2.0}
+    with pytest.warns(UserWarning, match=r"softened by teacher_temperature=2 are nearly uniform over each group"):
+        kdcl.DistillationTrainer(ce, _ScaledTeacher(0.01), **options).fit(res, qrels)  # cosines of one topic
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdcl.DistillationTrainer(ce, _ScaledTeacher(5.0), **options).fit(res, qrels)

@@ -16,12 +16,11 @@ a trained teacher's.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pyterrier as pt
 
 from pyterrier_kdcl.fusion import ScoreFusion
-from pyterrier_kdcl.training.temperature import fit_temperature
+from pyterrier_kdcl.training.temperature import fit_teacher_temperature
 
 
 def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, verbose: bool = False) -> pt.Transformer:
@@ -39,29 +38,9 @@ def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, verbose:
 
 def fitted_temperature(teacher: pt.Transformer, va_res: pd.DataFrame, va_qrels: pd.DataFrame) -> dict:
     """Scores every validation candidate with ``teacher`` and fits the calibrating temperature over each query's
-    candidates (queries whose candidates hold no positive are left out). Returns the temperature and its inputs."""
-    frame = va_res[["qid", "query", "docno", "text"]].astype({"qid": str, "docno": str})
-    if "score" in va_res.columns:  # for a fused teacher's first-stage member (other teachers ignore it)
-        frame = frame.assign(first_stage_score=va_res["score"].to_numpy())
-    scored = teacher(frame)[["qid", "docno", "score"]].astype({"qid": str, "docno": str})
-    positives = va_qrels[va_qrels["label"] > 0].astype({"qid": str, "docno": str})
-    scored = scored.assign(label=scored.set_index(["qid", "docno"]).index.isin(
-        positives.set_index(["qid", "docno"]).index).astype(int))
-    depth = int(scored.groupby("qid").size().max())
-    rows, labels = [], []
-    for _, group in scored.groupby("qid"):
-        if group["label"].any():  # pad short lists with -inf scores: they take no probability
-            pad = depth - len(group)
-            rows.append(np.concatenate([group["score"].to_numpy(dtype="float64"), np.full(pad, -np.inf)]))
-            labels.append(np.concatenate([group["label"].to_numpy(), np.zeros(pad, dtype=int)]))
-    if not rows:
-        raise ValueError("teacher_temperature: auto needs validation queries whose candidates hold a judged "
-                         "positive; none do (raise validation.depth or give more validation queries)")
-    scores, labels = np.stack(rows), np.stack(labels)
-    temperature = fit_temperature(scores, labels)
-    finite = np.where(np.isfinite(scores), scores, np.nan)
-    return {"temperature": temperature, "queries": len(rows), "depth": depth,
-            "score_sd_within_query": float(np.nanmean(np.nanstd(finite, axis=1)))}
+    candidates (:func:`~pyterrier_kdcl.training.temperature.fit_teacher_temperature`). Returns the temperature and
+    its inputs."""
+    return fit_teacher_temperature(teacher, va_res, va_qrels)
 
 
 def fitted_fusion(fusion: ScoreFusion, res: pd.DataFrame, qrels: pd.DataFrame, weights: dict | None = None) -> dict:

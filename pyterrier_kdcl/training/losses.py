@@ -76,7 +76,13 @@ class RankingLoss(nn.Module):
 
 
 def _positive_temperature(name: str, value: float) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        hint = (": 'auto' is DistillationTrainer(teacher_temperature='auto'), which fits it on the validation frames "
+                "(or fit one with pyterrier_kdcl.training.temperature.fit_teacher_temperature)" if value == "auto"
+                else "")
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}{hint}") from None
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value

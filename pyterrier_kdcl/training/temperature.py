@@ -6,7 +6,8 @@ temperature gives a near one-hot target. :func:`fit_temperature` picks ``T`` min
 log-likelihood of the labelled positives under ``softmax(t / T)`` over judged groups, the standard temperature
 scaling of Guo et al. (2017, "On Calibration of Modern Neural Networks"); the fitted target is then as sure of
 itself as the teacher is right. Fit it on held-out groups: on the teacher's own training queries it would be
-overconfident.
+overconfident. :func:`fit_teacher_temperature` does it from PyTerrier frames (a teacher, a result frame with text and
+its qrels); ``DistillationTrainer(teacher_temperature="auto")`` calls it on the validation frames of its fit.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 BOUNDS = (1e-3, 1e3)
+NEAR_UNIFORM = 0.99  # a softened target whose entropy is above this share of log(G) teaches almost nothing
 _NLL_CAP = 1e6  # a finite stand-in for an impossible positive, so the minimiser never sees inf
 
 
@@ -58,3 +61,53 @@ def fit_temperature(teacher_scores: np.ndarray, labels: np.ndarray) -> float:
     lo, hi = map(math.log, BOUNDS)
     result = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
     return float(min(max(math.exp(result.x), BOUNDS[0]), BOUNDS[1]))
+
+
+def fit_teacher_temperature(teacher, res: pd.DataFrame, qrels: pd.DataFrame) -> dict:
+    """Scores every candidate of ``res`` with ``teacher`` and fits :func:`fit_temperature` over each query's
+    candidates (queries whose candidates hold no positive are left out).
+
+    Args:
+        teacher: any transformer that scores the rows it is given.
+        res: held-out candidates with text (qid, query, docno, text; a ``score`` column is passed on as
+            ``first_stage_score``, for a fused teacher's first-stage member).
+        qrels: their judgements (qid, docno, label).
+
+    Returns the temperature and its inputs: ``{"temperature", "queries", "depth", "score_sd_within_query"}``.
+
+    Example::
+
+        t = fit_teacher_temperature(teacher, (bm25 >> text)(dev.get_topics()), dev.get_qrels())["temperature"]
+        kd = kdcl.DistillationTrainer(student, teacher, teacher_temperature=t)
+    """
+    frame = res[["qid", "query", "docno", "text"]].astype({"qid": str, "docno": str})
+    if "score" in res.columns:  # for a fused teacher's first-stage member (other teachers ignore it)
+        frame = frame.assign(first_stage_score=res["score"].to_numpy())
+    scored = teacher(frame)[["qid", "docno", "score"]].astype({"qid": str, "docno": str})
+    positives = qrels[qrels["label"] > 0].astype({"qid": str, "docno": str})
+    scored = scored.assign(label=scored.set_index(["qid", "docno"]).index.isin(
+        positives.set_index(["qid", "docno"]).index).astype(int))
+    depth = int(scored.groupby("qid").size().max())
+    rows, labels = [], []
+    for _, group in scored.groupby("qid"):
+        if group["label"].any():  # pad short lists with -inf scores: they take no probability
+            pad = depth - len(group)
+            rows.append(np.concatenate([group["score"].to_numpy(dtype="float64"), np.full(pad, -np.inf)]))
+            labels.append(np.concatenate([group["label"].to_numpy(), np.zeros(pad, dtype=int)]))
+    if not rows:
+        raise ValueError("teacher_temperature: auto needs validation queries whose candidates hold a judged "
+                         "positive; none do (raise validation.depth or give more validation queries)")
+    scores, labels = np.stack(rows), np.stack(labels)
+    temperature = fit_temperature(scores, labels)
+    finite = np.where(np.isfinite(scores), scores, np.nan)
+    return {"temperature": temperature, "queries": len(rows), "depth": depth,
+            "score_sd_within_query": float(np.nanmean(np.nanstd(finite, axis=1)))}
+
+
+def uniformity(teacher_scores: np.ndarray, temperature: float) -> float:
+    """Mean entropy of ``softmax(t / T)`` over the rows, as a share of ``log G``: 1 is uniform (a target that
+    teaches nothing), 0 one-hot."""
+    z = np.asarray(teacher_scores, dtype="float64") / temperature
+    log_p = z - logsumexp(z, axis=1, keepdims=True)
+    entropy = -(np.exp(log_p) * log_p).sum(axis=1)
+    return float(entropy.mean() / math.log(z.shape[1])) if z.shape[1] > 1 else 0.0

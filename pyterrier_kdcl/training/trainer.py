@@ -30,7 +30,14 @@ from pyterrier_kdcl.training import checkpoints
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
-from pyterrier_kdcl.training.teachers import Processes, TeacherScores, can_fingerprint, unnamed_teacher_message
+from pyterrier_kdcl.training.teachers import (
+    CheckedTeacher,
+    Processes,
+    TeacherScores,
+    can_fingerprint,
+    unnamed_teacher_message,
+)
+from pyterrier_kdcl.training.temperature import NEAR_UNIFORM, fit_teacher_temperature, uniformity
 
 PRECISIONS = {"auto", "fp32", "no", "bf16", "fp16"}
 
@@ -157,6 +164,7 @@ class RerankerTrainer(pt.Estimator):
         self.verbose = verbose
         self.log_ = pd.DataFrame()
         self.group_stats = None
+        self._fitted = False
 
     @property
     def sampler_options(self) -> dict:
@@ -246,6 +254,7 @@ class RerankerTrainer(pt.Estimator):
             accelerator.unwrap_model(reranker.ranker, keep_fp32_wrapper=False)
             _restore_dtypes(reranker.ranker, half_dtypes)
             reranker.ranker.eval()
+        reranker.training_facts = self._training_facts(state, teacher, mixed_precision)
         self._finish(state, reranker, accelerator)
         return self.log_
 
@@ -324,8 +333,46 @@ class RerankerTrainer(pt.Estimator):
         state.bad_validations += 1
         return self.patience is not None and state.bad_validations >= self.patience
 
+    def _training_facts(self, state: checkpoints.TrainingState, teacher: TeacherScores | None,
+                        mixed_precision: str) -> dict:
+        """What this fit did, for the reranker's model card (:mod:`pyterrier_kdcl.model_card`): plain values only,
+        since ``kdcl.json`` keeps them."""
+        loss, stats = self.loss, self.group_stats
+        objective = ("distillation" if self.teacher is not None else
+                     "contrastive" if isinstance(loss, InfoNCE) else "supervised")
+        facts = {
+            "objective": objective, "loss": repr(loss),
+            "teacher": repr(self.teacher) if self.teacher is not None else None,
+            "teacher_scores": teacher.cache_name if teacher is not None else None,
+            **{name: getattr(loss, name) for name in ("teacher_temperature", "student_temperature", "temperature")
+               if isinstance(getattr(loss, name, None), (int, float))},
+            "training_queries": stats.usable, "queries": stats.queries, "group_size": self.group_size,
+            "epochs": self.epochs, "steps": state.step, "pairs": state.pairs, "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate, "head_learning_rate": self.head_learning_rate, "seed": self.seed,
+            "precision": {"no": "fp32"}.get(mixed_precision, mixed_precision),
+            "metric": self.metric if state.best_metric is not None else None,
+            "best_validation": state.best_metric, "best_step": state.best_step, "seconds": round(state.seconds, 1),
+            "continued_from": self.reranker.training_facts,  # the weights were trained before this fit
+        }
+        return {k: _plain(v) for k, v in facts.items() if v is not None}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves the trained reranker, with a model card of this fit (``kdcl.CrossEncoder.load(path)`` reads it);
+        the same as ``trainer.reranker.save(path)``.
+
+        Example::
+
+            kd.fit(train_res, train_qrels, dev_res, dev_qrels)
+            kd.save("my-reranker")
+        """
+        if not self._fitted:
+            raise ValueError(f"{type(self).__name__} has not been fitted, so there is no trained reranker to save: "
+                             "call fit() first (or save the untrained one with trainer.reranker.save(path))")
+        self.reranker.save(path)
+
     def _finish(self, state, reranker, accelerator) -> None:
         self.log_ = pd.DataFrame(state.log, columns=["step", "epoch", "loss", "lr", "metric", "seconds", "pairs"])
+        self._fitted = True
         if self.output_dir is not None and accelerator.is_main_process:
             reranker.save(self.output_dir / "model")
             self.log_.to_csv(self.output_dir / "log.csv", index=False)
@@ -345,6 +392,7 @@ class RerankerTrainer(pt.Estimator):
         scores = TeacherScores(self.teacher, cache_dir, key=self.teacher_cache_key,
                                verbose=self.verbose and accelerator.is_main_process)
         groups = itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs))
+        scores.cache_name = scores.store.path.name if scores.store is not None else None  # for the model card
         try:
             scores.prepare(groups, _processes(accelerator))
         finally:
@@ -390,13 +438,48 @@ class DistillationTrainer(RerankerTrainer):
 
     schematic = {"label": "DistillationTrainer", "help_url": "docs/guide.md#3-train-with-knowledge-distillation"}
 
-    def __init__(self, reranker: CrossEncoder, teacher: pt.Transformer, *, teacher_temperature: float = 2.0,
+    def __init__(self, reranker: CrossEncoder, teacher: pt.Transformer, *, teacher_temperature: float | str = 2.0,
                  student_temperature: float = 1.0, **kwargs):
-        loss = KLDistillation(teacher_temperature=teacher_temperature, student_temperature=student_temperature)
+        auto = isinstance(teacher_temperature, str) and teacher_temperature == "auto"
+        loss = KLDistillation(teacher_temperature=1.0 if auto else teacher_temperature,
+                              student_temperature=student_temperature)
         super().__init__(reranker, loss, teacher=teacher, **kwargs)
-        self.teacher_temperature = teacher_temperature
+        self.teacher_temperature = teacher_temperature  # "auto": fitted by each fit, on its validation frames
         self.student_temperature = student_temperature
+        self.fitted_teacher_temperature_: dict | None = None
         self._kwargs = kwargs  # pt.inspect: the options given to the loop, under this face's **kwargs
+
+    def _fit(self, tr_res, tr_qrels, va_res, va_qrels, resume) -> pd.DataFrame:
+        if isinstance(self.teacher_temperature, str):  # "auto" (anything else was refused by the loss)
+            if va_res is None or va_qrels is None:
+                raise ValueError("teacher_temperature='auto' is fitted on the validation candidates: pass them to "
+                                 "fit(tr_res, tr_qrels, va_res, va_qrels), or give a number, e.g. "
+                                 "fit_teacher_temperature(teacher, dev_res, dev_qrels)['temperature'] "
+                                 "(pyterrier_kdcl.training.temperature)")
+            self.fitted_teacher_temperature_ = fit_teacher_temperature(CheckedTeacher(self.teacher), va_res,
+                                                                       va_qrels)
+            self.loss.teacher_temperature = self.fitted_teacher_temperature_["temperature"]
+        return super()._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
+
+    def _teacher_scores(self, sampler: GroupSampler, accelerator) -> TeacherScores | None:
+        scores = super()._teacher_scores(sampler, accelerator)
+        if accelerator.is_main_process:
+            self._warn_if_uniform(scores, list(itertools.islice(sampler.epoch(0), 1000)))
+        return scores
+
+    def _warn_if_uniform(self, scores: TeacherScores, groups: list) -> None:
+        """A target that cannot tell a group's documents apart teaches nothing, with a loss near 0 from the start."""
+        if not groups:
+            return
+        teacher = scores.lookup(groups).double().numpy()
+        temperature = self.loss.teacher_temperature
+        share = uniformity(teacher, temperature)
+        if share > NEAR_UNIFORM:
+            warnings.warn(f"the scores of teacher {self.teacher!r} softened by teacher_temperature={temperature:g} "
+                          f"are nearly uniform over each group (entropy {share:.2%} of a uniform target's; the "
+                          f"scores spread {teacher.std(axis=1).mean():.3g} sd within a group): distillation will "
+                          "learn almost nothing. Use a teacher_temperature near that spread or below, or "
+                          "teacher_temperature='auto' to fit it on the validation frames", stacklevel=4)
 
 
 @dataclass
@@ -476,6 +559,18 @@ def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
     for name, param in module.named_parameters():
         if name in dtypes:
             param.data = param.data.to(dtypes[name])
+
+
+def _plain(value):
+    """A value JSON writes as it is: numpy numbers become Python numbers; anything else but containers, text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    item = getattr(value, "item", None)  # numpy and torch scalars
+    return _plain(item()) if callable(item) and getattr(value, "ndim", 1) == 0 else str(value)
 
 
 # -- batching helpers ----------------------------------------------------------------------------------------
