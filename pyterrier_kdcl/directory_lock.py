@@ -10,7 +10,8 @@ time, command) so that the refusal can say who it is.
   it says whom it waits for and waits.
 - A lock left by a killed run is taken over, with a line saying whose it was: the kernel released its ``flock``,
   and its holder file is still there (a clean release removes it).
-- Re-entrant within a process: a nested ``directory_lock`` on a directory this process holds is a no-op.
+- Re-entrant within a thread: a nested ``directory_lock`` on a directory this thread holds is a no-op. Another
+  thread of the same process is another writer: it is refused (or waits) as another process would be.
 - It never protects against a program that does not take the lock, and never locks across hosts on file systems
   whose ``flock`` is local (some NFS set-ups).
 
@@ -39,7 +40,7 @@ LOCK_FILE = ".kdcl.lock"
 HOLDER_FILE = ".kdcl.lock.json"
 DEFAULT_HINT = "write to another directory, or wait for it to finish (wait=True)"
 
-_held: dict[str, int] = {}  # directories this process holds -> nesting depth
+_held: dict[tuple[int, str], int] = {}  # (thread, directory) this process holds -> nesting depth
 _guard = threading.Lock()
 
 
@@ -84,9 +85,9 @@ def directory_lock(path: str | os.PathLike, *, wait: bool = False, hint: str = D
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    key = str(folder.resolve())
+    key = (threading.get_ident(), str(folder.resolve()))
     with _guard:
-        if key in _held:  # this process holds it already: nested use by the same run
+        if key in _held:  # this thread holds it already: nested use by the same run
             _held[key] += 1
             nested = True
         else:

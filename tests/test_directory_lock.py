@@ -118,6 +118,47 @@ def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
         pass
 
 
+def test_the_lock_is_reentrant_per_thread_not_per_process(tmp_path):
+    """Two threads of one process both held the lock, and the inner one's exit raised KeyError (issue 23, item 6):
+    another thread is another writer, refused (or kept waiting) like another process."""
+    import threading
+
+    events = []
+    release, acquired = threading.Event(), threading.Event()
+
+    def first():
+        with directory_lock(tmp_path, log=events.append):
+            acquired.set()
+            release.wait(30)
+            events.append("first releases")
+
+    def second(wait: bool):
+        try:
+            with directory_lock(tmp_path, wait=wait, log=events.append, poll_interval=0.05):
+                with directory_lock(tmp_path):  # nested in its own thread: a no-op
+                    events.append("second holds")
+        except Exception as err:  # noqa: BLE001 (what the thread met, for the assertions)
+            events.append(err)
+
+    holder_thread = threading.Thread(target=first)
+    holder_thread.start()
+    assert acquired.wait(30)
+    refused = threading.Thread(target=second, args=(False,))
+    refused.start()
+    refused.join(30)
+    assert isinstance(events[-1], DirectoryLocked) and f"pid {os.getpid()}" in str(events[-1])
+    waiting = threading.Thread(target=second, args=(True,))
+    waiting.start()
+    time.sleep(0.5)
+    assert "second holds" not in events  # still waiting for the first thread
+    release.set()
+    holder_thread.join(30)
+    waiting.join(30)
+    assert events.index("first releases") < events.index("second holds")
+    assert not any(isinstance(e, Exception) and not isinstance(e, DirectoryLocked) for e in events), events
+    assert holder(tmp_path) is None  # released by both
+
+
 def test_the_refusal_names_what_to_do():
     err = DirectoryLocked(Path("runs/x"), {"pid": 12, "host": "h", "started": "2026-01-01T00:00:00",
                                            "command": "kdcl experiment quick.yaml"}, hint="use --out DIR, or --wait")
