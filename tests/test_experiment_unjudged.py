@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -93,7 +96,19 @@ def test_splits_are_stable_halves(collection):  # noqa: F811
     everything = set(experiment_data.topics(Data(dataset=f"irds:{PREFIX}/ood"))["qid"])
     assert halves["adaptation"] and halves["test"] and not halves["adaptation"] & halves["test"]
     assert halves["adaptation"] | halves["test"] == everything
-    assert experiment_data.half_of("ood3") == experiment_data.half_of("ood3")
+    # pinned (issue 23, item 9): a query never changes halves between versions, runs or machines, or an earlier
+    # run's adaptation queries would turn up among a later run's test queries
+    assert halves == {"adaptation": {"ood1", "ood3"}, "test": {"ood0", "ood2", "ood4", "ood5"}}
+    assert [experiment_data.half_of(q) for q in ("q1", "12345", "PLAIN-1")] == ["adaptation", "test", "test"]
+    # nor between processes with other hash seeds (Python's own hash() of a str would differ)
+    qids = [f"query-{i}" for i in range(200)]
+    code = ("import json, sys; from pyterrier_kdcl.experiment.data import half_of; "
+            "print(json.dumps([half_of(q) for q in sys.argv[1:]]))")
+    other = subprocess.run([sys.executable, "-c", code, *qids], env={**os.environ, "PYTHONHASHSEED": "12345"},
+                           capture_output=True, text=True, check=True)
+    mine = [experiment_data.half_of(q) for q in qids]
+    assert json.loads(other.stdout) == mine
+    assert 80 < mine.count("test") < 120  # halves, roughly
 
 
 def test_new_keys_at_their_defaults_keep_earlier_fingerprints(tiny_model, collection, tmp_path):  # noqa: F811
