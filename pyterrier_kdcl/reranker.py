@@ -18,7 +18,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from pyterrier_kdcl import models, paths
+from pyterrier_kdcl import model_card, models, paths
 from pyterrier_kdcl.inputs import RANKLLAMA_TEMPLATE, PairEncoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -61,6 +61,9 @@ class CrossEncoder(pt.Transformer):
     """
 
     optimized: str | None = None  # set by serving.optimize_for_cpu: int8 weights score, but neither save nor train
+    # set by a trainer's fit: objective, loss, teacher, steps, best validation, ... (kdcl.json keeps it, the model
+    # card shows it); never part of fingerprint(): the weights and settings say what the scores are
+    training_facts: dict | None = None
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 32, max_length: int = 256,
                  text_field: str = "text", template: str | None = None, pooling: str | None = None,
@@ -139,7 +142,8 @@ class CrossEncoder(pt.Transformer):
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the reranker to ``path``: weights (safetensors), tokenizer and ``kdcl.json``.
+        """Writes the reranker to ``path``: weights (safetensors), tokenizer, ``kdcl.json`` and a model card
+        (``README.md`` with Hugging Face metadata and the training facts: :mod:`pyterrier_kdcl.model_card`).
 
         Atomic: the directory is written under a private temporary name beside ``path`` and swapped in whole, so
         an interruption at any instant leaves the model that was there before, or the new one, and the directory
@@ -150,12 +154,15 @@ class CrossEncoder(pt.Transformer):
         _check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with paths.finalized_directory(path, replace=True) as tmp:
-            models.save_ranker(self.ranker, self.tokenizer, tmp, self._settings())
+            settings = {**self._settings(), **({"training": self.training_facts} if self.training_facts else {})}
+            models.save_ranker(self.ranker, self.tokenizer, tmp, settings)
+            model_card.write(tmp, self, name=path.name)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, merge_lora: bool = False, device=None, dtype=None,
              trust_remote_code: bool = False, **overrides) -> CrossEncoder:
-        """Loads what :meth:`save` wrote; ``merge_lora=True`` folds an adapter into the base weights.
+        """Loads what :meth:`save` wrote (never its model card, ``README.md``); ``merge_lora=True`` folds an adapter
+        into the base weights.
 
         A directory saved with ``trust_remote_code=True`` runs code it ships: it loads only when the caller
         passes ``trust_remote_code=True`` too (a downloaded directory cannot switch it on by itself)."""
@@ -176,8 +183,10 @@ class CrossEncoder(pt.Transformer):
         kwargs = {k: settings[k] for k in ("batch_size", "max_length", "text_field", "template") if k in settings}
         kwargs.update(overrides)
         tokenizer = models.load_tokenizer(str(path), trust_remote_code)
-        return cls(settings.get("model_name", str(path)), device=device, dtype=torch_dtype, _ranker=ranker,
-                   _tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs)
+        reranker = cls(settings.get("model_name", str(path)), device=device, dtype=torch_dtype, _ranker=ranker,
+                       _tokenizer=tokenizer, trust_remote_code=trust_remote_code, **kwargs)
+        reranker.training_facts = settings.get("training")
+        return reranker
 
     def merge_lora(self) -> CrossEncoder:
         """Folds a LoRA adapter into the base weights in place (for serving); returns self."""

@@ -50,6 +50,7 @@ class OfflineModel:
     licence: str
     family: str  # "encoder" or "decoder": which kind of reranker it becomes
     extra: str  # the pyterrier-kdcl extra that installs ``requirement``
+    hub_id: str  # the Hugging Face model the weights come from: a saved reranker's model card names it
     build: Callable[[], Path] = field(repr=False, compare=False)
 
     @property
@@ -348,6 +349,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         licence="Apache-2.0",
         family="encoder",
         extra="models",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
         build=_minilm_l6,
     ),
     "mpnet-base": OfflineModel(
@@ -356,6 +358,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         licence="Apache-2.0",
         family="encoder",
         extra="models",
+        hub_id="sentence-transformers/all-mpnet-base-v2",
         build=_mpnet_base,
     ),
     "minilm-l3": OfflineModel(
@@ -364,6 +367,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         licence="Apache-2.0",
         family="encoder",
         extra="models",
+        hub_id="sentence-transformers/paraphrase-MiniLM-L3-v2",
         build=_minilm_l3,
     ),
     "gemma3-270m": OfflineModel(
@@ -372,6 +376,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         licence="Gemma Terms of Use (not OSI-approved)",
         family="decoder",
         extra="gguf",
+        hub_id="google/gemma-3-270m",
         build=_gemma3_270m,
     ),
 }
