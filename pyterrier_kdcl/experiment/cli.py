@@ -1,11 +1,11 @@
-"""The ``kdcl`` command: ``kdcl experiment CONFIG [--out DIR] [--check] [--wait]``.
+"""The kdcl command: kdcl experiment CONFIG [--out DIR] [--check] [--wait].
 
-``experiment`` validates the config, trains the teacher and the students, evaluates them with pt.Experiment and
-writes tables, plots and a verdict to ``--out`` (default ``runs/<config name>``); a rerun reuses finished work.
-``--check`` only validates the config and prints what would run and how many (query, document) pairs each
+experiment validates the config, trains the teacher and the students, evaluates them with pt.Experiment and
+writes tables, plots and a verdict to --out (default: runs/<config name>); a rerun reuses finished work.
+--check only validates the config and prints what would run and how many (query, document) pairs each
 step scores, to size a run before starting it. One run writes to an output directory at a time: while another
-run holds it, the command stops at once naming that run (exit status 3), or waits for it with ``--wait`` (or
-``wait_for_lock: true`` in the config).
+run holds it, the command stops at once naming that run (exit status 3), or waits for it with --wait (or
+wait_for_lock: true in the config).
 """
 
 from __future__ import annotations
