@@ -110,7 +110,7 @@ class ShardedScorer(pt.Transformer):
         _validate_result_frame(inp, self.text_field, self)
         if len(inp) == 0:
             return pt.model.add_ranks(inp.assign(score=pd.Series(dtype="float64")))
-        _check_strings(inp["query"], "query")
+        _check_strings(inp["query"], "query", allow_empty=False)  # as CrossEncoder: an empty query ranks by nothing
         _check_strings(inp[self.text_field], self.text_field)
         scores = self.score_pairs(inp["qid"], inp["query"], inp[self.text_field])
         out = pt.model.add_ranks(inp.assign(score=scores.astype("float64")))
@@ -120,8 +120,8 @@ class ShardedScorer(pt.Transformer):
         """Scores in input order; rows sharing a qid are scored by the same worker.
 
         A worker that dies while scoring (killed, for example by the out-of-memory killer) raises a
-        ``RuntimeError`` naming its device and its queries; no scores are returned, and the next call starts
-        new workers."""
+        ``RuntimeError`` naming its device and its queries; one that could not load the reranker raises one
+        with the error it met. No scores are returned either way, and the next call starts new workers."""
         qids = np.asarray(list(qids))
         queries, texts = np.asarray(list(queries), dtype=object), np.asarray(list(texts), dtype=object)
         shards = shard_by_query(qids, len(self.devices))
@@ -136,6 +136,13 @@ class ShardedScorer(pt.Transformer):
             except BrokenProcessPool:
                 self._abandon()
                 raise RuntimeError(self._died(worker, qids[rows])) from None
+            except WorkerSetupError as err:
+                self._abandon()
+                raise RuntimeError(f"{self!r}: worker {worker} (device {self.devices[worker]!r}) could not load "
+                                   f"the reranker from {self.path}: {err}. No frame is returned; remove the cause "
+                                   "(a device that does not exist, too little memory for the model, a damaged "
+                                   "saved reranker) and run the frame again: the next call starts new "
+                                   "workers") from None
         return out
 
     def _died(self, worker: int, qids: np.ndarray) -> str:
@@ -214,14 +221,24 @@ def _shutdown(pools: list[ProcessPoolExecutor], wait: bool = True) -> None:
 _WORKER: dict = {}
 
 
+class WorkerSetupError(RuntimeError):
+    """A worker could not load the reranker; raised by each call it gets, so the caller learns why (an error in a
+    pool's initializer only breaks the pool, as a killed worker does)."""
+
+
 def _load_worker(path: str, device: str, threads: int, optimize: str | None, overrides: dict, verbose: bool):
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(threads)
-    reranker = CrossEncoder.load(path, device=device, verbose=verbose, **overrides)
-    if optimize:
-        optimize_for_cpu(reranker, optimize)
-    _WORKER["reranker"] = reranker
+    try:
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(threads)
+        reranker = CrossEncoder.load(path, device=device, verbose=verbose, **overrides)
+        if optimize:
+            optimize_for_cpu(reranker, optimize)
+        _WORKER["reranker"] = reranker
+    except Exception as err:  # kept for the calls: raised here, it would read as a killed worker
+        _WORKER["error"] = f"{type(err).__name__}: {err}"
 
 
 def _score(queries: list[str], texts: list[str]) -> np.ndarray:
+    if "error" in _WORKER:
+        raise WorkerSetupError(_WORKER["error"])
     return _WORKER["reranker"].score_pairs(queries, texts)

@@ -212,6 +212,37 @@ def test_sharding_refuses_optimised_rerankers_and_wrong_directories(saved, tmp_p
         ShardedScorer(tmp_path)
 
 
+def test_sharded_scoring_refuses_empty_queries_as_the_cross_encoder_does(saved):
+    """Its claim is the same scores as ``CrossEncoder``, which refuses an empty query (issue 23, item 10)."""
+    inp = frame(2, 3)
+    inp.loc[inp["qid"] == "q1", "query"] = "  "
+    scorer = ShardedScorer(saved, workers=2)
+    for ranker in (scorer, kdcl.CrossEncoder.load(saved, device="cpu", verbose=False)):
+        with pytest.raises(ValueError, match="3 rows have a 'query' that is empty or not a string"):
+            ranker(inp)
+    assert scorer._pools is None  # refused before any worker started
+
+
+def test_a_worker_that_cannot_load_the_reranker_says_why(saved, tmp_path):
+    """A failed setup was reported as a killed worker, "often the out-of-memory killer" (issue 23, item 10)."""
+    import shutil
+
+    broken = tmp_path / "reranker"
+    shutil.copytree(saved, broken)
+    scorer = ShardedScorer(broken, workers=2, threads=1)  # reads the settings: fine until the workers load it
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    try:
+        with pytest.raises(RuntimeError, match=r"worker \d \(device 'cpu'\) could not load the reranker from "
+                                               rf"{re.escape(str(broken))}: \w+Error: .*run the frame again") as err:
+            scorer(frame(4, 3))
+        assert "out-of-memory" not in str(err.value) and scorer._pools is None
+        shutil.copy(saved / "model.safetensors", broken / "model.safetensors")
+        out = scorer(frame(4, 3))  # new workers, now able to load it
+        assert len(out) == 12
+    finally:
+        scorer.close()
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process (fields 14 and 15 of /proc/<pid>/stat, proc(5))."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
