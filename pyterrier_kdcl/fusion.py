@@ -78,8 +78,9 @@ class ScoreFusion(pt.Estimator):
                  grid_step: float = 0.1):
         if not scorers:
             raise ValueError("ScoreFusion needs at least one scorer")
-        if not 0 < grid_step <= 1:
-            raise ValueError(f"grid_step must lie in (0, 1], got {grid_step}")
+        problem = grid_step_problem(grid_step)
+        if problem is not None:
+            raise ValueError(f"grid_step {problem}")
         self.scorers = dict(scorers)
         self.weights = None if weights is None else {k: float(weights[k]) for k in self.scorers}
         self.stats = None if stats is None else {k: tuple(map(float, stats[k])) for k in self.scorers}
@@ -159,6 +160,19 @@ class ScoreFusion(pt.Estimator):
     def __repr__(self) -> str:
         weights = "unfitted" if self.weights is None else ", ".join(f"{k}={v:g}" for k, v in self.weights.items())
         return f"ScoreFusion({', '.join(self.scorers)}; {weights})"
+
+
+def grid_step_problem(step) -> str | None:
+    """What is wrong with a weight grid's ``step``, or None: it must lie in (0, 1] and divide 1, since the weights
+    are multiples of it that sum to 1 (a step of 0.3 was silently searched as 1/3)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+        return f"must lie in (0, 1], got {step!r}"
+    units = round(1 / step)
+    if abs(units * step - 1) > 1e-9:
+        nearest = ", ".join(f"{1 / n:.4g}" for n in sorted({max(1, units - 1), units, units + 1}) if n >= 1)
+        return (f"must divide 1 (the weights are multiples of it that sum to 1), got {step!r}: "
+                f"1/{step!r} = {1 / step:.4g}; use 1/n, for example {nearest}")
+    return None
 
 
 def _simplex(n: int, step: float):

@@ -67,6 +67,10 @@ def test_a_fused_teacher_validates_and_plans_the_cost_of_its_members(tiny_model,
     (lambda c: c["teacher"].update(model="minilm-l6"), "teacher.model: a fused teacher's models are its members'"),
     (lambda c: c["teacher"].update(members=[]), "teacher.members: a fused teacher needs at least one member"),
     (lambda c: c["teacher"]["members"][1].pop("train"), r"teacher.members\[1\].train: .* add `train: none`"),
+    # issue 23 item 13: a step that does not divide 1 was searched as another one (0.3 as 1/3)
+    (lambda c: c["teacher"].update(grid_step=0.3),
+     r"teacher.grid_step: must divide 1 \(the weights are multiples of it that sum to 1\), got 0.3: .*use 1/n"),
+    (lambda c: c["teacher"].update(grid_step=1.5), r"teacher.grid_step: must lie in \(0, 1\], got 1.5"),
 ])
 def test_bad_fusion_configs_say_what_to_do(tiny_model, collection, change, message):  # noqa: F811
     cfg = fusion_config(tiny_model, collection)

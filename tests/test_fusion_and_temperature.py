@@ -81,6 +81,17 @@ def test_a_fusion_teacher_is_identified_by_its_members_and_what_it_fitted(tiny_m
     assert teacher_identity(unnamed) is None  # a pt.apply member has no identity: its scores need a named key
 
 
+def test_a_grid_step_that_does_not_divide_one_is_refused():
+    """It was rounded silently: 0.3 searched the grid of 1/3 (issue 23, item 13)."""
+    with pytest.raises(ValueError, match=r"grid_step must divide 1 .* got 0.3: 1/0.3 = 3.333; use 1/n, for "
+                                         r"example 0.5, 0.3333, 0.25"):
+        ScoreFusion(_members(), grid_step=0.3)
+    with pytest.raises(ValueError, match=r"grid_step must lie in \(0, 1\], got 0"):
+        ScoreFusion(_members(), grid_step=0)
+    for step in (1, 0.5, 0.1, 0.05, 0.01, 1 / 3):
+        assert ScoreFusion(_members(), grid_step=step).grid_step == step
+
+
 def test_fitted_temperature_recovers_the_temperature_that_generated_the_labels():
     rng = np.random.default_rng(0)
     for true_t in (0.05, 3.0):

@@ -458,8 +458,12 @@ def _check_fusion(cfg: ExperimentConfig, problems: list[str]) -> None:
         if getattr(teacher, key) not in (None, False, ""):
             problems.append(f"teacher.{key}: a fused teacher's models are its members': set {key} on the member "
                             "it belongs to")
-    if teacher.grid_step is not None and not 0 < teacher.grid_step <= 1:
-        problems.append(f"teacher.grid_step: must lie in (0, 1] (weights are multiples of it), got {teacher.grid_step}")
+    if teacher.grid_step is not None:
+        from pyterrier_kdcl.fusion import grid_step_problem
+
+        problem = grid_step_problem(teacher.grid_step)
+        if problem is not None:
+            problems.append(f"teacher.grid_step: {problem}")
     names = []
     for i, member in enumerate(teacher.members):
         path = f"teacher.members[{i}]"
