@@ -11,7 +11,8 @@ Example::
 Every name loads on first use (PEP 562): PyTerrier imports this package at its own start, through the
 ``pyterrier.modules`` entry point that makes ``irds:kdcl/…`` resolvable (``pyterrier_kdcl._pyterrier_hook``), and
 that must cost nothing. Importing it makes those ids resolvable too, for ir_datasets used without PyTerrier.
-``kdcl.datasets`` (the offline collections, loaded only then) and ``kdcl.losses`` are modules.
+``kdcl.datasets`` (the offline collections, loaded only then), ``kdcl.losses`` and ``kdcl.model_card`` (a saved
+reranker's README.md) are modules.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ _HOMES = {  # public name -> the module that defines it
     "ScoreFusion": "pyterrier_kdcl.fusion",
     "FirstStageScore": "pyterrier_kdcl.fusion",
 }
-_MODULES = {"losses": "pyterrier_kdcl.training.losses", "datasets": "pyterrier_kdcl.offline.datasets"}
+_MODULES = {"losses": "pyterrier_kdcl.training.losses", "datasets": "pyterrier_kdcl.offline.datasets",
+            "model_card": "pyterrier_kdcl.model_card"}
 
 __all__ = ["ContrastiveTrainer", "CrossEncoder", "DistillationTrainer", "FirstStageScore", "GroupSampler",
-           "RerankerTrainer", "ScoreFusion", "ShardedScorer", "datasets", "losses", "optimize_for_cpu"]
+           "RerankerTrainer", "ScoreFusion", "ShardedScorer", "datasets", "losses", "model_card", "optimize_for_cpu"]
 
 
 register_pattern()
@@ -59,6 +61,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from pyterrier_kdcl import model_card
     from pyterrier_kdcl.fast import optimize_for_cpu
     from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
     from pyterrier_kdcl.offline import datasets

@@ -150,6 +150,7 @@ def test_set_results_sets_a_section_per_title_and_the_hub_metadata(tiny_model, t
 
 
 def test_set_results_needs_a_saved_card(tmp_path):
+    assert kdcl.model_card is model_card  # a public module, like kdcl.losses
     with pytest.raises(FileNotFoundError, match="save the reranker to .* first"):
         model_card.set_results(tmp_path, {"nDCG@10": 0.5})
     with pytest.raises(TypeError, match="mapping of measure to value or a data frame"):
