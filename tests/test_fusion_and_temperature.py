@@ -112,6 +112,19 @@ def test_fitted_temperature_is_invariant_to_the_teachers_scale():
     assert fit_temperature(scores * 40, labels) == pytest.approx(40 * base, rel=1e-3)
 
 
+def test_the_upper_bound_is_reached_exactly_by_a_teacher_no_better_than_uniform():
+    """The docstring said "positive on top half the time ⇒ upper bound", true for groups of 2 only (issue 23,
+    item 13): what decides is whether the positives score above their group's mean."""
+    half_right_of_8 = np.array([[3.0, 0, 0, 0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0, 0, 0, 0]])
+    labels = np.zeros((2, 8), dtype=int)
+    labels[:, 0] = 1  # on top in the first group, last-but-tied in the second: better than 1 in 8
+    assert fit_temperature(half_right_of_8, labels) < 100
+    below_the_mean = np.array([[1.0, 0, 0, 0], [-2.0, 0, 0, 0]])  # positives average -0.5 against means of -0.125
+    assert fit_temperature(below_the_mean, np.eye(4, dtype=int)[[0, 0]]) == pytest.approx(1000, rel=1e-3)
+    at_the_mean = np.array([[3.0, -1, -1, -1], [-3.0, 1, 1, 1]])  # positives average 0, as their groups do
+    assert fit_temperature(at_the_mean, np.eye(4, dtype=int)[[0, 0]]) == pytest.approx(1000, rel=1e-3)
+
+
 def test_fitted_temperature_refuses_groups_without_positives():
     with pytest.raises(ValueError, match="labelled positive"):
         fit_temperature(np.zeros((3, 4)), np.zeros((3, 4)))

@@ -32,8 +32,11 @@ def fit_temperature(teacher_scores: np.ndarray, labels: np.ndarray) -> float:
             slot of a shorter group (it takes no probability).
         labels: ``(n, G)`` relevance labels; rows without a positive are ignored.
 
-    A teacher whose top document is the positive half the time is no better than uniform: the fit runs to the
-    upper bound.
+    The fit runs to the upper bound (a uniform target) exactly when the teacher is no better than uniform: when its
+    positives score, averaged over the groups, no higher than their group's mean score (the NLL is convex in
+    ``1/T`` with slope ``mean(group mean - positives' mean)`` at ``1/T = 0``). For groups of 2 that is a teacher
+    that puts the positive on top half the time, by equal margins (below); in larger groups a teacher that is right
+    half the time beats uniform (right ``1/G`` of the time) and gets a finite temperature.
 
     >>> round(fit_temperature(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([[1, 0], [1, 0]])))
     1000
