@@ -3,8 +3,8 @@
 Two runs pointed at one output directory (a second terminal, a scheduler retrying a job) would otherwise clean up
 each other's in-progress files as "leftovers of a killed run". The lock is ``filelock``'s (an OS ``flock`` on
 ``<dir>/.kdcl.lock``, released by the kernel when its process dies; on file systems without ``flock``, filelock's
-own soft lock with stale-owner detection). Next to it, ``<dir>/.kdcl.lock.json`` names the holder (pid, host, start
-time, command) so that the refusal can say who it is.
+own soft lock with stale-owner detection, from filelock 3.24.4: the declared lower bound). Next to it,
+``<dir>/.kdcl.lock.json`` names the holder (pid, host, start time, command) so that the refusal can say who it is.
 
 - A second run refuses at once with :class:`DirectoryLocked`, naming the holder and what to do; with ``wait=True``
   it says whom it waits for and waits.

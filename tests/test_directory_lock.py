@@ -159,6 +159,52 @@ def test_the_lock_is_reentrant_per_thread_not_per_process(tmp_path):
     assert holder(tmp_path) is None  # released by both
 
 
+def test_on_a_file_system_without_flock_the_lock_falls_back_and_still_excludes(tmp_path, monkeypatch):
+    """The docstring's promise of filelock's soft-lock fallback holds only from filelock 3.24.4 (the fallback,
+    3.24.0; its stale-owner detection without crashing on a corrupt marker, 3.24.4), so that is the declared lower
+    bound (issue 23, item 13)."""
+    import errno
+    import fcntl
+    import threading
+    import warnings
+
+    import filelock
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    (spec,) = [r.specifier for r in declared if r.name == "filelock"]
+    assert "3.24.3" not in spec and "3.24.4" in spec and Version(filelock.__version__) in spec
+
+    real = fcntl.flock
+
+    def no_flock(fd, operation):
+        if operation & (fcntl.LOCK_EX | fcntl.LOCK_SH):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    outcome = []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with directory_lock(tmp_path):
+            other = threading.Thread(target=lambda: outcome.append(_try_lock(tmp_path)))
+            other.start()
+            other.join(30)
+        assert outcome == ["refused"]
+        assert _try_lock(tmp_path) == "held"  # released
+    assert any("falling back to SoftFileLock" in str(w.message) for w in said)  # the fallback was taken
+
+
+def _try_lock(path) -> str:
+    try:
+        with directory_lock(path):
+            return "held"
+    except DirectoryLocked:
+        return "refused"
+
+
 def test_the_refusal_names_what_to_do():
     err = DirectoryLocked(Path("runs/x"), {"pid": 12, "host": "h", "started": "2026-01-01T00:00:00",
                                            "command": "kdcl experiment quick.yaml"}, hint="use --out DIR, or --wait")
