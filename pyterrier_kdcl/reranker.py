@@ -89,6 +89,11 @@ class CrossEncoder(pt.Transformer):
         else:
             self.ranker = _ranker
         self.lora = lora
+        # for __repr__: the directory load() read (the tokenizer's source; load passes both _ranker and _tokenizer),
+        # and whether it folded a saved adapter into the base
+        self._loaded_from = getattr(_tokenizer, "name_or_path", None) if _ranker is not None else None
+        self._merged = bool(self._loaded_from) and (Path(self._loaded_from) / models.ADAPTER_DIR).is_dir() \
+            and not _has_adapter(self.ranker)
         self.pooling = self.ranker.pooling
         self.ranker.to(self.device).eval()
         if template is None and self.ranker.pooling == "last":
@@ -190,6 +195,7 @@ class CrossEncoder(pt.Transformer):
 
     def merge_lora(self) -> CrossEncoder:
         """Folds a LoRA adapter into the base weights in place (for serving); returns self."""
+        self._merged = self._merged or _has_adapter(self.ranker)
         self.ranker = models.merge_lora(self.ranker)
         return self
 
@@ -223,7 +229,16 @@ class CrossEncoder(pt.Transformer):
         }
 
     def __repr__(self) -> str:
-        return f"CrossEncoder({self.model_name!r})"
+        """What the reranker is, as progress bars and ``pt.Experiment`` show it: where it came from, its adapter, and
+        whether it was trained, merged or optimised: ``CrossEncoder('minilm-l6', lora=r8, trained)``,
+        ``CrossEncoder.load('runs/kd/model', merged, optimized=bf16)``."""
+        source = self.__dict__.get("_loaded_from")
+        text = f"CrossEncoder.load({source!r}" if source else f"CrossEncoder({self.model_name!r}"
+        rank = _adapter_rank(self.ranker)
+        flags = [f"lora=r{rank}" if rank is not None else None, "merged" if self.__dict__.get("_merged") else None,
+                 "trained" if self.training_facts else None,
+                 f"optimized={self.optimized}" if self.optimized is not None else None]
+        return text + "".join(f", {flag}" for flag in flags if flag) + ")"
 
     def schematic(self, *, input_columns: list[str] | None = None) -> dict:
         """The box of PyTerrier's pipeline drawings; ``help_url`` is set, so drawing never looks it up online."""
@@ -239,6 +254,18 @@ def _check_replaceable(path: Path) -> None:
         raise FileExistsError(f"cannot save the reranker to {path}: the directory holds files that are not a saved "
                               "reranker (no kdcl.json), which saving would delete; choose another path, or move "
                               "those files away first")
+
+
+def _has_adapter(ranker) -> bool:
+    """``models.has_lora`` without importing peft (a repr of a reranker without LoRA should not load it)."""
+    return type(getattr(ranker, "backbone", None)).__module__.startswith("peft")
+
+
+def _adapter_rank(ranker) -> int | str | None:
+    if not _has_adapter(ranker):
+        return None
+    config = next(iter(getattr(ranker.backbone, "peft_config", {}).values()), None)
+    return getattr(config, "r", "?")
 
 
 def _return_freed_memory() -> None:

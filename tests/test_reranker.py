@@ -208,6 +208,30 @@ def test_repr_names_the_model(tiny_model):
     assert repr(ce).startswith("CrossEncoder(") and str(tiny_model("bert")) in repr(ce)
 
 
+def test_repr_says_what_the_reranker_is(tiny_model, tmp_path):
+    """Every reranker printed as ``CrossEncoder('minilm-l6')``: untrained, trained, loaded, LoRA, merged or
+    optimised, and that is all progress bars and pt.Experiment show (issue 23, item 20)."""
+    from training_data import training_frames
+
+    source = str(tiny_model("bert"))
+    plain = kdcl.CrossEncoder(source, verbose=False)
+    assert repr(plain) == f"CrossEncoder({source!r})"
+    lora = kdcl.CrossEncoder(source, lora=True, verbose=False, max_length=32)
+    assert repr(lora) == f"CrossEncoder({source!r}, lora=r8)"
+    kdcl.ContrastiveTrainer(lora, group_size=4, batch_size=4, verbose=False).fit(*training_frames(4))
+    assert repr(lora) == f"CrossEncoder({source!r}, lora=r8, trained)"
+    lora.save(tmp_path / "lora")
+    assert repr(kdcl.CrossEncoder.load(tmp_path / "lora", verbose=False)) == \
+        f"CrossEncoder.load({str(tmp_path / 'lora')!r}, lora=r8, trained)"
+    assert repr(kdcl.CrossEncoder.load(tmp_path / "lora", merge_lora=True, verbose=False)) == \
+        f"CrossEncoder.load({str(tmp_path / 'lora')!r}, merged, trained)"
+    assert repr(lora.merge_lora()) == f"CrossEncoder({source!r}, merged, trained)"
+    plain.save(tmp_path / "plain")
+    fast = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(tmp_path / "plain", verbose=False))
+    assert repr(fast) == f"CrossEncoder.load({str(tmp_path / 'plain')!r}, optimized=bf16)"
+    assert repr(kdcl.CrossEncoder(source, lora={"r": 4}, verbose=False)) == f"CrossEncoder({source!r}, lora=r4)"
+
+
 def test_fresh_heads_start_identical_whatever_the_global_seed(tiny_model):
     torch.manual_seed(1)
     a = kdcl.CrossEncoder(tiny_model("qwen2"), verbose=False)
