@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pyterrier_kdcl.experiment import report, statistics
+from pyterrier_kdcl.experiment import report, seed_aware, statistics
 from pyterrier_kdcl.experiment.config import load_config
 
 MEASURE = "nDCG@10"
@@ -118,7 +118,7 @@ def test_a_pooled_number_has_one_definition_in_summary_table_and_verdict():
     assert by_system["small KD"] - by_system["small CL"] == pytest.approx(row["KD-CL"])  # ... in both tables
     macro = summary.set_index("system")[ood].mean(axis=1)
     assert abs((macro["small KD"] - macro["small CL"]) - row["KD-CL"]) > 0.02  # the other definition differs here
-    assert "[ ]: 95% CI (t, uncorrected)" in text.splitlines()[0]  # the verdict names its interval
+    assert "[ ]: 95% CI (seed-aware t, uncorrected)" in text.splitlines()[0]  # the verdict names its interval
     student_line = next(line for line in text.splitlines() if line.startswith("- small"))
     assert f"{label}: {row['KD-CL']:+.3f}" in student_line  # the verdict quotes the table
 
@@ -186,19 +186,22 @@ def test_the_wilcoxon_interval_is_the_textbook_one_without_ties():
 
 
 def test_the_wilcoxon_table_shows_hodges_lehmann_and_names_its_interval():
-    config = make_config(test="wilcoxon")
+    """With one seed, ``test: wilcoxon`` is the signed-rank test over queries (with several, the seed-aware test)."""
+    config = make_config(test="wilcoxon", seeds=(1,))
     collections = make_collections(config)
     kd = report.kd_vs_cl_table(config, collections)
     cols = report.columns(config)
-    assert cols.estimate == "HL" and "HL, Wilcoxon" in cols.low and cols.p == "p (wilcoxon)"
+    assert cols.estimate == "HL" and "HL, Wilcoxon" in cols.low and cols.p == "p (wilcoxon, one seed)"
     row = kd[kd["collection"] == "faq-big"].iloc[0]
-    d = (_per_query(collections, ["faq-big"], ["small-KD-s1", "small-KD-s2"])
-         - _per_query(collections, ["faq-big"], ["small-CL-s1", "small-CL-s2"])).to_numpy()
+    d = (_per_query(collections, ["faq-big"], ["small-KD-s1"])
+         - _per_query(collections, ["faq-big"], ["small-CL-s1"])).to_numpy()
     assert row[cols.p] == pytest.approx(stats.wilcoxon(d).pvalue)
     assert row["HL"] == pytest.approx(statistics.hodges_lehmann(d))
     assert row[cols.low] <= row["HL"] <= row[cols.high]
-    t = report.kd_vs_cl_table(make_config(test="t"), collections)
-    assert "HL" not in t and "(t, uncorrected)" in report.columns(make_config()).low
+    t = report.kd_vs_cl_table(make_config(test="t", seeds=(1,)), collections)
+    assert "HL" not in t and "(one seed, t, uncorrected)" in report.columns(make_config(seeds=(1,))).low
+    several = make_config(test="wilcoxon")
+    assert report.columns(several).estimate is None and report.columns(several).p == "p (seed-aware t)"
     legend = report.legend(config, cols)
     assert "Hodges–Lehmann" in legend and "not corrected for multiple comparisons" in legend
 
@@ -227,8 +230,7 @@ def test_every_row_prints_its_mde_at_the_family_level_and_the_verdict_quotes_it(
         family = kd[kd["scope"] == scope]
         assert (family[cols.mde_alpha] == 0.05 / len(family)).all()
         for row in family.to_dict("records"):
-            assert row[cols.mde] == pytest.approx(
-                statistics.minimum_detectable_effect(row["sd"], row["queries"], 0.05 / len(family)))
+            assert row[cols.mde] == pytest.approx(statistics.mde_from_se(row["se"], row["df"], 0.05 / len(family)))
     none = report.kd_vs_cl_table(make_config(correction=None), collections)
     assert (none[cols.mde_alpha] == 0.05).all()
     text = report.verdict(config, report.summary_table(config, collections), kd,
@@ -261,15 +263,18 @@ def test_the_teachers_margin_over_each_cl_run_is_tested_like_kd_minus_cl(tmp_pat
     assert set(pooled["collection"]) == {"in domain (manpages)", "out of domain (pooled queries)"}
     row = pooled[(pooled["student"] == "small") & ~pooled["in_domain"]].iloc[0]
     ood = ["faq-small", "faq-big"]
-    d = _per_query(collections, ood, ["teacher"]) - _per_query(collections, ood, ["small-CL-s1", "small-CL-s2"])
-    assert row["teacher-CL"] == pytest.approx(d.mean()) and row[cols.p] == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    cl = np.vstack([_per_query(collections, ood, [f"small-CL-s{s}"]).to_numpy() for s in (1, 2)])
+    teacher_values = _per_query(collections, ood, ["teacher"]).to_numpy()[None, :]
+    expected = seed_aware.crossed(cl, teacher_values, alpha=0.05)
+    assert row["teacher-CL"] == pytest.approx((teacher_values - cl).mean()) and row[cols.p] == pytest.approx(expected.p)
+    assert row["per seed teacher-CL"] == " ".join(f"{d:+.4f}" for d in expected.per_seed)
     assert (pooled["winner"] == "teacher").all() and pooled[cols.mde].notna().all()
 
     written = report.write_report(config, [], collections, tmp_path)
     assert (tmp_path / "tables" / "teacher_vs_cl.csv").exists()
     assert pd.read_csv(tmp_path / "tables" / "teacher_vs_cl.csv").columns.tolist() == teacher.columns.tolist()
     md = (tmp_path / "tables" / "kd_vs_cl.md").read_text()
-    assert "| MDE (80% power) | MDE α |" in md and "λ·sd/√n" in md
+    assert "| MDE (80% power) | MDE α |" in md and "λ·se" in md
     text = (tmp_path / "report.md").read_text()
     assert "## Teacher − CL: what KD could pass on" in text and "## KD − CL" in text
     assert "The teacher beat every student's CL run significantly" in written.verdict

@@ -8,14 +8,15 @@ Written under the output directory:
 - ``tables/summary.csv|md``: the paper's shape (rows: student × objective; columns: in-domain collections, each
   out-of-domain collection, and per scope of several collections the mean over all its queries) for the main
   measure;
-- ``tables/kd_vs_cl.csv|md``: KD − CL per student and collection, and pooled in/out of domain, with the paired
-  test over queries (each query's measure averaged over seeds), an interval that agrees with it, the corrected
-  p-value and the minimum detectable effect (:mod:`pyterrier_kdcl.experiment.statistics`);
+- ``tables/kd_vs_cl.csv|md``: KD − CL per student and collection, and pooled in/out of domain: with several seeds
+  the seed-aware test (:mod:`pyterrier_kdcl.experiment.seed_aware`: queries and training runs both random, each
+  seed's difference listed), with one the paired test over queries (:mod:`pyterrier_kdcl.experiment.statistics`);
+  an interval that agrees with the test, the corrected p-value and the test's minimum detectable effect;
 - ``tables/teacher_vs_cl.csv|md``: the teacher's margin over each student's CL run, the same way;
 - ``tables/unjudged_vs_cl.csv|md`` and ``unjudged_vs_kd``: each student trained with unjudged queries against its
   base student's CL and KD runs, the same way (with ``plots/unjudged_vs_cl.png``, ``unjudged_vs_kd.png``);
 - ``tables/unjudged_curve.csv|md`` and ``plots/unjudged_curve.png``: the main measure against the number of
-  unjudged training queries, pooled in and out of domain, with paired t intervals and the references;
+  unjudged training queries, pooled in and out of domain, with the comparisons' intervals and the references;
 - ``plots/kd_minus_cl.png`` and ``plots/training_curves.png``; ``report.md`` with all of it and the verdict.
 
 Every number has one definition, named in its column: a pooled number is the mean over the scope's queries
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pyterrier_kdcl.experiment import statistics
+from pyterrier_kdcl.experiment import seed_aware, statistics
 from pyterrier_kdcl.experiment.config import OBJECTIVES
 from pyterrier_kdcl.experiment.statistics import POWER
 
@@ -77,18 +78,23 @@ def _measure(name: str) -> str:
 
 # -- tables ----------------------------------------------------------------------------------------------------
 def mean_table(config, result) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of every measure, per system, on one collection."""
+    """Mean and standard deviation over seeds of every measure, per system, on one collection (from the per-query
+    values: each run's mean over the collection's queries)."""
     measures = [_measure(m) for m in config.evaluation.measures]
-    table = result.table.set_index("name")
+    means = _run_means(result.perquery)
     rows = []
     for group in system_groups(config):
-        values = table.loc[[n for n in group["names"] if n in table.index], measures]
-        row = {"system": group["system"], "seeds": len(values)}
+        row = {"system": group["system"], "seeds": sum(n in means.index for n in group["names"])}
         for m in measures:
-            row[m] = values[m].mean()
-            row[f"{m} std"] = values[m].std(ddof=1) if len(values) > 1 else float("nan")
+            values = [means.loc[n, m] for n in group["names"] if n in means.index and m in means.columns]
+            row[m], row[f"{m} std"] = _mean_std(values)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _run_means(perquery: pd.DataFrame) -> pd.DataFrame:
+    """Each run's mean over its queries, per measure (rows: run names; columns: measures)."""
+    return perquery.groupby(["name", "measure"])["value"].mean().unstack("measure")
 
 
 def pooled_label(scope: str, members: list[str]) -> str:
@@ -112,8 +118,8 @@ def summary_table(config, collections) -> pd.DataFrame:
     """Main measure per system × collection (mean and std over seeds), and, for a scope of several collections,
     the pooled mean over all its queries (per seed, then mean and std over seeds) named by :func:`pooled_label`."""
     main = _measure(config.evaluation.main_measure)
-    means = {c.label: c.table.set_index("name")[main] for c in collections}
     values = {c.label: c.perquery[c.perquery["measure"] == main] for c in collections}
+    means = {label: pq.groupby("name")["value"].mean() for label, pq in values.items()}
     pooled = [(pooled_label(scope, members), members) for scope, _, members in _scopes(collections)
               if len(members) > 1]
     rows = []
@@ -161,35 +167,53 @@ class Columns:
         return self.low.replace(" low", "")
 
 
+def is_seed_aware(config) -> bool:
+    """Whether comparisons of trained systems use the seed-aware test (:mod:`.seed_aware`): with several seeds."""
+    return len(config.seeds) > 1
+
+
 def columns(config, a: str = "CL", b: str = "KD") -> Columns:
     ev = config.evaluation
     level = f"{100 * (1 - ev.alpha):g}% CI"
-    kind = "t, uncorrected" if ev.test == "t" else "HL, Wilcoxon, uncorrected"
-    return Columns(a=a, b=b, difference=f"{b}-{a}", estimate="HL" if ev.test == "wilcoxon" else None,
-                   low=f"{level} low ({kind})", high=f"{level} high ({kind})", p=f"p ({ev.test})",
+    if is_seed_aware(config):
+        kind, test = "seed-aware t, uncorrected", "seed-aware t"
+    else:
+        kind = "one seed, t, uncorrected" if ev.test == "t" else "one seed, HL, Wilcoxon, uncorrected"
+        test = f"{ev.test}, one seed"
+    wilcoxon = ev.test == "wilcoxon" and not is_seed_aware(config)
+    return Columns(a=a, b=b, difference=f"{b}-{a}", estimate="HL" if wilcoxon else None,
+                   low=f"{level} low ({kind})", high=f"{level} high ({kind})", p=f"p ({test})",
                    p_corrected=f"p ({ev.correction})" if ev.correction else "p (no correction)",
                    mde=f"MDE ({POWER:.0%} power)", mde_alpha="MDE α")
 
 
-def comparison_table(config, collections, pairs, cols: Columns) -> pd.DataFrame:
-    """``cols.b`` − ``cols.a`` of the main measure for each ``(student, names_a, names_b)`` of ``pairs``: a row per
-    collection, and a pooled row per scope (:func:`pooled_label`).
+TABLE_ORDER = ["student", "scope", "collection", "in_domain", "queries", "seeds", "a", "b", "diff", "per seed",
+               "estimate", "low", "high", "p", "p corrected", "significant", "winner", "seed sd", "se", "df", "mde",
+               "mde alpha"]
 
-    Each query's value is averaged over seeds first, then the systems are paired on the same queries
-    (:func:`statistics.paired` with ``evaluation.test``; interval at level ``1 - alpha``, uncorrected). The
-    correction (``evaluation.correction``, statsmodels' ``multipletests``) runs within two families: the
-    per-collection rows, and the pooled rows. ``significant`` and ``winner`` use the corrected p-value. The MDE is
-    the paired t-test's at the family's ``alpha / m`` (:func:`statistics.family_alpha`).
+
+def comparison_table(config, collections, pairs, cols: Columns) -> pd.DataFrame:
+    """``cols.b`` − ``cols.a`` of the main measure for each ``(student, names_a, names_b)`` of ``pairs`` (run names
+    in seed order; one name for a system run once): a row per collection, and a pooled row per scope
+    (:func:`pooled_label`).
+
+    With several seeds the test is :func:`.seed_aware.crossed` (query and training run both random; runs of the same
+    seed paired); ``per seed`` lists each seed's mean difference and ``seed sd`` the spread of training runs it
+    estimates. With one seed it is :func:`statistics.paired` with ``evaluation.test``, over queries only: it cannot
+    tell the objective from the seed. Intervals at level ``1 - alpha``, uncorrected. The correction
+    (``evaluation.correction``, statsmodels' ``multipletests``) runs within two families: the per-collection rows,
+    and the pooled rows. ``significant`` and ``winner`` use the corrected p-value. The MDE is the test's own (its
+    standard error and degrees of freedom) at the family's ``alpha / m`` (:func:`statistics.family_alpha`).
     """
     ev = config.evaluation
     main = _measure(ev.main_measure)
     rows = []
     for student, names_a, names_b in pairs:
-        for scope, label, in_domain, frame in paired_frames(collections, main, names_a, names_b):
+        for scope, label, in_domain, a, b in seed_matrices(collections, main, names_a, names_b):
             rows.append({"student": student, "scope": scope, "collection": label, "in_domain": in_domain,
-                         **_compare(frame, ev)})
-    table = pd.DataFrame(rows, columns=["student", "scope", "collection", "in_domain", "queries", "a", "b", "diff",
-                                        "estimate", "low", "high", "p", "sd"])
+                         **_compare(a, b, test=ev.test, alpha=ev.alpha)})
+    table = pd.DataFrame(rows, columns=[c for c in TABLE_ORDER if c not in ("p corrected", "significant", "winner",
+                                                                              "mde", "mde alpha")])
     table["p corrected"], table["significant"], table["winner"] = np.nan, False, "-"
     table["mde"], table["mde alpha"] = np.nan, np.nan
     for scope in ("collection", "pooled"):
@@ -198,34 +222,45 @@ def comparison_table(config, collections, pairs, cols: Columns) -> pd.DataFrame:
         table.loc[mask, "p corrected"] = statistics.correct(family, ev.correction, ev.alpha)
         level = statistics.family_alpha(ev.alpha, ev.correction, int((~np.isnan(family)).sum()))
         table.loc[mask, "mde alpha"] = level
-        table.loc[mask, "mde"] = [statistics.minimum_detectable_effect(sd, int(n), level)
-                                  for sd, n in zip(table.loc[mask, "sd"], table.loc[mask, "queries"])]
+        table.loc[mask, "mde"] = [statistics.mde_from_se(se, df, level)
+                                  for se, df in zip(table.loc[mask, "se"], table.loc[mask, "df"])]
     table["significant"] = table["p corrected"].astype(float) < ev.alpha
     table["winner"] = [(_direction(row, cols) if row["significant"] else "-") for row in table.to_dict("records")]
-    names = {"a": cols.a, "b": cols.b, "diff": cols.difference, "estimate": cols.estimate, "low": cols.low,
-             "high": cols.high, "p": cols.p, "p corrected": cols.p_corrected, "mde": cols.mde,
-             "mde alpha": cols.mde_alpha}
-    if cols.estimate is None:
-        table = table.drop(columns=["estimate"])
-    order = ["student", "scope", "collection", "in_domain", "queries", "a", "b", "diff", "estimate", "low", "high",
-             "p", "p corrected", "significant", "winner", "sd", "mde", "mde alpha"]
-    return table[[c for c in order if c in table.columns]].rename(columns=names)
+    names = {"a": cols.a, "b": cols.b, "diff": cols.difference, "per seed": f"per seed {cols.difference}",
+             "estimate": cols.estimate, "low": cols.low, "high": cols.high, "p": cols.p,
+             "p corrected": cols.p_corrected, "mde": cols.mde, "mde alpha": cols.mde_alpha}
+    drop = [] if cols.estimate else ["estimate"]
+    if not is_seed_aware(config):
+        drop += ["seed sd"]
+    table = table.drop(columns=drop)
+    return table[[c for c in TABLE_ORDER if c in table.columns]].rename(columns=names)
 
 
-def paired_frames(collections, measure: str, names_a: list[str], names_b: list[str]):
-    """``(scope, label, in_domain, frame)`` per collection (scope ``collection``) and per pooled scope (``pooled``,
-    :func:`pooled_label`): ``frame`` holds columns ``a`` and ``b``, each query's ``measure`` averaged over the
-    seeds of ``names_a`` / ``names_b``, on the queries both have (a pooled frame's index: ``collection/qid``)."""
+def seed_matrices(collections, measure: str, names_a: list[str], names_b: list[str]):
+    """``(scope, label, in_domain, a, b)`` per collection (scope ``collection``) and per pooled scope (``pooled``,
+    :func:`pooled_label`): ``a`` and ``b`` are frames of ``measure`` with a row per run (in the order of
+    ``names_a`` / ``names_b``) and a column per query that every one of these runs has (a pooled frame's columns:
+    ``collection/qid``)."""
     both = {}
     for c in collections:
         pq = c.perquery[c.perquery["measure"] == measure]
-        frame = pd.concat([_seed_mean(pq, names_a).rename("a"), _seed_mean(pq, names_b).rename("b")], axis=1,
-                          join="inner").dropna()
-        both[c.label] = frame
-        yield "collection", c.label, c.in_domain, frame
+        a, b = _runs_by_query(pq, names_a), _runs_by_query(pq, names_b)
+        shared = a.columns.intersection(b.columns)
+        both[c.label] = (a[shared], b[shared])
+        yield "collection", c.label, c.in_domain, a[shared], b[shared]
     for scope, in_domain, members in _scopes(collections):
-        frame = pd.concat([both[m].set_axis([f"{m}/{q}" for q in both[m].index]) for m in members])
-        yield "pooled", pooled_label(scope, members), in_domain, frame
+        a, b = ([both[m][side].set_axis([f"{m}/{q}" for q in both[m][side].columns], axis=1) for m in members]
+                for side in (0, 1))
+        yield "pooled", pooled_label(scope, members), in_domain, pd.concat(a, axis=1), pd.concat(b, axis=1)
+
+
+def _runs_by_query(pq: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Runs × queries of the runs in ``names`` that have values, in that order; queries that every one has."""
+    values = pq[pq["name"].isin(names)]
+    if values.empty:
+        return pd.DataFrame()
+    wide = values.pivot_table(index="name", columns="qid", values="value", aggfunc="first")
+    return wide.reindex([n for n in names if n in wide.index]).dropna(axis=1)
 
 
 def kd_vs_cl_table(config, collections) -> pd.DataFrame:
@@ -284,8 +319,9 @@ def unjudged_curve_table(config, collections, counts: dict[str, float]) -> pd.Da
     the base's CL run, the teacher and BM25 as references.
 
     ``mean`` is the mean over the scope's queries of each query's value averaged over seeds (the summary's pooled
-    number); the interval is the paired t interval (level ``1 - alpha``) of the difference from the base's KD run
-    (:func:`statistics.paired`), added to the base's KD mean, so it surrounds ``mean``; 0 wide for the base itself.
+    number); the interval is that of :func:`comparison_table`'s test (seed-aware with several seeds, the paired t
+    with one; level ``1 - alpha``) of the difference from the base's KD run, added to the base's KD mean, so it
+    surrounds ``mean``; 0 wide for the base itself.
     """
     ev = config.evaluation
     main = _measure(ev.main_measure)
@@ -304,13 +340,13 @@ def unjudged_curve_table(config, collections, counts: dict[str, float]) -> pd.Da
             systems.append((f"{base} CL", "CL", float("nan"), _names(config, base, "CL")))
         systems += [("teacher", "teacher", float("nan"), ["teacher"]), ("BM25", "BM25", float("nan"), ["BM25"])]
         for student, kind, x, names in systems:
-            for scope, label, in_domain, frame in paired_frames(collections, main, _names(config, base, "KD"), names):
+            for scope, label, in_domain, a, b in seed_matrices(collections, main, _names(config, base, "KD"), names):
                 if scope != "pooled":
                     continue
-                c = statistics.paired(frame["a"], frame["b"], test="t", alpha=ev.alpha)
+                c = _compare(a, b, test="t", alpha=ev.alpha)
                 rows.append({"base": base, "system": student, "kind": kind, "unjudged queries": x, "scope": label,
-                             "in_domain": in_domain, "queries": c.queries, main: c.mean_b,
-                             low: c.mean_a + c.ci_low, high: c.mean_a + c.ci_high})
+                             "in_domain": in_domain, "queries": c["queries"], main: c["b"],
+                             low: c["a"] + c["low"], high: c["a"] + c["high"]})
     table = pd.DataFrame(rows, columns=["base", "system", "kind", "unjudged queries", "scope", "in_domain", "queries",
                                         main, low, high])
     # counts print as counts (299, not 299.0000); a mean over seeds that is not whole stays as it is
@@ -321,16 +357,19 @@ def unjudged_curve_table(config, collections, counts: dict[str, float]) -> pd.Da
 
 def _curve_interval(config) -> tuple[str, str]:
     level = f"{100 * (1 - config.evaluation.alpha):g}% CI"
-    return f"{level} low (paired t vs base KD)", f"{level} high (paired t vs base KD)"
+    test = "seed-aware t" if is_seed_aware(config) else "paired t"
+    return f"{level} low ({test} vs base KD)", f"{level} high ({test} vs base KD)"
 
 
 def unjudged_curve_caption(config) -> str:
     main = _measure(config.evaluation.main_measure)
-    seeds = f"each query's value averaged over {len(config.seeds)} seeds, " if len(config.seeds) > 1 else ""
+    seeds = f"the mean over {len(config.seeds)} seeds and " if is_seed_aware(config) else ""
     level = f"{100 * (1 - config.evaluation.alpha):g}%"
+    test = ("seed-aware t interval (queries and seeds random; runs of the same seed paired)" if is_seed_aware(config)
+            else "paired t interval over queries (one seed)")
     return (f"{main} against the unjudged training queries each student trained on (its KD stages' group "
             f"statistics; 0: the base student's KD run on judged queries alone). `{main}`: {seeds}the mean over the "
-            f"pooled queries of the scope. Interval: the {level} paired t interval over queries of the difference "
+            f"pooled queries of the scope. Interval: the {level} {test} of the difference "
             "from the base's KD run, added to that run's mean (uncorrected; none for the base itself). "
             f"`{UNJUDGED}`: unjudged queries from the training dataset (the curve); `{OTHER_DATA}`: from another "
             "dataset (e.g. FAQ adaptation halves), drawn apart; CL (the base's), teacher and BM25: references.")
@@ -340,10 +379,26 @@ def _names(config, student: str, objective: str) -> list[str]:
     return [f"{student}-{objective}-s{seed}" for seed in config.seeds]
 
 
-def _compare(frame: pd.DataFrame, ev) -> dict:
-    c = statistics.paired(frame["a"], frame["b"], test=ev.test, alpha=ev.alpha)
-    return {"queries": c.queries, "a": c.mean_a, "b": c.mean_b, "diff": c.mean_difference, "estimate": c.estimate,
-            "low": c.ci_low, "high": c.ci_high, "p": c.p, "sd": c.sd}
+def _compare(a: pd.DataFrame, b: pd.DataFrame, *, test: str, alpha: float) -> dict:
+    """One comparison row: the seed-aware test where either side has several runs, else the paired test."""
+    nan = float("nan")
+    if a.empty or b.empty or a.shape[1] == 0:
+        return {"queries": 0, "seeds": 0, "a": nan, "b": nan, "diff": nan, "per seed": "", "estimate": nan,
+                "low": nan, "high": nan, "p": nan, "seed sd": nan, "se": nan, "df": nan}
+    if len(a) > 1 or len(b) > 1:
+        c = seed_aware.crossed(a.to_numpy(), b.to_numpy(), alpha=alpha)
+        return {"queries": c.queries, "seeds": c.seeds, "a": c.mean_a, "b": c.mean_b, "diff": c.mean_difference,
+                "per seed": _per_seed(c.per_seed), "estimate": c.mean_difference, "low": c.ci_low,
+                "high": c.ci_high, "p": c.p, "seed sd": c.seed_sd, "se": c.se, "df": c.df}
+    c = statistics.paired(a.iloc[0], b.iloc[0], test=test, alpha=alpha)
+    return {"queries": c.queries, "seeds": 1, "a": c.mean_a, "b": c.mean_b, "diff": c.mean_difference,
+            "per seed": _per_seed([c.mean_difference]), "estimate": c.estimate, "low": c.ci_low, "high": c.ci_high,
+            "p": c.p, "seed sd": nan, "se": c.sd / math.sqrt(c.queries) if c.queries > 1 else nan,
+            "df": c.queries - 1.0}
+
+
+def _per_seed(differences) -> str:
+    return " ".join(f"{d:+.4f}" for d in differences)
 
 
 def _direction(row: dict, cols: Columns) -> str:
@@ -357,18 +412,26 @@ def _direction(row: dict, cols: Columns) -> str:
     return "-"
 
 
-def _seed_mean(pq: pd.DataFrame, names: list[str]) -> pd.Series:
-    values = pq[pq["name"].isin(names)]
-    if values.empty:
-        return pd.Series(dtype=float)
-    return values.groupby("qid")["value"].mean()
-
-
 def legend(config, cols: Columns) -> str:
     """What every column of a comparison table holds, printed under it."""
     ev = config.evaluation
-    seeds = "averaged over seeds, " if len(config.seeds) > 1 else ""
-    estimate = "the mean over queries of each query's difference (the difference of the two means)"
+    correction = (f"`{cols.p_corrected}`: statsmodels' multipletests ({ev.correction}) within each family (the "
+                  "per-collection rows; the pooled rows)" if ev.correction else f"`{cols.p_corrected}`: as `{cols.p}`")
+    mde = (f"`{cols.mde}`: the smallest true `{cols.difference}` this test detects with {POWER:.0%} power at "
+           f"`{cols.mde_alpha}` (α/m for a family of m corrected rows): λ·se with λ the noncentrality of a t on `df` "
+           "degrees of freedom reaching that power (≈ 2.8·se for many degrees of freedom at α = 0.05)")
+    common = (f"{_measure(ev.main_measure)} on the same queries. `{cols.difference}`: the mean difference (of the "
+              "two means); a pooled row pools the queries of its scope's collections, each query weighing the same")
+    if is_seed_aware(config):
+        return (f"{common}; `seeds`: training runs per system, runs of the same seed paired (identical groups); "
+                f"`per seed {cols.difference}`: each seed's mean difference. The test treats the training run as the "
+                "unit of replication: a linear model with crossed random effects for query and seed (ANOVA "
+                "variance components, Satterthwaite degrees of freedom guarded for few seeds; docs/experiment.md, "
+                "\"Seeds and queries\"), so the variation between training runs enters the error. `seed sd`: the "
+                "estimated spread of a training run's difference; `se`, `df`: the standard error and degrees of "
+                f"freedom of `{cols.difference}`. `{cols.interval}`: the t interval of `{cols.difference}`; it "
+                f"excludes 0 exactly when the uncorrected p is below α; not corrected for multiple comparisons. "
+                f"`{cols.p}`: the test, uncorrected. {correction}; `significant` and `winner` use it. {mde}.")
     if cols.estimate:
         interval = (f"`{cols.interval}`: the shifts the Wilcoxon signed-rank test does not reject at α = {ev.alpha} "
                     f"(test inversion around `{cols.estimate}`, the Hodges–Lehmann shift: the median of the Walsh "
@@ -376,16 +439,11 @@ def legend(config, cols: Columns) -> str:
     else:
         interval = (f"`{cols.interval}`: the paired t interval of `{cols.difference}`; it excludes 0 exactly when "
                     "the uncorrected p is below α")
-    correction = (f"`{cols.p_corrected}`: statsmodels' multipletests ({ev.correction}) within each family (the "
-                  "per-collection rows; the pooled rows)" if ev.correction else f"`{cols.p_corrected}`: as `{cols.p}`")
-    return (f"Per query: {_measure(ev.main_measure)}, {seeds}paired on the same queries. `{cols.difference}`: "
-            f"{estimate}; a pooled row pools the queries of its scope's collections, each query weighing the same. "
-            f"{interval}; not corrected for multiple comparisons. `{cols.p}`: the paired test, uncorrected. "
-            f"{correction}; `significant` and `winner` use it. `{cols.mde}`: the smallest true `{cols.difference}` "
-            f"a two-sided paired t-test on these queries detects with {POWER:.0%} power at `{cols.mde_alpha}` "
-            f"(α/m for a family of m corrected rows), from the observed `sd` of the per-query differences: "
-            f"λ·sd/√n with λ the noncentrality of a t with n − 1 degrees of freedom reaching that power (≈ 2.8·sd/√n "
-            "at α = 0.05).")
+    return (f"One seed: {common}. A test over queries of one training run per system cannot tell the objective "
+            f"from the seed (docs/experiment.md, \"Seeds and queries\"). {interval}; not corrected for multiple "
+            f"comparisons. `{cols.p}`: the paired test, uncorrected. {correction}; `significant` and `winner` use "
+            f"it. `se`, `df`: the paired t's standard error (sd/√n) and n − 1. {mde}; under the Wilcoxon test the "
+            "t-test's figure stands in.")
 
 
 # -- markdown --------------------------------------------------------------------------------------------------
@@ -432,21 +490,27 @@ def summary_markdown(config, summary: pd.DataFrame, kd: pd.DataFrame, collection
 
 
 # -- the verdict -----------------------------------------------------------------------------------------------
-def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame, teacher: pd.DataFrame | None = None) -> str:
-    """A few sentences quoting the pooled rows of the KD − CL table (and of the teacher − CL table): where KD beat
-    CL significantly, where it did not and how small a difference the test could have seen (the MDE), and
-    whether the teacher was better than the students' CL runs."""
+def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame, teacher: pd.DataFrame | None = None,
+            bm25: pd.DataFrame | None = None) -> str:
+    """A few sentences quoting the pooled rows of the KD − CL table (and of the teacher − CL and KD − BM25 tables):
+    where KD beat CL significantly, where it did not and how small a difference the test could have seen (the MDE),
+    whether the teacher was better than the students' CL runs, and whether the KD students beat the first stage."""
     ev = config.evaluation
     main = _measure(ev.main_measure)
     cols = columns(config)
     pooled = kd[kd["scope"] == "pooled"]
     if pooled.empty:
         return "No student was trained both ways, so there is no KD-vs-CL comparison."
-    test = "paired t-test" if ev.test == "t" else "Wilcoxon signed-rank test"
     corrected = f"{ev.correction}-corrected" if ev.correction else "uncorrected"
     shown = f"HL: Hodges–Lehmann shift; [ ]: {cols.interval}" if cols.estimate else f"[ ]: {cols.interval}"
-    lines = [f"Verdict ({main}; KD − CL: mean over queries, seeds averaged; {shown}; {test} over queries, "
-             f"p {corrected}, α = {ev.alpha}; MDE: {POWER:.0%} power at {cols.mde_alpha} of the table):"]
+    if is_seed_aware(config):
+        test = (f"mean over {len(config.seeds)} seeds and the queries; {shown}; seed-aware t-test (queries and "
+                "training runs both random)")
+    else:
+        test = (f"one seed: a difference of objectives cannot be told from a difference of training runs; mean over "
+                f"queries; {shown}; {'paired t-test' if ev.test == 't' else 'Wilcoxon signed-rank test'} over queries")
+    lines = [f"Verdict ({main}; KD − CL: {test}, p {corrected}, α = {ev.alpha}; MDE: {POWER:.0%} power at "
+             f"{cols.mde_alpha} of the table):"]
     margins = teacher[teacher["scope"] == "pooled"] if teacher is not None else pd.DataFrame()
     tcols = columns(config, "CL", "teacher")
     spec = config.teacher
@@ -472,7 +536,28 @@ def verdict(config, summary: pd.DataFrame, kd: pd.DataFrame, teacher: pd.DataFra
         text += f"; CL beat KD significantly for {', '.join(losses)}" if losses else "; CL never beat KD significantly"
         lines.append(text + ".")
     lines.append(_teacher_sentence(margins, tcols, main))
+    if bm25 is not None:
+        lines.append(_first_stage_sentence(bm25[bm25["scope"] == "pooled"], columns(config, "BM25", "KD"), main))
     return "\n".join(line for line in lines if line)
+
+
+def _first_stage_sentence(rows: pd.DataFrame, cols: Columns, main: str) -> str:
+    """Whether each KD student beats the first stage it reranks: a student below BM25 is no reranker to deploy,
+    however it compares with CL."""
+    if rows.empty:
+        return ""
+    parts, below = [], []
+    for row in rows.to_dict("records"):
+        words = {"KD": "KD better", "BM25": "BM25 better"}.get(row["winner"], "no significant difference")
+        parts.append(f"{row['student']} {row['collection']}: {_signed(row[cols.difference])}, "
+                     f"p = {_p(row[cols.p_corrected])} → {words}")
+        if row["winner"] != "KD":
+            below.append(f"{row['student']} ({row['collection']})")
+    text = f"KD − BM25 ({main}, the same tests): " + "; ".join(parts) + "."
+    if below:
+        text += (" Not significantly above the first stage it reranks: " + ", ".join(below) +
+                 "; there KD beating CL means KD lost less to the first stage, not a reranker worth deploying.")
+    return text
 
 
 def _verdict_part(row: dict, cols: Columns, margin: dict | None) -> str:
@@ -484,7 +569,9 @@ def _verdict_part(row: dict, cols: Columns, margin: dict | None) -> str:
         estimate += f" (HL {row[cols.estimate]:+.3f} {interval})"
     else:
         estimate += f" {interval}"
-    text = f"{row['collection']}: {estimate}, p = {_p(row[cols.p_corrected])} → "
+    seeds = str(row.get(f"per seed {cols.difference}") or "")
+    per_seed = f" (per seed {seeds})" if " " in seeds else ""
+    text = f"{row['collection']}: {estimate}, p = {_p(row[cols.p_corrected])}{per_seed} → "
     if row["significant"]:
         return text + ("KD better" if row["winner"] == "KD" else "CL better")
     mde = row[cols.mde]
@@ -518,9 +605,9 @@ def _teacher_sentence(margins: pd.DataFrame, cols: Columns, main: str) -> str:
     text = f"Teacher − CL ({main}, the same tests): " + "; ".join(parts) + "."
     if behind:
         text += (" The teacher was not significantly better than the CL run of " + ", ".join(behind) +
-                 ": distillation cannot be expected to help where the teacher is no better than its student.")
+                 ": there it had no measured margin to pass on, and what KD added is not explained by one.")
     else:
-        text += " The teacher beat every student's CL run significantly, as KD needs."
+        text += " The teacher beat every student's CL run significantly: the setting the paper's claim is about."
     return text
 
 
@@ -679,6 +766,67 @@ def plot_training_curves(models, path: Path, metric: str = "metric", window: int
 
 
 # -- everything ------------------------------------------------------------------------------------------------
+def kd_vs_bm25_table(config, collections) -> pd.DataFrame:
+    """KD − BM25 per student (:func:`comparison_table`): whether the distilled reranker beats the stage it reranks."""
+    pairs = [(s.name, ["BM25"], _names(config, s.name, "KD")) for s in config.students if "KD" in s.objectives]
+    return comparison_table(config, collections, pairs, columns(config, "BM25", "KD"))
+
+
+@dataclass
+class Derived:
+    """Everything the report computes from the per-query values (and the unjudged counts): what ``kdcl verify``
+    recomputes and compares with a committed report."""
+
+    tables: dict[str, tuple[pd.DataFrame, str]]   # file stem → (frame, its Markdown with legend)
+    sections: dict[str, str]                        # report.md section title → body
+    verdict: str
+    summary: pd.DataFrame
+    summary_markdown: str
+    kd: pd.DataFrame
+    teacher: pd.DataFrame
+    comparisons: dict[str, tuple[pd.DataFrame, Columns]]  # plot stem → (table, its columns)
+    curve: pd.DataFrame
+    per_collection: list
+
+
+def derive(config, collections, counts: dict[str, float]) -> Derived:
+    """Every table, section and the verdict, from ``collections``' per-query values and the unjudged ``counts``
+    (:func:`unjudged_counts`)."""
+    tables: dict[str, tuple[pd.DataFrame, str]] = {}
+    per_collection = []
+    for c in collections:
+        means = mean_table(config, c)
+        tables[f"{c.label}.mean"] = (means, markdown(means))
+        per_collection.append((c, means))
+    summary = summary_table(config, collections)
+    kd = kd_vs_cl_table(config, collections)
+    teacher = teacher_vs_cl_table(config, collections)
+    bm25 = kd_vs_bm25_table(config, collections)
+    summary_md = summary_markdown(config, summary, kd, collections)
+    tables["summary"] = (summary, summary_md)
+    sections, comparisons = {}, {}
+    for stem, title, table, cols in (
+            ("kd_vs_cl", "KD − CL", kd, columns(config, "CL", "KD")),
+            ("teacher_vs_cl", "Teacher − CL: what KD could pass on", teacher, columns(config, "CL", "teacher")),
+            ("kd_vs_bm25", "KD − BM25: does the distilled reranker beat the first stage?", bm25,
+             columns(config, "BM25", "KD")),
+            *((f"unjudged_vs_{objective.lower()}", f"KD with unjudged queries − the base student's {objective}",
+               table, columns(config, objective, UNJUDGED))
+              for objective, table in unjudged_tables(config, collections).items())):
+        table_md = markdown(table) + "\n\n" + legend(config, cols)
+        tables[stem] = (table, table_md)
+        sections[title] = _without(table_md, table)
+        comparisons[stem] = (table, cols)
+    curve = unjudged_curve_table(config, collections, counts)
+    if not curve.empty:
+        curve_md = markdown(curve) + "\n\n" + unjudged_curve_caption(config)
+        tables["unjudged_curve"] = (curve, curve_md)
+        sections[f"{_measure(config.evaluation.main_measure)} against unjudged training queries"] = \
+            _without(curve_md, curve)
+    text = verdict(config, summary, kd, teacher, bm25)
+    return Derived(tables, sections, text, summary, summary_md, kd, teacher, comparisons, curve, per_collection)
+
+
 def write_report(config, models, collections, out: Path) -> Report:
     """Writes every table, plot and ``report.md`` under ``out``; returns what it wrote."""
     out = Path(out)
@@ -691,45 +839,24 @@ def write_report(config, models, collections, out: Path) -> Report:
         (tables / f"{stem}.md").write_text((text or markdown(frame)) + "\n", encoding="utf-8")
         files.extend([tables / f"{stem}.csv", tables / f"{stem}.md"])
 
-    per_collection = []
     for c in collections:
-        save(c.table, c.label)
-        means = mean_table(config, c)
-        save(means, f"{c.label}.mean")
-        per_collection.append((c, means))
-    summary = summary_table(config, collections)
-    kd = kd_vs_cl_table(config, collections)
-    teacher = teacher_vs_cl_table(config, collections)
-    summary_md = summary_markdown(config, summary, kd, collections)
-    save(summary, "summary", summary_md)
-    kd_md = markdown(kd) + "\n\n" + legend(config, columns(config, "CL", "KD"))
-    teacher_md = markdown(teacher) + "\n\n" + legend(config, columns(config, "CL", "teacher"))
-    save(kd, "kd_vs_cl", kd_md)
-    save(teacher, "teacher_vs_cl", teacher_md)
-    text = verdict(config, summary, kd, teacher)
-    plot_files = [plot_kd_minus_cl(config, kd, plots / "kd_minus_cl.png"),
+        save(c.table, c.label)  # pt.Experiment's own table
+    derived = derive(config, collections, unjudged_counts(config, models))
+    for stem, (frame, text) in derived.tables.items():
+        save(frame, stem, text)
+    plot_files = [plot_kd_minus_cl(config, derived.kd, plots / "kd_minus_cl.png"),
                   plot_training_curves(models, plots / "training_curves.png",
                                        _measure(config.training_args(config.teacher)["metric"]))]
-    sections = {"KD − CL": _without(kd_md, kd), "Teacher − CL: what KD could pass on": _without(teacher_md, teacher)}
-    for objective, table in unjudged_tables(config, collections).items():
-        cols = columns(config, objective, UNJUDGED)
-        table_md = markdown(table) + "\n\n" + legend(config, cols)
-        stem = f"unjudged_vs_{objective.lower()}"
-        save(table, stem, table_md)
-        sections[f"KD with unjudged queries − the base student's {objective}"] = _without(table_md, table)
-        plot_files.append(plot_comparison(config, table, cols, plots / f"{stem}.png"))
-    curve = unjudged_curve_table(config, collections, unjudged_counts(config, models))
-    if not curve.empty:
-        curve_md = markdown(curve) + "\n\n" + unjudged_curve_caption(config)
-        save(curve, "unjudged_curve", curve_md)
-        sections[f"{_measure(config.evaluation.main_measure)} against unjudged training queries"] = \
-            _without(curve_md, curve)
-        plot_files.append(plot_unjudged_curve(config, curve, plots / "unjudged_curve.png"))
+    plot_files += [plot_comparison(config, table, cols, plots / f"{stem}.png")
+                   for stem, (table, cols) in derived.comparisons.items() if stem.startswith("unjudged_vs_")]
+    if not derived.curve.empty:
+        plot_files.append(plot_unjudged_curve(config, derived.curve, plots / "unjudged_curve.png"))
     files.extend(p for p in plot_files if p is not None)
-    report = _report_markdown(config, summary_md, sections, text, per_collection, models, plot_files, out)
+    report = _report_markdown(config, derived.summary_markdown, derived.sections, derived.verdict,
+                              derived.per_collection, models, plot_files, out)
     (out / "report.md").write_text(report, encoding="utf-8")
     files.append(out / "report.md")
-    return Report(summary, summary_md, kd, text, files, teacher)
+    return Report(derived.summary, derived.summary_markdown, derived.kd, derived.verdict, files, derived.teacher)
 
 
 def _without(text: str, table: pd.DataFrame) -> str:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyterrier_kdcl.experiment.statistics import POWER
+from pyterrier_kdcl.experiment.statistics import POWER, mde_from_se
 
 SEED_DF_BOUND = 0.8  # the degrees of freedom are taken where MS_seed reaches the upper bound of this confidence
 
@@ -151,7 +151,7 @@ class SeedAwareComparison:
 
     def minimum_detectable_effect(self, alpha: float, power: float = POWER) -> float:
         """The smallest true mean difference this test detects with ``power`` at ``alpha``
-        (:func:`mde_from_se`)."""
+        (:func:`~pyterrier_kdcl.experiment.statistics.mde_from_se`)."""
         return mde_from_se(self.se, self.df, alpha, power)
 
 
@@ -203,27 +203,7 @@ def seed_averaged_t(a, b) -> float:
     return float(stats.ttest_1samp(d.mean(axis=0), 0.0).pvalue)
 
 
-# -- power -------------------------------------------------------------------------------------------------------
-def mde_from_se(se: float, df: float, alpha: float, power: float = POWER) -> float:
-    """The smallest true difference a two-sided t-test with standard error ``se`` on ``df`` degrees of freedom
-    detects with ``power`` at ``alpha``: ``λ · se``, with ``λ`` the noncentrality at which a noncentral t on ``df``
-    degrees of freedom exceeds the critical value with that probability. NaN when undefined."""
-    from scipy import optimize, stats
-
-    if not (se > 0) or not (df > 0) or math.isnan(se) or math.isnan(df):
-        return float("nan")
-    critical = stats.t.ppf(1 - alpha / 2, df)
-
-    def shortfall(noncentrality: float) -> float:
-        wrong_side = float(np.nan_to_num(stats.nct.cdf(-critical, df, noncentrality)))
-        return float(stats.nct.sf(critical, df, noncentrality)) + wrong_side - power
-
-    upper = 10.0
-    while shortfall(upper) < 0:
-        upper *= 2
-    return float(optimize.brentq(shortfall, 0.0, upper, xtol=1e-10) * se)
-
-
+# -- power ---------------------------------------------------------------------------------------------------------
 def planned_mde(seeds: int, queries: int, *, seed_sd: float, query_sd: float, residual_sd: float, alpha: float,
                 power: float = POWER) -> float:
     """The MDE a comparison of ``seeds`` runs per method on ``queries`` queries is expected to have, for the given

@@ -180,11 +180,19 @@ def _boundary(accepted, rejected_at: float, accepted_at: float, tolerance: float
 def minimum_detectable_effect(sd: float, n: int, alpha: float, power: float = POWER) -> float:
     """The smallest mean difference a two-sided paired t-test on ``n`` queries detects with ``power`` at ``alpha``,
     for per-query differences of standard deviation ``sd`` (see the module docstring). NaN when it is undefined."""
-    from scipy import optimize, stats
-
     if n < 2 or not sd > 0 or math.isnan(sd):
         return float("nan")
-    df = n - 1
+    return mde_from_se(sd / math.sqrt(n), n - 1, alpha, power)
+
+
+def mde_from_se(se: float, df: float, alpha: float, power: float = POWER) -> float:
+    """The smallest true difference a two-sided t-test with standard error ``se`` on ``df`` degrees of freedom
+    detects with ``power`` at ``alpha``: ``λ · se``, with ``λ`` the noncentrality at which a noncentral t on ``df``
+    degrees of freedom lands beyond the critical values with that probability. NaN when undefined."""
+    from scipy import optimize, stats
+
+    if not (se > 0) or not (df > 0) or math.isnan(se) or math.isnan(df):
+        return float("nan")
     critical = stats.t.ppf(1 - alpha / 2, df)
 
     def shortfall(noncentrality: float) -> float:
@@ -195,8 +203,7 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float, power: float = PO
     upper = 10.0
     while shortfall(upper) < 0:
         upper *= 2
-    noncentrality = optimize.brentq(shortfall, 0.0, upper, xtol=1e-10)
-    return float(noncentrality * sd / math.sqrt(n))
+    return float(optimize.brentq(shortfall, 0.0, upper, xtol=1e-10) * se)
 
 
 # -- multiplicity --------------------------------------------------------------------------------------------------
