@@ -1,4 +1,4 @@
-"""The kdcl command: kdcl experiment CONFIG [--out DIR] [--check] [--wait].
+"""The kdcl command: kdcl experiment CONFIG [--out DIR] [--check] [--wait]; kdcl verify DIR...
 
 experiment validates the config, trains the teacher and the students, evaluates them with pt.Experiment and
 writes tables, plots and a verdict to --out (default: runs/<config name>); a rerun reuses finished work.
@@ -28,9 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     ex.add_argument("--wait", action="store_true", default=None,
                     help="if another run writes to the output directory, wait for it to finish instead of stopping")
+    ve = sub.add_parser("verify", help="recompute a report's tables and verdict from its perquery.csv.gz",
+                        description="Recomputes every table, section and the verdict of DIR/report.md from "
+                        "DIR/perquery.csv.gz and DIR/config.json, and lists every difference; exit status 1 if any.")
+    ve.add_argument("directories", nargs="+", metavar="DIR", help="an experiment's output directory")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "verify":
+        return verify(args.directories)
     return experiment(args)
+
+
+def verify(directories: list[str]) -> int:
+    from pyterrier_kdcl.experiment.evidence import verify as check
+
+    failed = 0
+    for directory in directories:
+        problems = check(directory)
+        print("\n".join(problems) if problems else f"{directory}: every table and the verdict reproduce")
+        failed += bool(problems)
+    return 1 if failed else 0
 
 
 def experiment(args) -> int:

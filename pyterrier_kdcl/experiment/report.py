@@ -556,7 +556,7 @@ def _first_stage_sentence(rows: pd.DataFrame, cols: Columns, main: str) -> str:
     text = f"KD − BM25 ({main}, the same tests): " + "; ".join(parts) + "."
     if below:
         text += (" Not significantly above the first stage it reranks: " + ", ".join(below) +
-                 "; there KD beating CL means KD lost less to the first stage, not a reranker worth deploying.")
+                 ": there it is no reranker worth deploying, whatever its comparison with CL.")
     return text
 
 

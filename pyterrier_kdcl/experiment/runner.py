@@ -10,6 +10,7 @@ Everything goes to one output directory::
     teacher-scores/                 the teacher score cache, shared by every distilled student
     students/<name>/<CL|KD>/seed-<s>/   one training run each, laid out like teacher/
     runs/<collection>/              pt.Experiment's save_dir: a run file per system, aggregated.csv, perquery.csv
+    perquery.csv.gz                 the evidence: every per-query value the report was built from (.evidence)
     tables/  plots/  report.md  timings.json
     .kdcl.lock  .kdcl.lock.json     held while a run writes here (pyterrier_kdcl.directory_lock)
 
@@ -40,7 +41,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +50,7 @@ import torch
 
 from pyterrier_kdcl.directory_lock import directory_lock
 from pyterrier_kdcl.experiment import data as experiment_data
+from pyterrier_kdcl.experiment import evidence
 from pyterrier_kdcl.experiment import report as reporting
 from pyterrier_kdcl.experiment.config import (
     FUSION_KEYS,
@@ -629,6 +631,14 @@ class ExperimentRunner:
         self.timings[f"evaluate {label}"] = seconds
         return CollectionResult(label, in_domain, table, perquery, len(topics), data.depth, seconds)
 
+    def evidence(self, collections: list[CollectionResult]) -> list[CollectionResult]:
+        """Writes ``perquery.csv.gz`` (:mod:`.evidence`) and returns ``collections`` with the per-query values read
+        back from it, so that the report is built from exactly what is committed beside it."""
+        path = self.out / evidence.FILE
+        evidence.write(self.config, collections, path)
+        back = evidence.collections_from(self.config, evidence.read(path), {c.label: c.table for c in collections})
+        return [replace(c, perquery=b.perquery) for c, b in zip(collections, back)]
+
     def _table_order(self, models: list[TrainedModel]) -> list[TrainedModel]:
         """The teacher, then students in config order, CL before KD, seeds in order."""
         students = [s.name for s in self.config.students]
@@ -680,7 +690,7 @@ class ExperimentRunner:
         models = self.models()
         if not self.processes.is_main:
             return None
-        collections = self.evaluate(models)
+        collections = self.evidence(self.evaluate(models))
         report = reporting.write_report(self.config, models, collections, self.out)
         seconds = time.perf_counter() - started
         _write_json(self.out / "timings.json", {
