@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= experiments/quick.yaml
 
-.PHONY: install test lint demo collections clean
+.PHONY: install test lint verify demo collections clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ collections: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install collections lint
+test: install collections lint verify
 	$(PY) -m pytest -q tests
+
+verify: install
+	# every committed report that has its per-query evidence must reproduce from it
+	$(VENV)/bin/kdcl verify $(patsubst %/perquery.csv.gz,%,$(wildcard docs/results/*/perquery.csv.gz))
 
 demo: install collections
 	$(VENV)/bin/kdcl experiment $(CONFIG)
