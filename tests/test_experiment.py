@@ -208,9 +208,14 @@ def test_end_to_end_writes_models_runs_tables_plots_and_verdict(finished_run):
     assert set(kd["student"]) == {"bert-small", "qwen-lora"}
     pooled = kd[kd["scope"] == "pooled"]
     assert set(pooled["collection"]) == {"in domain (tiny-test)", ood_label}
-    for column in ("CL", "KD", "KD-CL", "95% CI low (t, uncorrected)", "95% CI high (t, uncorrected)", "p (t)",
-                   "p (holm)", "significant", "winner", "sd", "MDE (80% power)", "MDE α"):
+    for column in ("CL", "KD", "KD-CL", "seeds", "per seed KD-CL", "95% CI low (seed-aware t, uncorrected)",
+                   "95% CI high (seed-aware t, uncorrected)", "p (seed-aware t)", "p (holm)", "significant", "winner",
+                   "seed sd", "se", "df", "MDE (80% power)", "MDE α"):
         assert column in kd.columns
+    assert (kd["seeds"] == 2).all()
+    from pyterrier_kdcl.experiment import evidence  # the run's evidence reproduces its report
+
+    assert (out / evidence.FILE).exists() and evidence.verify(out) == []
     by_system = summary.set_index("system")[ood_label]  # one definition: the summary's pooled mean is the table's
     kd_ood = pooled[(pooled["student"] == "bert-small") & ~pooled["in_domain"]]["KD-CL"].item()
     assert abs(by_system["bert-small KD"] - by_system["bert-small CL"] - kd_ood) < 1e-9
