@@ -499,6 +499,22 @@ def test_every_shipped_cpu_config_has_its_run_in_the_repository(name):
     assert any((results / "tables").glob("*.csv")), name
 
 
+@pytest.mark.parametrize("run", sorted(p.name for p in (EXPERIMENTS.parent / "docs" / "results").iterdir()
+                                       if (p / "report.md").is_file()))
+def test_every_committed_report_has_its_evidence_or_is_withdrawn(run):
+    """A report whose per-query values are not committed cannot be rechecked: it is listed as withdrawn in the
+    results index, carries the banner, and the README quotes no number of it (its findings section is gone)."""
+    results = EXPERIMENTS.parent / "docs" / "results"
+    if (results / run / "perquery.csv.gz").is_file():
+        return  # make test's `kdcl verify` checks it reproduces
+    index = (results / "README.md").read_text(encoding="utf-8")
+    withdrawn = index[index.index("## Withdrawn until rerun"):]
+    assert f"[{run}]({run}/README.md)" in withdrawn, f"{run}: commit its perquery.csv.gz or list it as withdrawn"
+    assert "Withdrawn on" in (results / run / "README.md").read_text(encoding="utf-8")
+    readme = (EXPERIMENTS.parent / "README.md").read_text(encoding="utf-8")
+    assert f"experiments/{run}.yaml`)" not in readme, f"the README still has a results section for {run}"
+
+
 def test_check_prints_the_plan_and_trains_nothing(tiny_model, collection, tmp_path, capsys):
     from pyterrier_kdcl.experiment.cli import main
 

@@ -881,7 +881,7 @@ def _report_markdown(config, summary_md, sections: dict[str, str], text, per_col
                   f"reranking the top {c.depth})", markdown(means)]
     trained = [m for m in models if m.objective != "given"]
     if trained:
-        rows = pd.DataFrame([{"model": m.name, "objective": m.objective, "seed": m.seed,
+        rows = pd.DataFrame([{"model": m.name, "objective": m.objective, "seed": "" if m.seed is None else str(m.seed),
                               "training seconds": round(m.seconds, 1), "reused": m.reused} for m in trained])
         parts += ["## Training", markdown(rows)]
     return "\n\n".join(p for p in parts if p) + "\n"
