@@ -4,7 +4,7 @@ Differences of two training methods with no true difference are drawn from the c
 pyterrier_kdcl.experiment.seed_aware (query, seed and residual spreads as in tests/test_seed_aware.py: the seed
 spread of docs/results/cpu-paper's in-domain runs, 0.032, and around it), and both tests are applied at α = 0.05.
 
-    python experiments/seed_aware_simulation.py   # → docs/results/seed-aware-simulation/{simulation.csv,type_one_error.png}
+    python experiments/seed_aware_simulation.py  # → docs/results/seed-aware-simulation/ (csv and png)
 """
 
 from pathlib import Path

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("config", help="a YAML or TOML experiment config (see docs/experiment.md)")
     ex.add_argument("--out", help="output directory (default: runs/<config name>)")
     ex.add_argument("--check", action="store_true", help="validate the config and print the plan; train nothing")
+    ex.add_argument("--target-mde", type=float, default=None, metavar="D",
+                    help="with --check: how many seeds the seed-aware KD − CL test needs to detect D (default 0.03)")
     ex.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     ex.add_argument("--wait", action="store_true", default=None,
                     help="if another run writes to the output directory, wait for it to finish instead of stopping")
@@ -65,7 +67,7 @@ def experiment(args) -> int:
     out = args.out or default_out(config)
     if args.check:
         print(f"config {args.config} is valid; output would go to {out}\n")
-        print(plan(config))
+        print(plan(config, **({} if args.target_mde is None else {"target_mde": args.target_mde})))
         return 0
     if not args.quiet:
         print(f"plan of {args.config} (rough CPU minutes for packaged models; see --check):\n{plan(config)}\n",

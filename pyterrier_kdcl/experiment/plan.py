@@ -27,6 +27,16 @@ CPU_PAIRS_PER_SECOND = {
 
 _COUNT_CAP = 1_000_000
 
+# The spread of KD − CL (nDCG@10) between training runs (seed), between queries and their interaction (residual),
+# as docs/results/cpu-seeds estimated it for MiniLM-L6 + LoRA students of a fused teacher (pooled rows; the seed-aware
+# test's variance components; tests/test_experiment.py checks them against that run's evidence). A plan for other
+# students and data can only borrow them: a guide to how many seeds a comparison needs, not a promise.
+PLANNING_SPREADS = {
+    True: {"seed_sd": 0.0234, "query_sd": 0.0493, "residual_sd": 0.1874},    # in domain (man pages)
+    False: {"seed_sd": 0.0777, "query_sd": 0.1200, "residual_sd": 0.2033},   # out of domain (FAQs, pooled)
+}
+TARGET_MDE = 0.03
+
 
 def _queries(data) -> int | None:
     if data.queries is not None:
@@ -91,7 +101,7 @@ def _scoring_minutes(models: list[Model], pairs: int | None) -> float | None:
     return None if None in minutes else sum(minutes)
 
 
-def plan(cfg: ExperimentConfig) -> str:
+def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
     """A table of steps with pair counts and rough CPU minutes."""
     rows: list[tuple[str, int | None, float | None]] = []
     n_val = _queries(cfg.validation) if cfg.validation else 0
@@ -165,4 +175,36 @@ def plan(cfg: ExperimentConfig) -> str:
         lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, fp32; plus model loading{at_most})")
     else:
         lines.append("\n'?': no CPU speed on record for that model (or no query count); run it to find out")
+    lines += power_lines(cfg, target_mde)
     return "\n".join(lines)
+
+
+def power_lines(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> list[str]:
+    """The KD − CL minimum detectable effect the seed-aware test is expected to have per pooled scope, and the
+    seeds that would reach ``target_mde``, from :data:`PLANNING_SPREADS` (:func:`.seed_aware.planned_mde`)."""
+    from pyterrier_kdcl.experiment import seed_aware, statistics
+
+    if not any({"CL", "KD"} <= set(s.objectives) for s in cfg.students):
+        return []
+    ev = cfg.evaluation
+    collections = evaluation_collections(cfg)
+    scopes = [(in_domain, [_queries(d) for _, d, inside in collections if inside == in_domain])
+              for in_domain in (True, False) if any(inside == in_domain for _, _, inside in collections)]
+    level = statistics.family_alpha(ev.alpha, ev.correction, len(scopes))
+    seeds = len(cfg.seeds)
+    lines = [f"\nKD − CL power (seed-aware test at α {level:g}, 80% power; spreads as docs/results/cpu-seeds "
+             "measured them):"]
+    for in_domain, counts in scopes:
+        where = "in domain" if in_domain else "out of domain"
+        if None in counts:
+            lines.append(f"  {where}: ? (no query count)")
+            continue
+        spreads, n = PLANNING_SPREADS[in_domain], sum(counts)
+        if seeds == 1:
+            mde = "none: one seed cannot tell the objective from the training run"
+        else:
+            mde = f"MDE {seed_aware.planned_mde(seeds, n, alpha=level, **spreads):.3f}"
+        needed = seed_aware.seeds_for_mde(target_mde, n, alpha=level, **spreads)
+        reach = f"{needed} seeds reach {target_mde:g}" if needed else f"more than 50 seeds to reach {target_mde:g}"
+        lines.append(f"  {where} ({n} queries, {seeds} seed{'s' if seeds > 1 else ''}): {mde}; {reach}")
+    return lines
