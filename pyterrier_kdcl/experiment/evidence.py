@@ -87,7 +87,7 @@ def collections_from(config, evidence: pd.DataFrame, tables: dict[str, pd.DataFr
 def verify(directory: str | Path) -> list[str]:
     """Every difference between the report in ``directory`` and what its evidence recomputes; empty when none."""
     from pyterrier_kdcl.experiment import report
-    from pyterrier_kdcl.experiment.config import load_config
+    from pyterrier_kdcl.experiment.config import evaluation_collections, load_config
 
     directory = Path(directory)
     if not (directory / FILE).is_file():
@@ -97,8 +97,8 @@ def verify(directory: str | Path) -> list[str]:
     config = load_config(as_run, check_environment=False)
     evidence = read(directory / FILE)
     committed = directory / "tables"
-    tables = {c.label: pd.read_csv(committed / f"{c.label}.csv") for c in _labels(config)
-              if (committed / f"{c.label}.csv").is_file()}
+    tables = {label: pd.read_csv(committed / f"{label}.csv") for label, _, _ in evaluation_collections(config)
+              if (committed / f"{label}.csv").is_file()}
     collections = collections_from(config, evidence, tables)
     problems = [f"{directory}: {p}" for c in collections for p in _experiment_means(c)]
     derived = report.derive(config, collections, _counts(committed))
@@ -109,12 +109,6 @@ def verify(directory: str | Path) -> list[str]:
         if f"## {title}\n\n{body}" not in text:
             problems.append(f"{directory}: report.md: the section '{title}' differs from what the evidence gives")
     return problems
-
-
-def _labels(config):
-    from pyterrier_kdcl.experiment.config import evaluation_collections
-
-    return [SimpleNamespace(label=label) for label, _, _ in evaluation_collections(config)]
 
 
 def _counts(tables: Path) -> dict[str, float]:
