@@ -85,15 +85,15 @@ def test_fitted_temperature_follows_the_teachers_scale():
 
 
 def test_the_verdict_names_the_control_only_when_the_teacher_saw_the_same_data(tiny_model, collection):  # noqa: F811
-    from pyterrier_kdcl.experiment.report import verdict
+    from pyterrier_kdcl.experiment.report import columns, verdict
 
     cfg = tiny_config(tiny_model, collection)
     cfg["students"] = [{"name": "twin", "model": cfg["teacher"]["model"], "max_length": 32}]
+    cols = columns(load_config(copy.deepcopy(cfg), check_environment=False))
     pooled = pd.DataFrame([{"student": "twin", "scope": "pooled", "collection": "in domain", "in_domain": True,
-                            "CL": 0.5, "KD": 0.6, "KD-CL": 0.1, "95% CI low (t, uncorrected)": 0.05,
-                            "95% CI high (t, uncorrected)": 0.15, "p (t)": 0.001, "p (holm)": 0.001,
-                            "significant": True, "winner": "KD", "sd": 0.1, "MDE (80% power)": 0.02,
-                            "MDE α": 0.05, "queries": 100}])
+                            "CL": 0.5, "KD": 0.6, "KD-CL": 0.1, cols.low: 0.05, cols.high: 0.15, cols.p: 0.001,
+                            cols.p_corrected: 0.001, "significant": True, "winner": "KD", "se": 0.01, "df": 99.0,
+                            "MDE (80% power)": 0.02, "MDE α": 0.05, "queries": 100}])
     same_data = verdict(load_config(copy.deepcopy(cfg), check_environment=False), pd.DataFrame(), pooled)
     assert "same capacity and data as the teacher: the control" in same_data
     cfg["teacher"]["data"] = {"dataset": cfg["train"]["dataset"], "depth": 6, "queries": 12}
