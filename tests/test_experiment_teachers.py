@@ -133,3 +133,32 @@ def test_disjoint_needs_the_teachers_own_data(tiny_model, collection):  # noqa: 
     cfg["teacher"]["disjoint"] = True
     with pytest.raises(ConfigError, match="teacher.disjoint: trains the teacher on teacher.data minus"):
         load_config(cfg)
+
+
+def test_the_fitted_temperature_is_keyed_by_teacher_and_validation_data_and_survives_a_broken_file(
+        tiny_model, collection, tmp_path, monkeypatch):  # noqa: F811 — the fixture
+    """Issue 23 item 2: other validation data refits the temperature; a truncated file is refitted, not a crash."""
+    from pyterrier_kdcl.experiment import runner as experiment_module
+
+    calls = []
+
+    def fake_fit(teacher, va_res, va_qrels):
+        calls.append(va_res["qid"].nunique())
+        return {"temperature": 0.5 + len(calls), "queries": int(va_res["qid"].nunique()),
+                "score_sd_within_query": 1.0}
+
+    monkeypatch.setattr(experiment_module, "fitted_temperature", fake_fit)
+    cfg = bi_encoder_config(tiny_model, collection)
+    teacher = experiment_module.TrainedModel("teacher", "teacher", "given", None, "teacher-fp")
+    runner = experiment_module.ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False)
+    first = runner.teacher_temperature(teacher, None)["temperature"]
+    assert runner.teacher_temperature(teacher, None)["temperature"] == first and len(calls) == 1  # kept on disk
+
+    path = tmp_path / "teacher-temperature.json"
+    path.write_text(path.read_text()[:10])  # cut short by a crash
+    assert runner.teacher_temperature(teacher, None)["temperature"] != first and len(calls) == 2
+
+    cfg["validation"]["queries"] = cfg["validation"].get("queries", 4) - 1  # other validation data
+    other = experiment_module.ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False)
+    other.teacher_temperature(teacher, None)
+    assert len(calls) == 3

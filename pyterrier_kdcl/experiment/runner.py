@@ -541,16 +541,20 @@ class ExperimentRunner:
         return self._run_stage(model, stage, spec, cfg.train, trainer)
 
     def teacher_temperature(self, teacher: TrainedModel, teacher_model) -> dict:
-        """``teacher_temperature: auto``: fitted once per teacher on the validation candidates, kept on disk."""
+        """``teacher_temperature: auto``: fitted once per teacher and validation data on the validation candidates,
+        kept on disk (written atomically; a file that cannot be read, or was fitted for another teacher or other
+        validation data, is fitted again)."""
         path = self.out / "teacher-temperature.json"
-        if path.is_file():
-            fitted = json.loads(path.read_text())
-            if fitted.get("teacher") == teacher.fingerprint:
-                return fitted
+        validation = fingerprint(data_settings(self.config.validation), self.config.sample_seed)
+        fitted = _read_json(path) if path.is_file() else None
+        if isinstance(fitted, dict) and fitted.get("teacher") == teacher.fingerprint \
+                and fitted.get("validation") == validation:
+            return fitted
         _, va_qrels, va_res = self.frames(self.config.validation)
-        fitted = {"teacher": teacher.fingerprint, **fitted_temperature(teacher_model, va_res, va_qrels)}
+        fitted = {"teacher": teacher.fingerprint, "validation": validation,
+                  **fitted_temperature(teacher_model, va_res, va_qrels)}
         if self.processes.is_main:
-            path.write_text(json.dumps(fitted, indent=2))
+            _write_json(path, fitted)
         self.log(f"teacher temperature fitted on {fitted['queries']} validation queries: {fitted['temperature']:.3g} "
                  f"(teacher scores spread {fitted['score_sd_within_query']:.3g} sd within a query)")
         return fitted
