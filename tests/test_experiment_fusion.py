@@ -180,3 +180,16 @@ def test_the_first_stage_member_scores_with_the_candidates_first_stage_scores(ti
     np.testing.assert_allclose(merged["score_teacher"], (merged["score_bm25"] - mean) / sd, rtol=1e-5)  # run files
     model = runner.teacher().loader()
     assert isinstance(model, ScoreFusion) and model.weights == {"bm25": 1.0}
+
+
+def test_a_fused_teacher_without_trained_members_is_reported_as_fitted_then_reused(tiny_model, collection,  # noqa: F811
+                                                                                   tmp_path):
+    """Issue 23 item 8: on a fresh run the fit is new work (its seconds, not reused); on a rerun it is reused."""
+    cfg = fusion_config(tiny_model, collection)
+    cfg["teacher"]["members"] = cfg["teacher"]["members"][:2]  # the first stage and the zero-shot bi-encoder
+    cfg["evaluation"]["in_domain"][0]["queries"] = 4
+    fresh = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    teacher = next(m for m in fresh.models if m.role == "teacher")
+    assert not teacher.reused and teacher.seconds > 0
+    again = run_experiment(copy.deepcopy(cfg), tmp_path, verbose=False)
+    assert next(m for m in again.models if m.role == "teacher").reused

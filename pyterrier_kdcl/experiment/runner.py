@@ -463,9 +463,11 @@ class ExperimentRunner:
             return ScoreFusion({name: m.loader() for name, m in members.items()}, weights=fit["weights"],
                                stats={name: tuple(v) for name, v in fit["stats"].items()})
 
+        # a fused teacher is fitted even when no member trains: the fit is its work, reused or not
         model = TrainedModel("teacher", "teacher", "fused", None, fp, loader=load,
-                             log=trained[0].log if trained else None, seconds=sum(m.seconds for m in trained),
-                             reused=all(m.reused for m in trained))
+                             log=trained[0].log if trained else None,
+                             seconds=sum(m.seconds for m in trained) + fit.get("seconds", 0.0),
+                             reused=all(m.reused for m in trained) and fit.get("reused", False))
         self.timings["train teacher"] = model.seconds
         return model
 
@@ -489,7 +491,7 @@ class ExperimentRunner:
         path = self.out / "teacher-fusion.json"
         fitted = _read_json(path)
         if fitted and fitted.get("key") == key:
-            return fitted
+            return {**fitted, "reused": True}
         _, qrels, res = self.frames(source)
         if cfg.validation is None:  # statistics only (the weights are given): a deterministic few queries suffice
             res = res[res["qid"].astype(str).isin(sorted(res["qid"].astype(str).unique())[:200])]
