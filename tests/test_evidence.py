@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -76,14 +77,11 @@ def test_a_report_without_evidence_cannot_be_verified(tmp_path):
 
 def test_the_planning_spreads_are_those_cpu_seeds_measured():
     """--check's power lines borrow cpu-seeds' variance components; they must be that run's, as committed."""
-    from pyterrier_kdcl.experiment.config import load_config
     from pyterrier_kdcl.experiment.plan import PLANNING_SPREADS, power_lines
     from pyterrier_kdcl.experiment.seed_aware import crossed
 
     run = Path(__file__).resolve().parent.parent / "docs" / "results" / "cpu-seeds"
-    as_run = json.loads((run / "config.json").read_text())
-    as_run.pop("source")
-    config = load_config(as_run, check_environment=False)
+    config = evidence.config_as_run(run)
     collections = evidence.collections_from(config, evidence.read(run / evidence.FILE), {})
     student = config.students[0].name
     for scope, _, in_domain, a, b in report.seed_matrices(collections, "nDCG@10", report._names(config, student, "CL"),
@@ -97,5 +95,5 @@ def test_the_planning_spreads_are_those_cpu_seeds_measured():
     committed = pd.read_csv(run / "tables" / "kd_vs_cl.csv")
     in_domain_mde = committed.loc[committed["collection"] == "in domain (manpages)", "MDE (80% power)"].item()
     assert f"MDE {in_domain_mde:.3f}" in lines  # the plan of the run is what the run then measured
-    one_seed = load_config({**as_run, "seeds": [42]}, check_environment=False)
+    one_seed = replace(config, seeds=[42])
     assert "one seed cannot tell" in "\n".join(power_lines(one_seed))

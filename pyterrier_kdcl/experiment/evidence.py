@@ -83,18 +83,25 @@ def collections_from(config, evidence: pd.DataFrame, tables: dict[str, pd.DataFr
     return out
 
 
+def config_as_run(directory: str | Path):
+    """The validated config a run wrote to ``directory/config.json``, loaded again (its environment unchecked)."""
+    from pyterrier_kdcl.experiment.config import load_config
+
+    as_run = json.loads((Path(directory) / "config.json").read_text())
+    as_run.pop("source", None)  # where the config was read from, recorded beside it
+    return load_config(as_run, check_environment=False)
+
+
 # -- kdcl verify -------------------------------------------------------------------------------------------------
 def verify(directory: str | Path) -> list[str]:
     """Every difference between the report in ``directory`` and what its evidence recomputes; empty when none."""
     from pyterrier_kdcl.experiment import report
-    from pyterrier_kdcl.experiment.config import evaluation_collections, load_config
+    from pyterrier_kdcl.experiment.config import evaluation_collections
 
     directory = Path(directory)
     if not (directory / FILE).is_file():
         return [f"{directory}: no {FILE}: the report's numbers cannot be rechecked (rerun the config to write it)"]
-    as_run = json.loads((directory / "config.json").read_text())
-    as_run.pop("source", None)  # where the config was read from, recorded beside it
-    config = load_config(as_run, check_environment=False)
+    config = config_as_run(directory)
     evidence = read(directory / FILE)
     committed = directory / "tables"
     tables = {label: pd.read_csv(committed / f"{label}.csv") for label, _, _ in evaluation_collections(config)
