@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 import pytest
+import torch
 from test_experiment import PREFIX, _data_dir, _fast_cpu, collection, tiny_config  # noqa: F401 — fixtures
 
 from pyterrier_kdcl.experiment import run_experiment
@@ -162,3 +163,22 @@ def test_the_fitted_temperature_is_keyed_by_teacher_and_validation_data_and_surv
     other = experiment_module.ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False)
     other.teacher_temperature(teacher, None)
     assert len(calls) == 3
+
+
+def test_a_bi_encoder_teacher_in_bf16_is_another_teacher_and_scores_in_bf16(tiny_model, collection, tmp_path):  # noqa: F811 — the fixture
+    from pyterrier_kdcl.experiment.runner import ExperimentRunner
+
+    cfg = bi_encoder_config(tiny_model, collection)
+    as_float32 = ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False).teacher()
+    cfg["teacher"]["dtype"] = "fp32"  # float32 named is float32 unnamed: the same fingerprint, the cache kept
+    assert ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False).teacher().fingerprint \
+        == as_float32.fingerprint
+    cfg["teacher"]["dtype"] = "bf16"
+    in_bf16 = ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False).teacher()
+    assert in_bf16.fingerprint != as_float32.fingerprint  # its cached scores are not float32's
+    scorer = in_bf16.loader()
+    rows = pd.DataFrame({"qid": ["q1"] * 2, "query": ["read a file"] * 2, "docno": ["d1", "d2"],
+                         "text": ["read from a file descriptor", "write to a socket"]})
+    scored = scorer(rows)
+    assert next(scorer.bi_encoder_model.model.parameters()).dtype == torch.bfloat16
+    np.testing.assert_allclose(scored["score"], as_float32.loader()(rows)["score"], rtol=1e-2)  # bf16 noise

@@ -23,8 +23,11 @@ from pyterrier_kdcl.fusion import ScoreFusion
 from pyterrier_kdcl.training.temperature import fit_teacher_temperature
 
 
-def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, verbose: bool = False) -> pt.Transformer:
-    """A sentence-transformers bi-encoder as a row scorer (cosine or dot product, as the model was trained)."""
+def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, dtype: str | None = None,
+                       verbose: bool = False) -> pt.Transformer:
+    """A sentence-transformers bi-encoder as a row scorer (cosine or dot product, as the model was trained).
+    ``dtype`` (``"bf16"``, ``"fp16"``) casts its weights: all-mpnet-base-v2 in bf16 scores 2.9x faster than in
+    float32 on a CPU with native bf16, its scores within 2e-3 of float32's (docs/results/cpu-architectures)."""
     try:
         from pyterrier_dr import SBertBiEncoder
     except ImportError as err:
@@ -33,6 +36,10 @@ def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, verbose:
 
     encoder = SBertBiEncoder(resolve_source(model), batch_size=batch_size, verbose=verbose)
     encoder.model.max_seq_length = max_length
+    if dtype is not None:
+        from pyterrier_kdcl.reranker import _resolve_dtype
+
+        encoder.model.to(_resolve_dtype(dtype, encoder.model.device))
     return encoder.text_scorer()
 
 
