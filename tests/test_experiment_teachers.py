@@ -182,3 +182,22 @@ def test_a_bi_encoder_teacher_in_bf16_is_another_teacher_and_scores_in_bf16(tiny
     scored = scorer(rows)
     assert next(scorer.bi_encoder_model.model.parameters()).dtype == torch.bfloat16
     np.testing.assert_allclose(scored["score"], as_float32.loader()(rows)["score"], rtol=1e-2)  # bf16 noise
+
+
+def test_a_given_cross_encoder_teacher_in_bf16_is_another_teacher(tiny_model, collection, tmp_path):  # noqa: F811 — the fixture
+    """Issue 23 item 1: a given cross-encoder teacher's dtype names it (its KD students, run files and fitted
+    temperature are not reused across fp32 and bf16); float32, named or not, keeps the fingerprint it had."""
+    from pyterrier_kdcl.experiment.runner import ExperimentRunner, _files_of, fingerprint
+
+    cfg = bi_encoder_config(tiny_model, collection)
+    cfg["teacher"] = {"model": str(tiny_model("bert", seed=3)), "train": "none", "max_length": 32}
+
+    def teacher_fingerprint(dtype):
+        given = copy.deepcopy(cfg)
+        given["teacher"]["dtype"] = dtype
+        return ExperimentRunner(load_config(given), tmp_path, verbose=False).teacher().fingerprint
+
+    model = cfg["teacher"]["model"]
+    before = fingerprint("given teacher", model, _files_of(model), 32, None, None, None)  # as it was computed
+    assert teacher_fingerprint(None) == teacher_fingerprint("fp32") == teacher_fingerprint("float32") == before
+    assert teacher_fingerprint("bf16") != before

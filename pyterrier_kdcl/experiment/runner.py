@@ -420,14 +420,14 @@ class ExperimentRunner:
         """One teacher (or member of a fused teacher); a trained one lives in ``path``."""
         cfg = self.config
         seed = spec.seed if spec.seed is not None else cfg.seeds[0]
+        cast = [] if spec.dtype in (None, "fp32", "float32") else [spec.dtype]  # float32 keeps its old fingerprint
         if spec.train == "none" and spec.kind == "bi-encoder":
-            cast = [] if spec.dtype in (None, "fp32", "float32") else [spec.dtype]  # float32 keeps its old fingerprint
             fp = fingerprint("bi-encoder teacher", spec.model, _files_of(spec.model), spec.max_length, *cast)
             return TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: bi_encoder_teacher(
                 spec.model, max_length=spec.max_length, batch_size=spec.batch_size, dtype=spec.dtype))
         if spec.train == "none":
             fp = fingerprint("given teacher", spec.model, _files_of(spec.model), spec.max_length, spec.template,
-                             spec.pooling, spec.lora)
+                             spec.pooling, spec.lora, *cast)
             model = TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: self.new_reranker(spec))
             return model
         data = spec.data or cfg.train
