@@ -417,6 +417,29 @@ def test_a_misspelled_model_fails_the_check_not_the_run(tiny_model, collection, 
     assert "students[1].model: 'minilm-l4' is not a packaged model" in capsys.readouterr().err
 
 
+def test_a_saved_reranker_with_settings_of_its_own_is_refused(tiny_model, collection, tmp_path):
+    """A saved CrossEncoder carries its adapter, pooling and template: given beside it, lora, pooling and template
+    were silently dropped (issue 23 item 3). The check refuses them, and so does the runner for a model saved after
+    the check."""
+    from pyterrier_kdcl.reranker import CrossEncoder
+
+    saved = tmp_path / "saved"
+    CrossEncoder(str(tiny_model("bert")), max_length=32, verbose=False).save(saved)
+    cfg = tiny_config(tiny_model, collection)
+    cfg["students"][1].update(model=str(saved), template="q: {query} d: {text}")  # lora: {r: 4, ...} already
+    problems = "\n".join(_problems(copy.deepcopy(cfg)))
+    assert "students[1].lora, students[1].template: " in problems and "is a saved kdcl CrossEncoder" in problems
+    assert "drop them to continue from the saved model as it is, or set students[1].model to its base model" \
+        in problems
+    cfg["teacher"].update(model=str(saved), train="none", pooling="mean")
+    assert any(p.startswith("teacher.pooling: ") for p in _problems(copy.deepcopy(cfg)))
+    cfg["students"][1].pop("lora"), cfg["students"][1].pop("template"), cfg["teacher"].pop("pooling")
+    checked = load_config(copy.deepcopy(cfg))  # the saved model as it is: fine
+    checked.students[1].lora = {"r": 4}  # as if saved after the check
+    with pytest.raises(ValueError, match="qwen-lora.lora: .* is a saved kdcl CrossEncoder"):
+        ExperimentRunner(checked, tmp_path / "out", verbose=False).new_reranker(checked.students[1], seed=1)
+
+
 def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_path):
     cfg = tiny_config(tiny_model, collection)
     (tmp_path / "runs").mkdir()

@@ -724,6 +724,28 @@ def _named_models(cfg: ExperimentConfig) -> list[tuple[str, Model]]:
     return [(path, m) for path, m in named if isinstance(m, Model) and isinstance(m.model, str)]
 
 
+def is_saved_reranker(model: str) -> bool:
+    """Whether ``model`` is a directory written by ``CrossEncoder.save`` (the runner continues from it)."""
+    if not isinstance(model, str) or not model or not Path(model).is_dir():
+        return False
+    from pyterrier_kdcl.models import KDCL_CONFIG
+
+    return (Path(model) / KDCL_CONFIG).is_file()
+
+
+def saved_model_problem(path: str, model: Model) -> str | None:
+    """What is wrong with a model (at key ``path``) that names a saved CrossEncoder *and* settings it would ignore:
+    the saved reranker carries its own adapter, pooling and template, so ``lora``, ``pooling`` and ``template``
+    given beside it would be dropped silently. None when nothing is wrong."""
+    given = [key for key in ("lora", "pooling", "template") if getattr(model, key, None) not in (None, False)]
+    if not given or getattr(model, "kind", "cross-encoder") != "cross-encoder" or not is_saved_reranker(model.model):
+        return None
+    keys = ", ".join(f"{path}.{key}" for key in given)
+    return (f"{keys}: {model.model!r} is a saved kdcl CrossEncoder, which carries its own LoRA adapter, pooling "
+            "and template (its kdcl.json and weights), so these keys would be ignored; drop them to continue from "
+            f"the saved model as it is, or set {path}.model to its base model to build a new reranker with them")
+
+
 def _list(value) -> list:
     return value if isinstance(value, list) else []
 
@@ -771,3 +793,5 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(f"{key}: local model {model.model!r} does not exist")
         elif model.model and misspelled_model(model.model) is not None:
             problems.append(f"{key}: {misspelled_model(model.model)}")
+        elif (problem := saved_model_problem(key.removesuffix(".model"), model)) is not None:
+            problems.append(problem)

@@ -61,7 +61,9 @@ from pyterrier_kdcl.experiment.config import (
     data_label,
     data_settings,
     evaluation_collections,
+    is_saved_reranker,
     load_config,
+    saved_model_problem,
 )
 from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_fusion, fitted_temperature
 from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
@@ -325,7 +327,10 @@ class ExperimentRunner:
             torch.manual_seed(seed)
         kwargs = {"batch_size": spec.batch_size, "max_length": spec.max_length, "device": self.device,
                   "verbose": self.verbose}
-        if (Path(spec.model) / "kdcl.json").exists():  # a saved CrossEncoder: continue from it
+        if is_saved_reranker(spec.model):  # a saved CrossEncoder: continue from it, with its own settings
+            problem = saved_model_problem(spec.name, spec)  # a model saved after the config was checked
+            if problem is not None:
+                raise ValueError(problem)
             return CrossEncoder.load(spec.model, dtype=spec.dtype, **kwargs)
         return CrossEncoder(spec.model, lora=spec.lora, template=spec.template, pooling=spec.pooling,
                             dtype=spec.dtype, **kwargs)
