@@ -160,8 +160,8 @@ def test_the_first_stage_member_scores_with_the_candidates_first_stage_scores(ti
 
     # the scores the student was distilled from: the training candidates' first-stage scores, standardised
     _, _, train = runner.frames(config.train)
-    expected = {pair_key(q, d, t): (s - mean) / sd for q, d, t, s in train[["query", "docno", "text", "score"]]
-                .itertuples(index=False)}
+    expected = {pair_key(q, d, t, s): (s - mean) / sd for q, d, t, s in train[["query", "docno", "text", "score"]]
+                .itertuples(index=False)}  # keyed by the first-stage score too: the teacher reads it
     [cache] = (tmp_path / "teacher-scores").glob("*/scores.sqlite3")
     with sqlite3.connect(cache) as db:
         cached = dict(db.execute("SELECT key, score FROM scores").fetchall())

@@ -1,5 +1,6 @@
 """Teacher scores and their cache: named by what the teacher is, keyed by the text scored, shared by processes."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -70,6 +71,39 @@ def test_a_changed_text_is_scored_afresh(tmp_path):
     assert again.scored == len(gs)  # just the edited pairs
     torch.testing.assert_close(again.lookup(edited), expected(edited))
     assert (again.lookup(edited)[:, 0] == first.lookup(gs)[:, 0] + 2.0).all()
+
+
+def test_a_first_stage_change_rescores_a_teacher_that_reads_it_and_only_such_a_teacher(tmp_path):
+    """The cache key covers every column a teacher reads (issue 23 item 4): a fused teacher with a FirstStageScore
+    member got the old first stage's scores back after the first stage changed. A teacher that does not read the
+    first-stage score is never given it, and keeps its cached scores (and its keys) when only the first stage moves."""
+    from pyterrier_kdcl.training.teachers import pair_key
+
+    gs = groups()
+    bm25 = [dataclasses.replace(g, first_stage_scores=tuple(float(i) for i in range(len(g.docnos)))) for g in gs]
+    other = [dataclasses.replace(g, first_stage_scores=tuple(10.0 - i for i in range(len(g.docnos)))) for g in gs]
+    fused = kdcl.ScoreFusion({"bm25": kdcl.FirstStageScore()}, weights={"bm25": 1.0}, stats={"bm25": (0.0, 1.0)})
+    first = TeacherScores(fused, tmp_path, key="fused v1")
+    first.prepare(bm25)
+    torch.testing.assert_close(first.lookup(bm25)[0], torch.arange(4, dtype=torch.float32))
+    again = TeacherScores(fused, tmp_path, key="fused v1")
+    again.prepare(other)  # the same (query, docno, text), another first stage
+    assert again.scored == first.scored > 0
+    torch.testing.assert_close(again.lookup(other)[0], 10.0 - torch.arange(4, dtype=torch.float32))
+
+    teacher, counted = composed_teacher()
+    TeacherScores(teacher, tmp_path).prepare(bm25)
+    seen = []
+    counted.transform = lambda inp, _transform=counted.transform: seen.append(list(inp.columns)) or _transform(inp)
+    kept = TeacherScores(teacher, tmp_path)
+    kept.prepare(other)
+    assert kept.scored == 0  # text scorers: the first stage is no part of their scores
+    torch.testing.assert_close(kept.lookup(other), expected(other))
+    g = gs[0]
+    assert len(kept.store.get([pair_key(g.query, d, t) for d, t in zip(g.docnos, g.texts)])) == 4  # keys as before
+    kept.close()
+    TeacherScores(teacher, None).prepare(other)  # scored afresh, in memory: what the teacher is given
+    assert seen and all("first_stage_score" not in columns for columns in seen)
 
 
 # -- teachers without a fingerprint --------------------------------------------------------------------------

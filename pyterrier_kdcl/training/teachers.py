@@ -2,12 +2,13 @@
 
 Any PyTerrier transformer that scores the rows it is given can teach: a ``CrossEncoder``, a pyterrier_dr
 bi-encoder's ``text_scorer()``, a sum of transformers. Scores are joined by (qid, docno), never by position,
-and must be finite. The teacher sees each pair's qid, query, docno and text, and, when the groups carry them, its
-first-stage score as ``first_stage_score`` (for a fused teacher's ``FirstStageScore`` member; never ``score``,
-which is the teacher's to write).
+and must be finite. The teacher sees each pair's qid, query, docno and text, and, when the groups carry them and the
+teacher may read it (:func:`reads_first_stage_score`), its first-stage score as ``first_stage_score`` (for a fused
+teacher's ``FirstStageScore`` member; never ``score``, which is the teacher's to write).
 
-The cache (``ScoreStore``) is one SQLite table per teacher, keyed by a hash of the query, the docno *and the
-document text*, so a changed text is scored afresh. Its directory is named after the teacher's fingerprint: a
+The cache (``ScoreStore``) is one SQLite table per teacher, keyed by a hash of the query, the docno, *the document
+text* and, for a teacher that is given it, the first-stage score: every column a teacher's score may depend on, so
+a changed text or a changed first stage is scored afresh. Its directory is named after the teacher's fingerprint: a
 ``fingerprint()`` method where the teacher has one (a ``CrossEncoder`` hashes its weights), or the fingerprints
 of its parts for PyTerrier's compositions (``a + b``, ``2 * a``, ``a >> b``, ``a ** b``, …), computed anew at
 every fit, so a component whose weights changed gives new scores. A teacher that cannot be fingerprinted is
@@ -19,8 +20,10 @@ never cached on disk under a guessed name: its scores stay in memory unless the 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ import pyterrier as pt
 import torch
 from pyterrier import _ops
 
-from pyterrier_kdcl.fusion import ScoreFusion
+from pyterrier_kdcl.fusion import FIRST_STAGE_COLUMN, FirstStageScore, ScoreFusion
 from pyterrier_kdcl.training.groups import Group
 
 SCORE_FILE = "scores.sqlite3"
@@ -45,6 +48,32 @@ _COMPOSITIONS: dict[type, tuple[str, ...]] = {
     _ops.Concatenate: ("left", "right"), _ops.SetUnion: ("left", "right"), _ops.SetIntersection: ("left", "right"),
     _ops.ScalarProduct: ("scalar",), _ops.RankCutoff: ("k",), pt.transformer.IdentityTransformer: (),
 }
+
+
+def _parts(teacher) -> list | None:
+    """The teachers a PyTerrier composition (``a + b``, ``a >> b``, ...) or a ScoreFusion is made of; None for any
+    other teacher."""
+    if isinstance(teacher, ScoreFusion):
+        return list(teacher.scorers.values())
+    fields = _COMPOSITIONS.get(type(teacher))
+    return None if fields is None else [getattr(teacher, name) for name in fields]
+
+
+def reads_first_stage_score(teacher) -> bool:
+    """Whether a teacher's scores may depend on the ``first_stage_score`` column: it holds a ``FirstStageScore``, or
+    a part whose inside is unknown (neither a ``fingerprint()`` nor a known composition). A part with a
+    ``fingerprint()`` (a ``CrossEncoder``, a fitted trainer) reads the query and the text only. A teacher that does
+    not read it is never given it, so its cached scores hold whatever the first stage."""
+    if isinstance(teacher, FirstStageScore):
+        return True
+    if isinstance(teacher, (int, float, str)):
+        return False
+    if isinstance(teacher, (tuple, list)):
+        return any(reads_first_stage_score(part) for part in teacher)
+    parts = _parts(teacher)
+    if parts is not None:
+        return any(reads_first_stage_score(part) for part in parts)
+    return not callable(getattr(teacher, "fingerprint", None))
 
 
 def can_fingerprint(teacher) -> bool:
@@ -211,6 +240,7 @@ class TeacherScores:
                  verbose: bool = False):
         self.teacher = teacher
         self.checked = CheckedTeacher(teacher)
+        self.first_stage = reads_first_stage_score(teacher)  # part of every pair's key when given to the teacher
         self.verbose = verbose
         self.store = None
         if cache_dir is not None:
@@ -220,15 +250,16 @@ class TeacherScores:
             description = json.dumps({"teacher": repr(teacher), "key": key})
             self.store = ScoreStore(Path(cache_dir) / name, description)
         self.scored = 0  # pairs this process had the teacher score
-        self._index: dict[tuple[str, str, str], int] = {}
+        self._index: dict[tuple, int] = {}
         self._scores = np.empty(0)
 
     def prepare(self, groups: Iterable[Group], processes: Processes | None = None) -> None:
-        """Finds every distinct (query, docno, text) of the groups in the cache, and has the teacher score the
-        rest, each process its share, in chunks written to the cache as they are scored."""
+        """Finds every distinct pair of the groups (query, docno, text, and the first-stage score when the teacher
+        reads it) in the cache, and has the teacher score the rest, each process its share, in chunks written to
+        the cache as they are scored."""
         processes = processes or Processes()
-        pairs, self._index = _distinct_pairs(groups)
-        keys = [pair_key(q, d, t) for _, q, d, t, _ in pairs]
+        pairs, self._index = _distinct_pairs(groups, self.first_stage)
+        keys = [pair_key(q, d, t, s) for _, q, d, t, s in pairs]
         scores = np.full(len(pairs), np.nan)
         if processes.is_main and self.store is not None:
             cached = self.store.get(keys)
@@ -248,9 +279,9 @@ class TeacherScores:
         for start in range(0, len(indices), CHUNK_PAIRS):
             chunk = indices[start : start + CHUNK_PAIRS]
             frame = pd.DataFrame([pairs[i] for i in chunk], columns=["qid", "query", "docno", "text",
-                                                                     "first_stage_score"])
-            if frame["first_stage_score"].isna().all():  # groups without first-stage scores
-                frame = frame.drop(columns="first_stage_score")
+                                                                     FIRST_STAGE_COLUMN])
+            if frame[FIRST_STAGE_COLUMN].isna().all():  # groups without first-stage scores, or a teacher not given them
+                frame = frame.drop(columns=FIRST_STAGE_COLUMN)
             out[start : start + len(chunk)] = self.checked(frame)["score"].to_numpy(dtype="float64")
             self.scored += len(chunk)
             if self.store is not None:
@@ -260,7 +291,7 @@ class TeacherScores:
         return out
 
     def lookup(self, groups: list[Group]) -> torch.Tensor:
-        rows = [self._index[g.query, d, t] for g in groups for d, t in zip(g.docnos, g.texts)]
+        rows = [self._index[pair] for g in groups for pair in _pairs_of(g, self.first_stage)]
         return torch.tensor(self._scores[rows], dtype=torch.float32).view(len(groups), -1)
 
     def close(self) -> None:
@@ -287,24 +318,32 @@ def unnamed_teacher_message(teacher) -> str:
             "teacher_cache unset to keep the scores in memory for this fit")
 
 
-def pair_key(query: str, docno: str, text: str) -> bytes:
-    """16 bytes identifying a (query, docno, text): what a teacher's score depends on."""
+def pair_key(query: str, docno: str, text: str, first_stage_score: float | None = None) -> bytes:
+    """16 bytes identifying what a teacher scores: (query, docno, text), and the first-stage score for a teacher
+    given it (without one, the key is what it was before first-stage scores were keyed)."""
     digest = hashlib.blake2b(digest_size=16)
     for part in (query, docno, text):
         data = part.encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
+    if first_stage_score is not None:
+        digest.update(struct.pack("<d", float(first_stage_score)))
     return digest.digest()
 
 
-def _distinct_pairs(groups: Iterable[Group]) -> tuple[list[tuple[str, str, str, str, float]], dict]:
-    """The distinct (qid, query, docno, text, first-stage score or NaN) of the groups, and each (query, docno,
-    text)'s position among them (the strings are the groups' own: an index of millions of pairs holds references,
-    not copies)."""
+def _pairs_of(group: Group, first_stage: bool) -> Iterable[tuple]:
+    """A group's pairs as the teacher scores them: (query, docno, text, first-stage score or None), the score
+    None unless the teacher reads it and the group carries it."""
+    scores = group.first_stage_scores if first_stage and group.first_stage_scores else (None,) * len(group.docnos)
+    return zip(itertools.repeat(group.query), group.docnos, group.texts, scores)
+
+
+def _distinct_pairs(groups: Iterable[Group], first_stage: bool = False) -> tuple[list[tuple], dict]:
+    """The distinct (qid, query, docno, text, first-stage score or None) of the groups, and each pair's position
+    among them (the strings are the groups' own: an index of millions of pairs holds references, not copies)."""
     pairs, index = [], {}
     for g in groups:
-        scores = g.first_stage_scores or (np.nan,) * len(g.docnos)
-        for d, t, s in zip(g.docnos, g.texts, scores):
-            if index.setdefault((g.query, d, t), len(pairs)) == len(pairs):
-                pairs.append((g.qid, g.query, d, t, s))
+        for pair in _pairs_of(g, first_stage):
+            if index.setdefault(pair, len(pairs)) == len(pairs):
+                pairs.append((g.qid, *pair))
     return pairs, index
