@@ -46,6 +46,34 @@ def test_a_composed_teacher_is_fingerprinted_from_its_parts():
     assert teacher_fingerprint(pt.apply.score(lambda row: 1.0), key="mine") is not None
 
 
+def test_a_fusion_of_fingerprinted_members_is_fingerprinted_and_cached(tiny_model, tmp_path):
+    """A ScoreFusion is named by its members' fingerprints, weights and statistics when every member has one, so
+    ``teacher_cache=`` takes it without a key (issue 23 item 7: can_fingerprint said no, though teacher_identity
+    named it); with a member that has none, a key is still needed."""
+    from pyterrier_kdcl.training.teachers import can_fingerprint
+
+    def fusion(weight=0.5, stats=(0.0, 1.0), word="answer", **members):
+        scorers = {"a": WordTeacher(word, 2.0), "b": WordTeacher("page", 1.0), **members}
+        return kdcl.ScoreFusion(scorers, weights={name: weight for name in scorers},
+                                stats={name: stats for name in scorers})
+
+    assert can_fingerprint(fusion())
+    before = teacher_fingerprint(fusion())
+    assert before is not None and teacher_fingerprint(fusion()) == before  # no address in it
+    for changed in (fusion(weight=0.25), fusion(stats=(1.0, 2.0)), fusion(word="page")):
+        assert teacher_fingerprint(changed) != before
+    ce = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
+    res, qrels = training_frames(6)
+    trainer = kdcl.DistillationTrainer(ce, fusion(), teacher_cache=tmp_path / "cache", group_size=4, batch_size=2,
+                                       verbose=False)
+    trainer.fit(res, qrels)
+    assert [d.name for d in (tmp_path / "cache").iterdir()] == [before]
+    for member in (Anonymous(), kdcl.FirstStageScore()):
+        assert not can_fingerprint(fusion(c=member))
+        with pytest.raises(ValueError, match="teacher_cache_key="):
+            kdcl.DistillationTrainer(ce, fusion(c=member), teacher_cache=tmp_path / "cache")
+
+
 def test_a_cross_encoder_teacher_changed_in_place_gives_new_scores(tiny_model, tmp_path):
     a = kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32)
     b = kdcl.CrossEncoder(tiny_model("bert", seed=1), verbose=False, max_length=32)

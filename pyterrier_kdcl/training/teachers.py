@@ -10,11 +10,12 @@ The cache (``ScoreStore``) is one SQLite table per teacher, keyed by a hash of t
 text* and, for a teacher that is given it, the first-stage score: every column a teacher's score may depend on, so
 a changed text or a changed first stage is scored afresh. Its directory is named after the teacher's fingerprint: a
 ``fingerprint()`` method where the teacher has one (a ``CrossEncoder`` hashes its weights), or the fingerprints
-of its parts for PyTerrier's compositions (``a + b``, ``2 * a``, ``a >> b``, ``a ** b``, …), computed anew at
-every fit, so a component whose weights changed gives new scores. A teacher that cannot be fingerprinted is
-never cached on disk under a guessed name: its scores stay in memory unless the user names them
-(``teacher_cache_key=``). Processes may share one cache directory: writes wait for each other, never fail with
-"database is locked". Under several processes, each scores its share of the missing pairs and all gather them.
+of its parts for PyTerrier's compositions (``a + b``, ``2 * a``, ``a >> b``, ``a ** b``, …) and for a
+``ScoreFusion`` (its members', with its weights and statistics), computed anew at every fit, so a component whose
+weights changed gives new scores. A teacher that cannot be fingerprinted is never cached on disk under a guessed
+name: its scores stay in memory unless the user names them (``teacher_cache_key=``). Processes may share one cache
+directory: writes wait for each other, never fail with "database is locked". Under several processes, each scores
+its share of the missing pairs and all gather them.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def can_fingerprint(teacher) -> bool:
         return all(can_fingerprint(part) for part in teacher)
     if callable(getattr(teacher, "fingerprint", None)):
         return True
-    fields = _COMPOSITIONS.get(type(teacher))
-    return fields is not None and all(can_fingerprint(getattr(teacher, name)) for name in fields)
+    parts = _parts(teacher)  # a composition, or a ScoreFusion (named by its members, weights and statistics)
+    return parts is not None and all(can_fingerprint(part) for part in parts)
 
 
 def teacher_identity(teacher) -> str | None:
