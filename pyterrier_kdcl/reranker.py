@@ -24,6 +24,10 @@ from pyterrier_kdcl.inputs import RANKLLAMA_TEMPLATE, PairEncoder
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 _CHUNK_BATCHES = 64  # tokenize this many batches ahead: enough to sort by length, bounded memory
+# Settings that never change a score (how many pairs share a forward pass, progress bars): kept by save(), never part
+# of fingerprint(), so a teacher's cached scores survive them. The one place that says so: every other setting, a
+# new one included, is part of the identity.
+SCORE_NEUTRAL_SETTINGS = frozenset({"batch_size", "verbose"})
 
 
 class CrossEncoder(pt.Transformer):
@@ -200,9 +204,18 @@ class CrossEncoder(pt.Transformer):
         return self
 
     def fingerprint(self) -> str:
-        """A hash of the weights and settings: two rerankers with the same fingerprint score alike."""
+        """A hash of the weights and of the settings that change scores (all but ``SCORE_NEUTRAL_SETTINGS``): two
+        rerankers with the same fingerprint score alike, whatever their batch size or verbosity.
+
+        A LoRA adapter folded into its base (``merge_lora``) is another identity than the adapter beside its base:
+        its weights are other numbers (``W + BA`` rounded once), and its scores agree with the unmerged model's
+        within float tolerance only (in bfloat16, visibly), so a cache filled by one form would hand the other
+        scores it does not compute, and a rerun's targets would depend on which form filled it first. Each form is
+        scored once; every merged copy of one adapter (``load(merge_lora=True)``, ``merge_lora()``, a merged model
+        saved and loaded) shares one identity."""
         self.check_float_weights("fingerprint (a teacher score cache key)")
-        digest = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
+        settings = {k: v for k, v in self._settings().items() if k not in SCORE_NEUTRAL_SETTINGS}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for name, tensor in sorted(self.ranker.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())

@@ -173,6 +173,33 @@ def test_lora_adapter_and_head_round_trip_and_merge(tiny_model, fam, tmp_path):
     assert not np.allclose(base.score_pairs(inp["query"], inp["text"]), before, atol=1e-4)
 
 
+def test_the_fingerprint_ignores_batch_size_and_verbosity_and_tells_a_merged_adapter_apart(tiny_model, tmp_path):
+    """fingerprint() names what a reranker scores: batch size and verbosity are no part of it (issue 23 item 12:
+    a new batch size rescored every teacher pair), weights and scoring settings are. A merged adapter is its own
+    identity (other weights; scores within float tolerance only), shared by every merged copy."""
+    model = tiny_model("bert")
+    plain = kdcl.CrossEncoder(model, verbose=False, max_length=32)
+    assert kdcl.CrossEncoder(model, verbose=True, batch_size=3, max_length=32).fingerprint() == plain.fingerprint()
+    assert kdcl.CrossEncoder(model, verbose=False, max_length=24).fingerprint() != plain.fingerprint()
+    from pyterrier_kdcl.reranker import SCORE_NEUTRAL_SETTINGS
+
+    assert SCORE_NEUTRAL_SETTINGS == {"batch_size", "verbose"}  # a new exception is a decision: name it here
+
+    lora = kdcl.CrossEncoder(model, verbose=False, max_length=32, lora={"r": 4, "lora_alpha": 8})
+    with torch.no_grad():
+        for name, param in lora.ranker.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    lora.save(tmp_path / "lora")
+    loaded = kdcl.CrossEncoder.load(tmp_path / "lora", verbose=False, batch_size=5)
+    assert loaded.fingerprint() == lora.fingerprint()
+    merged = kdcl.CrossEncoder.load(tmp_path / "lora", verbose=False, merge_lora=True)
+    assert merged.fingerprint() != lora.fingerprint()
+    assert loaded.merge_lora().fingerprint() == merged.fingerprint()
+    merged.save(tmp_path / "merged")
+    assert kdcl.CrossEncoder.load(tmp_path / "merged", verbose=False).fingerprint() == merged.fingerprint()
+
+
 def test_existing_decoder_reranker_checkpoint_keeps_its_head(tiny_model):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
