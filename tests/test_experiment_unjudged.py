@@ -128,6 +128,13 @@ def test_new_keys_at_their_defaults_keep_earlier_fingerprints(tiny_model, collec
     (lambda s: s[1].update(base="nobody"), "students\\[1\\].base: 'nobody' is not another student"),
     (lambda s: s[2].update(base="bert-small+u"), "students\\[2\\].base: 'bert-small\\+u' trains on unjudged"),
     (lambda s: s[1]["unjudged"][0].update(split="half"), "students\\[1\\].unjudged\\[0\\].split"),
+    # the evaluation queries themselves (issue 23 item 14): the same dataset, unless in complementary halves
+    (lambda s: s[2]["unjudged"][0].pop("split"), "students\\[2\\].unjudged\\[0\\]: 'irds:.*/ood' is evaluated "
+     "too \\(evaluation.out_of_domain\\[0\\]\\).*give them complementary halves \\(split: adaptation in "
+     "students\\[2\\].unjudged\\[0\\], split: test in evaluation.out_of_domain\\[0\\]\\)"),
+    (lambda s: s[2]["unjudged"][0].update(split="test"), "students\\[2\\].unjudged\\[0\\]: .* is evaluated too"),
+    (lambda s: s[1]["unjudged"][0].update(dataset=f"irds:{PREFIX}/test"),
+     "students\\[1\\].unjudged\\[0\\]: .* is evaluated too \\(evaluation.in_domain\\[0\\]\\)"),
 ])
 def test_unjudged_config_errors_say_what_to_do(tiny_model, collection, change, message):  # noqa: F811
     cfg = unjudged_config(tiny_model, collection)

@@ -417,6 +417,24 @@ def _check_datas(cfg: ExperimentConfig, problems: list[str]) -> None:
         labels = [label for label, _, _ in evaluation_collections(cfg)]
         for label in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"evaluation: two collections are labelled {label!r}; give them distinct 'name's")
+    _check_unjudged_apart(cfg, problems)
+
+
+def _check_unjudged_apart(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """A student's unjudged queries are never the queries it is evaluated on: unjudged data of an evaluated dataset
+    must take the other ``split`` half than its evaluation."""
+    named = _named_datas(cfg)
+    evaluated = [(path, d) for path, d in named if path.startswith("evaluation.")]
+    for path, data in named:
+        if ".unjudged[" not in path:
+            continue
+        for eval_path, ev in evaluated:
+            if ev.dataset == data.dataset and not (data.split and ev.split and data.split != ev.split):
+                problems.append(
+                    f"{path}: {data.dataset!r} is evaluated too ({eval_path}), and training on its queries, even "
+                    "without their qrels, adapts the student to the very queries it is tested on; give them "
+                    f"complementary halves (split: adaptation in {path}, split: test in {eval_path}), or train on "
+                    "another dataset")
 
 
 def _check_teacher(path: str, teacher: Teacher, problems: list[str]) -> None:
