@@ -12,7 +12,8 @@ from pyterrier_kdcl.experiment.cli import main
 @pytest.fixture
 def results(tmp_path):
     (tmp_path / "tables").mkdir()
-    pd.DataFrame({"student": ["a", "a", "b"], "collection": ["in domain (x)", "out of domain (pooled)", "in domain (x)"],
+    pd.DataFrame({"student": ["a", "a", "b"],
+                  "collection": ["in domain (x)", "out of domain (pooled)", "in domain (x)"],
                   "KD-CL": [0.0191292, -0.0412, 0.002], "p (holm)": [0.19619, 3.2e-5, 0.7],
                   "winner": ["-", "KD", "-"]}).to_csv(tmp_path / "tables" / "kd_vs_cl.csv", index=False)
     return tmp_path
