@@ -1,4 +1,4 @@
-"""The kdcl command: kdcl experiment CONFIG [--out DIR] [--check] [--wait]; kdcl verify DIR...
+"""The kdcl command: kdcl experiment CONFIG [--out DIR] [--check] [--wait]; kdcl verify PATH...
 
 experiment validates the config, trains the teacher and the students, evaluates them with pt.Experiment and
 writes tables, plots and a verdict to --out (default: runs/<config name>); a rerun reuses finished work.
@@ -30,24 +30,40 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     ex.add_argument("--wait", action="store_true", default=None,
                     help="if another run writes to the output directory, wait for it to finish instead of stopping")
-    ve = sub.add_parser("verify", help="recompute a report's tables and verdict from its perquery.csv.gz",
-                        description="Recomputes every table, section and the verdict of DIR/report.md from "
-                        "DIR/perquery.csv.gz and DIR/config.json, and lists every difference; exit status 1 if any.")
-    ve.add_argument("directories", nargs="+", metavar="DIR", help="an experiment's output directory")
+    ve = sub.add_parser("verify", help="recompute a report's tables and verdict from its perquery.csv.gz, and check "
+                        "the numbers that prose quotes from tables",
+                        description="For a directory: recomputes every table, section and the verdict of "
+                        "DIR/report.md from DIR/perquery.csv.gz and DIR/config.json, and checks the claims of "
+                        "DIR/README.md. For a Markdown file: checks its claims, the numbers written as links to a "
+                        "table row (docs/results/README.md, 'Claims'). Lists every difference; exit status 1 if any.")
+    ve.add_argument("paths", nargs="+", metavar="PATH", help="an experiment's output directory, or a Markdown file")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command == "verify":
-        return verify(args.directories)
+        return verify(args.paths)
     return experiment(args)
 
 
-def verify(directories: list[str]) -> int:
-    from pyterrier_kdcl.experiment.evidence import verify as check
+def verify(paths: list[str]) -> int:
+    from pathlib import Path
+
+    from pyterrier_kdcl.experiment import claims
+    from pyterrier_kdcl.experiment.evidence import verify as check_evidence
 
     failed = 0
-    for directory in directories:
-        problems = check(directory)
-        print("\n".join(problems) if problems else f"{directory}: every table and the verdict reproduce")
+    for path in map(Path, paths):
+        problems, said = [], []
+        if path.is_dir():
+            problems += check_evidence(path)
+            said.append("every table and the verdict reproduce")
+        markdown = path / "README.md" if path.is_dir() else path
+        if markdown.is_file():
+            count, wrong = claims.check(markdown)
+            problems += wrong
+            said.append(f"{count} claim(s) of {markdown.name} match their tables")
+        elif not path.is_dir():
+            problems.append(f"{path}: no such directory or Markdown file")
+        print("\n".join(problems) if problems else f"{path}: {'; '.join(said)}")
         failed += bool(problems)
     return 1 if failed else 0
 

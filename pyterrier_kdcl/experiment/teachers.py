@@ -26,8 +26,8 @@ from pyterrier_kdcl.training.temperature import fit_teacher_temperature
 def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, dtype: str | None = None,
                        verbose: bool = False) -> pt.Transformer:
     """A sentence-transformers bi-encoder as a row scorer (cosine or dot product, as the model was trained).
-    ``dtype`` (``"bf16"``, ``"fp16"``) casts its weights: all-mpnet-base-v2 in bf16 scores 2.9x faster than in
-    float32 on a CPU with native bf16, its scores within 2e-3 of float32's (docs/results/cpu-architectures)."""
+    ``dtype`` (``"bf16"``, ``"fp16"``) casts its weights: faster on hardware with native bf16, the scores off by
+    the half precision's rounding."""
     try:
         from pyterrier_dr import SBertBiEncoder
     except ImportError as err:
