@@ -185,3 +185,10 @@ def test_a_kill_while_removing_checkpoints_leaves_the_model_and_no_checkpoint_to
     log = kdcl.ContrastiveTrainer(student(tiny_model), **options).fit(res, qrels, res, qrels, resume=True)
     assert list(log["step"]) == [1, 2, 3, 4]
     assert not list((tmp_path / "run").glob(".old-*")) and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_training_bar_shows_the_last_validation_metric(tiny_model, capsys):
+    res, qrels = training_frames(4)
+    log = kdcl.ContrastiveTrainer(student(tiny_model), **{**OPTIONS, "verbose": True}).fit(res, qrels, res, qrels)
+    bar = capsys.readouterr().err
+    assert f"RR@10={log['metric'].iloc[-1]:.4f}" in bar and f"loss={log['loss'].iloc[-1]:.4f}" in bar
