@@ -31,7 +31,7 @@ from pyterrier_kdcl.training import checkpoints
 
 TESTS = Path(__file__).parent
 TRAINING = {"group_size": 4, "epochs": 2, "batch_size": 2, "seed": 5, "learning_rate": 1e-3, "checkpoint_every": 1,
-            "validate_every": 2, "metric": "RR@10", "verbose": False}
+            "validate_every": 2, "metric": "RR@10", "verbose": False, "keep_checkpoints": True}  # compared at the end
 N_QUERIES = 12  # 6 steps an epoch, 12 in all
 
 WORKER = """
@@ -263,7 +263,7 @@ def test_a_disk_that_fills_during_a_checkpoint_keeps_the_last_good_one_and_resum
 
 def test_a_step_already_on_disk_is_never_deleted_to_be_rewritten(tiny_model, tmp_path):
     res, qrels = training_frames(4)
-    done = trainer(tiny_model, tmp_path / "out")
+    done = trainer(tiny_model, tmp_path / "out", keep_checkpoints=True)
     done.fit(res, qrels)
     path = tmp_path / "out" / "checkpoints" / "step-00000002"
     before = path.stat().st_ino

@@ -84,7 +84,8 @@ def test_a_pickled_weights_file_never_runs_code(tiny_model, tmp_path):
 
 def test_a_pickled_optimizer_state_in_a_checkpoint_never_runs_code(tiny_model, tmp_path):
     res, qrels = training_frames(4)
-    options = {"group_size": 4, "batch_size": 2, "verbose": False, "checkpoint_every": 1, "output_dir": tmp_path}
+    options = {"group_size": 4, "batch_size": 2, "verbose": False, "checkpoint_every": 1, "output_dir": tmp_path,
+               "keep_checkpoints": True}
     kdcl.ContrastiveTrainer(kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32), **options).fit(
         res, qrels)
     marker = tmp_path / "code-ran"
@@ -180,7 +181,8 @@ def wider_bert(tiny_model, dest):
 
 def test_resuming_from_a_checkpoint_of_another_model_is_refused_before_training(tiny_model, tmp_path):
     res, qrels = training_frames(4)
-    options = {"group_size": 4, "batch_size": 2, "verbose": False, "output_dir": tmp_path / "out"}
+    options = {"group_size": 4, "batch_size": 2, "verbose": False, "output_dir": tmp_path / "out",
+               "keep_checkpoints": True}
     kdcl.ContrastiveTrainer(kdcl.CrossEncoder(tiny_model("bert"), verbose=False, max_length=32), **options).fit(
         res, qrels)
     wider = wider_bert(tiny_model, tmp_path / "wider")

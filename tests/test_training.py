@@ -281,7 +281,7 @@ def test_bf16_weights_train_through_float32_master_weights(tiny_model, tmp_path)
     ce = student(tiny_model, dtype="bfloat16", device="cpu")
     before = {k: v.detach().clone() for k, v in ce.ranker.named_parameters()}
     kdcl.ContrastiveTrainer(ce, group_size=4, batch_size=4, learning_rate=1e-5, verbose=False,
-                            output_dir=tmp_path / "bf16").fit(res, qrels)
+                            output_dir=tmp_path / "bf16", keep_checkpoints=True).fit(res, qrels)
     masters = load_file(newest_checkpoint(tmp_path / "bf16") / "weights.safetensors")  # the 8th and last step
     encoder = [k for k in before if ".encoder." in k and k.endswith("weight")]
     changed = sum(int((masters[k] != before[k].float()).sum()) for k in encoder)

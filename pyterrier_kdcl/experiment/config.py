@@ -49,7 +49,12 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,            # contrastive (InfoNCE) temperature
     "teacher_temperature": 2.0,    # distillation: Tevatron's reranker KD recipe
     "student_temperature": 1.0,
+    "report_to": None,             # tracking: tensorboard, wandb, mlflow, a list of them, or none (NOT_FINGERPRINTED)
 }
+# Training settings that change nothing a run computes: no stage fingerprint holds them (runner.py), so switching
+# them on or off reuses every finished stage.
+NOT_FINGERPRINTED = frozenset({"report_to"})
+_TRACKER = Literal["tensorboard", "wandb", "mlflow"]
 _TRAINING_TYPES: dict[str, Any] = {
     "group_size": int, "epochs": int, "batch_size": int, "learning_rate": float,
     "head_learning_rate": float | None, "warmup_ratio": float,
@@ -59,6 +64,7 @@ _TRAINING_TYPES: dict[str, Any] = {
     "precision": Literal["auto", "fp32", "bf16", "fp16"], "gradient_checkpointing": bool,
     "checkpoint_every": int | None, "temperature": float,
     "teacher_temperature": float | Literal["auto"], "student_temperature": float,
+    "report_to": _TRACKER | Literal["none"] | list[_TRACKER] | None,
 }
 
 
@@ -805,7 +811,14 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
         if isinstance(first_stage.path, str) and first_stage.path and not Path(first_stage.path).is_file():
             problems.append(f"{path}.first_stage.path: run file {first_stage.path!r} does not exist")
     from pyterrier_kdcl.offline.packaged_models import misspelled_model
+    from pyterrier_kdcl.training.tracking import missing_package
 
+    for key, training in [("training", cfg.training), *((f"{k.removesuffix('.model')}.training", m.training)
+                                                        for k, m in _named_models(cfg))]:
+        report_to = training.get("report_to") if isinstance(training, dict) else None
+        for name in [report_to] if isinstance(report_to, str) else report_to or []:
+            if isinstance(name, str) and missing_package(name) is not None:
+                problems.append(f"{key}.report_to: {missing_package(name)}")
     for key, model in _named_models(cfg):
         if model.model and _looks_like_path(model.model) and not Path(model.model).exists():
             problems.append(f"{key}: local model {model.model!r} does not exist")

@@ -54,6 +54,7 @@ from pyterrier_kdcl.experiment import evidence
 from pyterrier_kdcl.experiment import report as reporting
 from pyterrier_kdcl.experiment.config import (
     FUSION_KEYS,
+    NOT_FINGERPRINTED,
     ExperimentConfig,
     Model,
     Student,
@@ -354,7 +355,7 @@ class ExperimentRunner:
                 "sample_seed": self.config.sample_seed}
 
     def _model_settings(self, spec: Model, objective: str) -> dict:
-        drop = _KD_ONLY if objective == "CL" else _CL_ONLY
+        drop = (_KD_ONLY if objective == "CL" else _CL_ONLY) | NOT_FINGERPRINTED
         training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
         if training.get("head_learning_rate") is None:  # a key that came later: earlier stages keep their fingerprint
             training.pop("head_learning_rate", None)

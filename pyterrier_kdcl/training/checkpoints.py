@@ -2,7 +2,8 @@
 
 Each checkpoint is a directory ``checkpoints/step-NNNNNNNN`` written under a temporary name and renamed into
 place in one ``os.replace`` (``pt.io.finalized_directory``), so a directory with that name is always complete;
-the newest one is the one to resume from, and older ones are removed only after a newer one exists. Weights are
+the newest one is the one to resume from, and older ones are removed only after a newer one exists. A finished
+fit removes them all (:func:`remove_all`) once its model is saved, unless it keeps them. Weights are
 safetensors (trainable parameters only: a LoRA checkpoint holds the adapter and head); optimizer and scheduler
 state go through ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
 """
@@ -65,8 +66,9 @@ def checkpoint_bytes(module: nn.Module) -> int:
 def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: TrainingState) -> Path:
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    # from a killed run (only one process writes here): unfinished checkpoints, and old ones half deleted
-    for leftover in [*root.glob(f".{PREFIX}*.tmp"), *root.glob(".old-*")]:
+    # from a killed run (only one process writes here): unfinished checkpoints, old ones half deleted, and the
+    # checkpoints of a finished fit killed while removing them
+    for leftover in [*root.glob(f".{PREFIX}*.tmp"), *root.glob(".old-*"), *output_dir.glob(f".old-{root.name}")]:
         shutil.rmtree(leftover, ignore_errors=True)
     target = root / f"{PREFIX}{state.step:08d}"
     if target.exists():  # this step is on disk already (same step, same weights): never delete a good checkpoint
@@ -97,6 +99,19 @@ def _remove(checkpoint: Path) -> None:
     doomed = checkpoint.with_name(f".old-{checkpoint.name}")
     os.replace(checkpoint, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_all(output_dir: Path) -> None:
+    """Removes the checkpoints of a finished fit (call it only once the model is saved). The folder is renamed
+    away first, in one ``os.replace``: a kill during the deletion leaves no checkpoint to resume from, only a
+    leftover that the next :func:`save` or removal clears."""
+    root = output_dir / "checkpoints"
+    doomed = output_dir / f".old-{root.name}"
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    if root.exists():
+        os.replace(root, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler) -> TrainingState | None:

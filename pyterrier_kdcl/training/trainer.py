@@ -26,7 +26,7 @@ from torch import nn
 
 from pyterrier_kdcl import models
 from pyterrier_kdcl.reranker import CrossEncoder
-from pyterrier_kdcl.training import checkpoints
+from pyterrier_kdcl.training import checkpoints, tracking
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
@@ -51,6 +51,7 @@ class RerankerTrainer(pt.Estimator):
         (bm25 >> text >> trainer).fit(train_topics, train_qrels, dev_topics, dev_qrels)
         pt.Experiment([bm25, bm25 >> text >> trainer], test_topics, test_qrels, [nDCG @ 10])  # pyterrier.measures
         trainer.log_                          # the training log: step, epoch, loss, lr, metric, seconds, pairs
+        kdcl.ContrastiveTrainer(ce, output_dir="runs/cl", report_to="tensorboard")  # tensorboard --logdir runs/cl/runs
 
     After ``fit``, ``log_`` holds the training log that ``fit`` returns (a pipeline's fit drops the return value),
     one row a step, and ``group_stats`` counts the queries used and skipped.
@@ -77,7 +78,14 @@ class RerankerTrainer(pt.Estimator):
         output_dir: checkpoints (atomic), the final model, the log and the teacher score cache go here;
             with ``resume=True`` a fit continues from the newest checkpoint there, or starts afresh when there is
             none, so a pipeline's ``(bm25 >> text >> trainer).fit(...)`` resumes too (``fit(..., resume=...)``
-            overrides it for one call).
+            overrides it for one call). A fit that finishes removes its checkpoints (the model is saved, and the
+            best weights restored, first), unless ``keep_checkpoints=True``; ``resume=True`` then trains afresh.
+        report_to: experiment tracking through Accelerate's trackers: ``"tensorboard"`` (event files under
+            ``output_dir/runs/kdcl``), ``"wandb"``, ``"mlflow"``, a list of them, or None (the default: no tracking).
+            Each fit is one run, logging per step ``train/loss``, ``train/learning_rate``, ``train/pairs_per_second``
+            and the loss's temperatures, and per validation the metric (``validation/nDCG_10``) and its seconds; see
+            :mod:`pyterrier_kdcl.training.tracking`. A tracker whose package is missing is refused here, saying what
+            to install. It changes nothing the fit computes, nor the trainer's fingerprint.
         precision: the compute precision: ``"auto"`` (bf16 autocast for a bf16 reranker, and on CUDA where
             supported; else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``. Whatever it is, the trainable weights are
             stepped in float32 (master weights: a bf16 weight cannot hold an update below ~1/500 of its size) and
@@ -102,7 +110,7 @@ class RerankerTrainer(pt.Estimator):
                  unjudged: str = "skip", text_source=None, teacher_cache: str | Path | None = None,
                  teacher_cache_key: str | None = None, precision: str = "auto",
                  gradient_checkpointing: bool = False, checkpoint_every: int | None = None, resume: bool = False,
-                 verbose: bool = True):
+                 keep_checkpoints: bool = False, report_to: str | list[str] | None = None, verbose: bool = True):
         if not isinstance(reranker, CrossEncoder):
             raise TypeError(f"reranker must be a kdcl.CrossEncoder, got {type(reranker).__name__}")
         reranker.check_float_weights("train")
@@ -119,6 +127,8 @@ class RerankerTrainer(pt.Estimator):
                              "alone (DistillationTrainer, i.e. KLDistillation), or unjudged='skip'")
         if resume and output_dir is None:
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
+        if "tensorboard" in tracking.trackers(report_to) and output_dir is None:
+            raise ValueError("report_to='tensorboard' writes its event files under output_dir/runs: pass output_dir=")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(reranker.dtype)
@@ -161,6 +171,8 @@ class RerankerTrainer(pt.Estimator):
         self.gradient_checkpointing = gradient_checkpointing
         self.checkpoint_every = checkpoint_every
         self.resume = resume
+        self.keep_checkpoints = keep_checkpoints
+        self.report_to = report_to
         self.verbose = verbose
         self.log_ = pd.DataFrame()
         self.group_stats = None
@@ -214,7 +226,9 @@ class RerankerTrainer(pt.Estimator):
         validator = Validator(self.reranker, va_res, va_qrels, self.metric) if va_res is not None else None
 
         mixed_precision = self._mixed_precision()
-        accelerator = _accelerator(mixed_precision, cpu=self.reranker.device.type == "cpu")
+        trackers = tracking.trackers(self.report_to)
+        accelerator = _accelerator(mixed_precision, cpu=self.reranker.device.type == "cpu", log_with=trackers,
+                                   logging_dir=self.output_dir / "runs" if trackers and self.output_dir else None)
         _check_strategy(accelerator)
         world = accelerator.num_processes
         if self.batch_size % world:
@@ -246,10 +260,12 @@ class RerankerTrainer(pt.Estimator):
                 state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler) or state
             loop = _Loop(model, optimizer, scheduler, params, teacher, accelerator, validator, steps_per_epoch,
                          total_steps)
+            tracking.start(accelerator, trackers, self.output_dir, self._tracked_settings(mixed_precision))
             self._train(sampler, loop, state)
             if state.best_weights is not None:
                 reranker.ranker.load_state_dict(state.best_weights, strict=False)
         finally:
+            tracking.finish(accelerator)
             # the reranker leaves fit as it came: its own dtype, and a forward without Accelerate's autocast
             accelerator.unwrap_model(reranker.ranker, keep_fp32_wrapper=False)
             _restore_dtypes(reranker.ranker, half_dtypes)
@@ -266,26 +282,39 @@ class RerankerTrainer(pt.Estimator):
         bar = pt.tqdm(total=loop.total_steps, initial=state.step, desc=repr(self), unit="step",
                       disable=not (self.verbose and accelerator.is_main_process))
         started = time.perf_counter() - state.seconds
+        validated = [row["metric"] for row in state.log if row.get("metric") is not None]  # a resumed fit's
+        shown = {self.metric: f"{validated[-1]:.4f}"} if validated else {}  # the bar's postfix: the last metric
         for epoch in range(state.epoch, self.epochs):
             batches = _batches(sampler.epoch(epoch), self.batch_size, world)
             steps = itertools.islice(_chunks(batches, self.gradient_accumulation_steps), state.step_in_epoch, None)
             for step_batches in steps:
+                step_started, pairs_before = time.perf_counter(), state.pairs
                 loss = self._step(loop.model, loop.optimizer, loop.scheduler, loop.params, step_batches, loop.teacher,
                                   accelerator.process_index, world, accelerator, state)
+                # every process scores its share: pairs across processes
+                tracked = {"train/pairs_per_second": (state.pairs - pairs_before) * world
+                           / max(time.perf_counter() - step_started, 1e-9)}
                 state.step += 1
                 state.step_in_epoch += 1
                 state.seconds = time.perf_counter() - started
                 row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": loop.scheduler.get_last_lr()[0],
                        "seconds": state.seconds, "pairs": state.pairs}
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
                 end_of_epoch = state.step_in_epoch == loop.steps_per_epoch
                 stop = False
                 if loop.validator is not None and (state.step % validate_every == 0 or end_of_epoch):
+                    validation_started = time.perf_counter()
                     # in the reranker's own precision: a bf16 reranker is measured as it will serve
                     with accelerator.autocast() if _is_half(reranker.dtype) else contextlib.nullcontext():
                         row["metric"] = loop.validator.evaluate()
                     stop = self._keep_best(row["metric"], state, reranker)
+                    shown = {self.metric: f"{row['metric']:.4f}"}
+                    tracked[tracking.metric_name(self.metric)] = row["metric"]
+                    tracked["validation/seconds"] = time.perf_counter() - validation_started
+                bar.set_postfix(loss=f"{loss:.4f}", **shown)
+                accelerator.log({"train/loss": loss, "train/learning_rate": row["lr"], "train/epoch": epoch,
+                                 **{f"train/{k}": v for k, v in _temperatures(self.loss).items()}, **tracked},
+                                step=state.step)
                 state.log.append(row)
                 if end_of_epoch:
                     state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -344,8 +373,7 @@ class RerankerTrainer(pt.Estimator):
             "objective": objective, "loss": repr(loss),
             "teacher": repr(self.teacher) if self.teacher is not None else None,
             "teacher_scores": teacher.cache_name if teacher is not None else None,
-            **{name: getattr(loss, name) for name in ("teacher_temperature", "student_temperature", "temperature")
-               if isinstance(getattr(loss, name, None), (int, float))},
+            **_temperatures(loss),
             "training_queries": stats.usable, "queries": stats.queries, "group_size": self.group_size,
             "epochs": self.epochs, "steps": state.step, "pairs": state.pairs, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "head_learning_rate": self.head_learning_rate, "seed": self.seed,
@@ -355,6 +383,17 @@ class RerankerTrainer(pt.Estimator):
             "continued_from": self.reranker.training_facts,  # the weights were trained before this fit
         }
         return {k: _plain(v) for k, v in facts.items() if v is not None}
+
+    def _tracked_settings(self, mixed_precision: str) -> dict:
+        """The settings a tracker shows beside this fit's curves (plain values)."""
+        settings = {"reranker": repr(self.reranker), "loss": repr(self.loss),
+                    "teacher": repr(self.teacher) if self.teacher is not None else None,
+                    "precision": {"no": "fp32"}.get(mixed_precision, mixed_precision), **_temperatures(self.loss)}
+        for name in ("group_size", "epochs", "batch_size", "learning_rate", "head_learning_rate", "warmup_ratio",
+                     "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "seed", "metric", "patience",
+                     "validate_every", "unjudged"):
+            settings[name] = getattr(self, name)
+        return settings
 
     def save(self, path: str | os.PathLike) -> None:
         """Saves the trained reranker, with a model card of this fit (``kdcl.CrossEncoder.load(path)`` reads it);
@@ -374,8 +413,10 @@ class RerankerTrainer(pt.Estimator):
         self.log_ = pd.DataFrame(state.log, columns=["step", "epoch", "loss", "lr", "metric", "seconds", "pairs"])
         self._fitted = True
         if self.output_dir is not None and accelerator.is_main_process:
-            reranker.save(self.output_dir / "model")
+            reranker.save(self.output_dir / "model")  # the best weights, restored: only now may checkpoints go
             self.log_.to_csv(self.output_dir / "log.csv", index=False)
+            if not self.keep_checkpoints:
+                checkpoints.remove_all(self.output_dir)
         accelerator.wait_for_everyone()
 
     def _teacher_scores(self, sampler: GroupSampler, accelerator) -> TeacherScores | None:
@@ -529,16 +570,17 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def _accelerator(mixed_precision: str, cpu: bool):
-    """An Accelerator with this fit's precision. Accelerate keeps its precision in a process-wide singleton and
-    refuses a second one; a single process may fit in another precision than before, so it starts afresh."""
+def _accelerator(mixed_precision: str, cpu: bool, log_with: list[str] | None = None, logging_dir: Path | None = None):
+    """An Accelerator with this fit's precision and trackers. Accelerate keeps its precision in a process-wide
+    singleton and refuses a second one; a single process may fit in another precision than before, so it starts
+    afresh."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with or None, project_dir=logging_dir)
 
 
 def _master_weights(module: nn.Module, mixed_precision: str) -> dict[str, torch.dtype]:
@@ -559,6 +601,12 @@ def _restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
     for name, param in module.named_parameters():
         if name in dtypes:
             param.data = param.data.to(dtypes[name])
+
+
+def _temperatures(loss: nn.Module) -> dict[str, float]:
+    """The loss's temperatures (InfoNCE's; KLDistillation's teacher and student ones)."""
+    return {name: getattr(loss, name) for name in ("teacher_temperature", "student_temperature", "temperature")
+            if isinstance(getattr(loss, name, None), (int, float))}
 
 
 def _plain(value):
