@@ -2,9 +2,9 @@
 
 On a CPU, evaluation costs as much as training: every reranker scores queries × depth pairs per collection.
 The plan counts the (query, document) pairs each step scores or trains on, and for the packaged models
-estimates CPU minutes from speeds measured on 2-core CPU VMs (fp32) — a guide for sizing a config,
-not a promise. Counts use the sampled query numbers (or ir_datasets' query counts when a collection is used
-whole), so they are upper bounds: queries without a judged positive among the candidates are skipped.
+estimates CPU minutes from speeds measured on 2-core CPU VMs (fp32, and bf16 where the CPU has it natively) — a
+guide for sizing a config, not a promise. Counts use the sampled query numbers (or ir_datasets' query counts when
+a collection is used whole), so they are upper bounds: queries without a judged positive among the candidates are skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +24,16 @@ CPU_PAIRS_PER_SECOND = {
     "gemma3-270m": (3.5, 1.2),
 }
 
+
+# The same in bf16 on a CPU with native bfloat16 (AVX512-BF16 or AMX): training under ``precision: bf16`` (autocast
+# over float32 master weights; mpnet-base with LoRA), inference for a model held in bf16 (``dtype: bf16``). Measured
+# in docs/results/cpu-architectures (2026-12-04, a 2-core AMD EPYC with AVX512-BF16): the median step of its
+# training logs, and its validations. Elsewhere bf16 is emulated and the float32 figures stand.
+CPU_BF16_PAIRS_PER_SECOND = {
+    "minilm-l6": (None, 26.0),
+    "mpnet-base": (20.0, 4.9),
+}
+_HALF = {"bf16", "bfloat16"}
 
 _COUNT_CAP = 1_000_000
 
@@ -75,12 +85,22 @@ def _unjudged_queries(cfg: ExperimentConfig, student) -> int | None:
     return total
 
 
-def _speed(model: Model, training: bool) -> float | None:
-    speeds = CPU_PAIRS_PER_SECOND.get(model.model)
-    if speeds is None:
+def _speed(model: Model, training: bool, precision: str = "fp32") -> float | None:
+    """Pairs/s of ``model`` on the 2-core CPU: in bf16 where the model or its training asks for it and the CPU has
+    native bfloat16 (``CPU_BF16_PAIRS_PER_SECOND``), else float32's."""
+    which = 1 if training else 0
+    speed = None
+    if model.dtype in _HALF or (training and precision in _HALF):
+        from pyterrier_kdcl.fast import native_bfloat16
+
+        if native_bfloat16():
+            speed = CPU_BF16_PAIRS_PER_SECOND.get(model.model, (None, None))[which]
+    if speed is None:
+        speed = CPU_PAIRS_PER_SECOND.get(model.model, (None, None))[which]
+    if speed is None:
         return None
     # attention is a small share at these lengths: cost grows about linearly with the tokens per pair
-    return speeds[1 if training else 0] * 128 / max(model.max_length, 64)
+    return speed * 128 / max(model.max_length, 64)
 
 
 def _minutes(pairs: int | None, speed: float | None) -> float | None:
@@ -117,7 +137,7 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
         if cfg.validation and steps:
             validations = args["epochs"] if not args["validate_every"] else math.ceil(steps / args["validate_every"])
         val_pairs = None if n_val is None else n_val * val_depth * validations
-        train_min = _minutes(pairs, _speed(model, True))
+        train_min = _minutes(pairs, _speed(model, True, args["precision"]))
         val_min = _minutes(val_pairs, _speed(model, False))
         total = None if train_min is None or val_min is None else (train_min + val_min) * seeds
         count = None if pairs is None else (pairs + (val_pairs or 0)) * seeds
@@ -172,11 +192,19 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
     if len(known) == len(rows):
         stopping = any("at most:" in text for text, _, _ in rows)
         at_most = "; at most, where early stopping ends a run sooner" if stopping else ""
-        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, fp32; plus model loading{at_most})")
+        lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, {_precisions()}; plus model loading"
+                     f"{at_most})")
     else:
         lines.append("\n'?': no CPU speed on record for that model (or no query count); run it to find out")
     lines += power_lines(cfg, target_mde)
     return "\n".join(lines)
+
+
+def _precisions() -> str:
+    from pyterrier_kdcl.fast import native_bfloat16
+
+    emulated = "" if native_bfloat16() else ", no native bf16 here: fp32's figures"
+    return f"fp32; bf16 where a config asks for it{emulated}"
 
 
 def power_lines(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> list[str]:
