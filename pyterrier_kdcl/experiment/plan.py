@@ -4,7 +4,8 @@ On a CPU, evaluation costs as much as training: every reranker scores queries ×
 The plan counts the (query, document) pairs each step scores or trains on, and for the packaged models
 estimates CPU minutes from speeds measured on 2-core CPU VMs (fp32, and bf16 where the CPU has it natively) — a
 guide for sizing a config, not a promise. Counts use the sampled query numbers (or ir_datasets' query counts when
-a collection is used whole), so they are upper bounds: queries without a judged positive among the candidates are skipped.
+a collection is used whole), so they are upper bounds: queries without a judged positive among the candidates
+are skipped.
 """
 
 from __future__ import annotations
