@@ -101,6 +101,8 @@ class Data:
     query_field: str | None = None              # topics variant for datasets with several query fields
     qrels_variant: str | None = None
     split: Literal["adaptation", "test"] | None = None  # one half of the queries by a stable hash (see below)
+    # a student's unjudged adaptation half only: drop the evaluated test half's documents from its candidates
+    exclude_test_documents: Literal["judged", "candidates"] | None = None
 
 
 @dataclass
@@ -157,8 +159,9 @@ def data_settings(data: Data | None) -> dict | None:
     if data is None:
         return None
     settings = dataclasses.asdict(data)
-    if settings.get("split") is None:
-        settings.pop("split", None)
+    for key in ("split", "exclude_test_documents"):
+        if settings.get(key) is None:
+            settings.pop(key, None)
     return settings
 
 
@@ -374,6 +377,18 @@ def evaluation_collections(cfg: ExperimentConfig) -> list[tuple[str, Data, bool]
             + [(data_label(d), d, False) for d in cfg.evaluation.out_of_domain])
 
 
+def evaluated_test_halves(cfg: ExperimentConfig, data: Data) -> list[Data]:
+    """The evaluation collections whose documents ``data.exclude_test_documents`` keeps out of a student's unjudged
+    candidates: those of the same dataset in the ``test`` half (an adaptation half's complement).
+
+    >>> [d.name for d in evaluated_test_halves(cfg, cfg.students[2].unjudged[0])]  # doctest: +SKIP
+    ['python-faq']
+    """
+    ev = cfg.evaluation
+    return [d for d in _list(ev.in_domain) + _list(ev.out_of_domain)
+            if isinstance(d, Data) and d.dataset == data.dataset and d.split == "test"]
+
+
 def system_names(cfg: ExperimentConfig) -> list[str]:
     """Names a baseline may take: BM25, teacher and ``<student>-<objective>``."""
     return ["BM25", "teacher"] + [f"{s.name}-{o}" for s in cfg.students for o in s.objectives]
@@ -424,6 +439,7 @@ def _check_datas(cfg: ExperimentConfig, problems: list[str]) -> None:
         for label in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"evaluation: two collections are labelled {label!r}; give them distinct 'name's")
     _check_unjudged_apart(cfg, problems)
+    _check_exclude_test_documents(cfg, problems)
 
 
 def _check_unjudged_apart(cfg: ExperimentConfig, problems: list[str]) -> None:
@@ -441,6 +457,25 @@ def _check_unjudged_apart(cfg: ExperimentConfig, problems: list[str]) -> None:
                     "without their qrels, adapts the student to the very queries it is tested on; give them "
                     f"complementary halves (split: adaptation in {path}, split: test in {eval_path}), or train on "
                     "another dataset")
+
+
+def _check_exclude_test_documents(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """``exclude_test_documents`` (the inductive adaptation) belongs to a student's unjudged adaptation half whose
+    dataset is evaluated on its test half: elsewhere there is no test document to keep out."""
+    for path, data in _named_datas(cfg):
+        if data.exclude_test_documents is None:
+            continue
+        key = f"{path}.exclude_test_documents"
+        if ".unjudged[" not in path:
+            problems.append(f"{key}: keeps the evaluated test half's documents out of a student's unjudged "
+                            "adaptation queries' candidates; it belongs under students[i].unjudged, drop it here")
+        elif data.split != "adaptation":
+            problems.append(f"{key}: needs `split: adaptation` in {path} (and `split: test` on the evaluation of "
+                            f"{data.dataset!r}): it removes the test half's documents from the adaptation half's "
+                            "candidates")
+        elif isinstance(cfg.evaluation, Evaluation) and not evaluated_test_halves(cfg, data):
+            problems.append(f"{key}: no evaluation collection takes {data.dataset!r} with `split: test`, so there "
+                            "are no test documents to exclude; evaluate its test half, or drop the key")
 
 
 def _check_teacher(path: str, teacher: Teacher, problems: list[str]) -> None:

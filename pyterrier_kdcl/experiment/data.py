@@ -8,6 +8,10 @@ stage cut at ``depth``, and the document text the rerankers read in a ``text`` c
 are): ``adaptation`` queries adapt a student to a new domain without their qrels, ``test`` queries evaluate it.
 Unjudged training queries (:func:`unjudged_topics`) are drawn the same seeded way, and a larger sample holds
 every smaller one: 300 unjudged queries are the first 300 of the 900.
+
+The two halves share the collection's documents, so an adaptation half's candidates hold the test half's answers
+(transductive adaptation). ``exclude_test_documents`` makes it inductive: :func:`excluded_documents` names the
+evaluated test half's documents and :func:`without_documents` takes them out of the adaptation candidates.
 """
 
 from __future__ import annotations
@@ -112,3 +116,26 @@ def candidates(data: Data, topics: pd.DataFrame) -> pd.DataFrame:
     if len(missing) == len(topics):
         raise ValueError(f"{data.dataset}: the first stage ({data.first_stage.kind}) returned nothing for any query")
     return res.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+
+def excluded_documents(kind: str, evaluated: list[tuple[pd.DataFrame, pd.DataFrame]]) -> set[str]:
+    """The documents of evaluated test queries, from each test collection's ``(qrels, candidates)`` as evaluation
+    builds them: ``judged``, every document judged for one of its queries (their answers); ``candidates``, every
+    first-stage candidate of one of its queries (every document evaluation reranks, answers missed by the first
+    stage left aside).
+
+    >>> excluded_documents("judged", [(qrels, res)])  # doctest: +SKIP
+    {'faq-python-12', ...}
+    """
+    if kind not in ("judged", "candidates"):
+        raise ValueError(f"exclude_test_documents must be 'judged' or 'candidates', got {kind!r}")
+    return {str(d) for qrels, res in evaluated for d in (qrels if kind == "judged" else res)["docno"]}
+
+
+def without_documents(res: pd.DataFrame, docnos: set[str]) -> tuple[pd.DataFrame, dict]:
+    """``res`` without the rows of ``docnos``, and what went: candidate rows, distinct documents, and queries left
+    with no candidate at all (the trainer never sees them; a query left with fewer than a group is skipped there)."""
+    drop = res["docno"].astype(str).isin(docnos)
+    kept = res[~drop].reset_index(drop=True)
+    return kept, {"candidates": int(drop.sum()), "documents": int(res.loc[drop, "docno"].nunique()),
+                  "queries_emptied": int(res["qid"].nunique() - kept["qid"].nunique())}

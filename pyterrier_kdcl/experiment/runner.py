@@ -61,6 +61,7 @@ from pyterrier_kdcl.experiment.config import (
     Teacher,
     data_label,
     data_settings,
+    evaluated_test_halves,
     evaluation_collections,
     is_saved_reranker,
     load_config,
@@ -290,6 +291,7 @@ class ExperimentRunner:
         self.wait = config.wait_for_lock if wait is None else wait  # another run holds ``out``: wait, or refuse
         self.timings: dict[str, float] = {}
         self._frames: dict[str, tuple] = {}
+        self._excluded: dict[str, dict] = {}  # unjudged frames' key -> the test documents taken out of them
         self.processes = Processes()
         self.device = config.device or self.processes.device  # under DDP, each process its own GPU
 
@@ -362,11 +364,25 @@ class ExperimentRunner:
         settings = {k: v for k, v in asdict(spec).items()
                     if k not in ("training", "data", "name", "batch_size", "base")}
         if "unjudged" in settings:
-            settings["unjudged"] = [data_settings(d) for d in spec.unjudged]
+            settings["unjudged"] = [self._unjudged_settings(d) for d in spec.unjudged]
         for key, default in (("kind", "cross-encoder"), ("disjoint", False), ("unjudged", []), *FUSION_KEYS.items()):
             if settings.get(key, default) == default:  # keys that came later: earlier teachers keep their fingerprint
                 settings.pop(key, None)
         return {"model": settings, "training": training, "objective": objective}
+
+    def _unjudged_settings(self, data) -> dict:
+        """What names a student's unjudged data: its settings, and with ``exclude_test_documents`` the test
+        collections whose documents it leaves out (another evaluation sample leaves out other documents)."""
+        settings = data_settings(data)
+        if data.exclude_test_documents is not None:
+            settings["test_collections"] = [data_settings(d) for d in evaluated_test_halves(self.config, data)]
+        return settings
+
+    def excluded_documents(self, data) -> set[str]:
+        """The documents ``data.exclude_test_documents`` keeps out of its candidates, taken from the very frames
+        evaluation reranks on the test halves of its dataset (``config.evaluated_test_halves``)."""
+        evaluated = [self.frames(d)[1:] for d in evaluated_test_halves(self.config, data)]
+        return experiment_data.excluded_documents(data.exclude_test_documents, evaluated)
 
     def unjudged_candidates(self, unjudged: list, min_label: int = 1) -> pd.DataFrame | None:
         """First-stage candidates of a student's unjudged training queries (their qrels are never read), with qids
@@ -376,18 +392,39 @@ class ExperimentRunner:
         judged = self.frames(self.config.train, min_label)[0]
         frames = []
         for data in unjudged:
-            key = fingerprint("unjudged", data_settings(data), self.config.sample_seed, min_label)
+            key = self._unjudged_key(data, min_label)
             if key not in self._frames:
                 started = time.perf_counter()
                 exclude = judged["qid"] if data.dataset == self.config.train.dataset else ()
                 topics = experiment_data.unjudged_topics(data, self.config.sample_seed, exclude)
                 res = experiment_data.candidates(data, topics)
+                if data.exclude_test_documents is not None:  # inductive: no test document among its candidates
+                    res = self._without_test_documents(data, res, key)
                 self._frames[key] = (topics, None, res.assign(qid=data.dataset + "#" + res["qid"].astype(str)))
                 self.log(f"{data.dataset}: {len(topics)} unjudged training queries"
                          f"{f' ({data.split} half)' if data.split else ''}, {len(res)} candidates "
                          f"({time.perf_counter() - started:.1f}s)")
             frames.append(self._frames[key][2])
         return pd.concat(frames, ignore_index=True)
+
+    def _unjudged_key(self, data, min_label: int) -> str:
+        return fingerprint("unjudged", self._unjudged_settings(data), self.config.sample_seed, min_label)
+
+    def _without_test_documents(self, data, res: pd.DataFrame, key: str) -> pd.DataFrame:
+        documents = self.excluded_documents(data)
+        res, removed = experiment_data.without_documents(res, documents)
+        self._excluded[key] = {"kind": data.exclude_test_documents, "test_documents": len(documents), **removed}
+        which = "judged for" if data.exclude_test_documents == "judged" else "first-stage candidates of"
+        self.log(f"{data.dataset} ({data.split} half, inductive): {removed['candidates']} candidates "
+                 f"({removed['documents']} documents) left out, of the {len(documents)} documents {which} its "
+                 f"evaluated test queries; {removed['queries_emptied']} queries left without candidates")
+        return res
+
+    def excluded_test_documents(self, unjudged: list, min_label: int = 1) -> dict:
+        """Per unjudged dataset with ``exclude_test_documents``: what its candidates lost (recorded with the
+        stage's group statistics, as ``groups.excluded_test_documents`` in done.json)."""
+        return {data.dataset: self._excluded[key] for data in unjudged
+                if (key := self._unjudged_key(data, min_label)) in self._excluded}
 
     def _fit(self, trainer, stage: Stage, data, min_label: int, exclude_train: bool = False,
              unjudged: list | None = None) -> dict:
@@ -412,7 +449,11 @@ class ExperimentRunner:
             trainer.reranker.save(stage.model_dir)
             log.to_csv(stage.path / "log.csv", index=False)
         stats = getattr(trainer, "group_stats", None)
-        return {"seconds": seconds, "steps": len(log), "groups": asdict(stats) if stats is not None else None,
+        groups = asdict(stats) if stats is not None else None
+        excluded = self.excluded_test_documents(unjudged or [], min_label)
+        if excluded:  # absent otherwise: earlier stages' records keep their shape
+            groups = {**(groups or {}), "excluded_test_documents": excluded}
+        return {"seconds": seconds, "steps": len(log), "groups": groups,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def teacher(self) -> TrainedModel:
