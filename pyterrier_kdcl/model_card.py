@@ -158,7 +158,8 @@ _TRAINING_ROWS = [  # fact key, label
     ("queries", "queries in the training frame"), ("group_size", "group size (1 positive + negatives)"),
     ("epochs", "epochs"), ("steps", "optimizer steps"), ("pairs", "pairs scored in training"),
     ("batch_size", "batch size (queries)"), ("learning_rate", "learning rate"),
-    ("head_learning_rate", "head learning rate"), ("seed", "seed"), ("precision", "precision"),
+    ("head_learning_rate", "head learning rate"), ("negative_filter", "teacher-filtered negatives"),
+    ("seed", "seed"), ("precision", "precision"),
     ("validation", "best validation"), ("seconds", "training time (s)"), ("continued_from", "continued from"),
 ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -50,6 +51,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "teacher_temperature": 2.0,    # distillation: Tevatron's reranker KD recipe
     "student_temperature": 1.0,
     "report_to": None,             # tracking: tensorboard, wandb, mlflow, a list of them, or none (NOT_FINGERPRINTED)
+    "negative_filter": None,       # students: {margin, action}, negatives the teacher scores >= positive - margin
 }
 # Training settings that change nothing a run computes: no stage fingerprint holds them (runner.py), so switching
 # them on or off reuses every finished stage.
@@ -65,7 +67,9 @@ _TRAINING_TYPES: dict[str, Any] = {
     "checkpoint_every": int | None, "temperature": float,
     "teacher_temperature": float | Literal["auto"], "student_temperature": float,
     "report_to": _TRACKER | Literal["none"] | list[_TRACKER] | None,
+    "negative_filter": dict | None,
 }
+NEGATIVE_FILTER_KEYS = {"margin": 0.0, "action": "drop"}  # a negative_filter's keys, at their defaults
 
 
 class ConfigError(ValueError):
@@ -481,6 +485,10 @@ def _check_exclude_test_documents(cfg: ExperimentConfig, problems: list[str]) ->
 def _check_teacher(path: str, teacher: Teacher, problems: list[str]) -> None:
     """A teacher, or one member of a fused teacher (``path`` says which)."""
     _check_model(path, teacher, problems)
+    if (teacher.training or {}).get("negative_filter") is not None:
+        problems.append(f"{path}.training.negative_filter: the teacher's negatives are filtered by no one (the teacher "
+                        "is what judges the students' negatives); set negative_filter in the top-level training or a "
+                        "student's training: teachers train on the negatives as given")
     if teacher.kind == "first-stage":
         for key in ("model", "data", "lora", "template", "pooling"):
             if getattr(teacher, key):
@@ -712,6 +720,24 @@ def _check_training(path: str, training: dict, problems: list[str]) -> None:
         problems.append(f"{_join(path, 'group_size')}: needs a positive and at least one negative (>= 2)")
     if "metric" in training and isinstance(training["metric"], str):
         _parse_measure(training["metric"], _join(path, "metric"), problems)
+    if isinstance(training.get("negative_filter"), dict):
+        training["negative_filter"] = _negative_filter(_join(path, "negative_filter"), training["negative_filter"],
+                                                       problems)
+
+
+def _negative_filter(path: str, value: dict, problems: list[str]) -> dict:
+    """``negative_filter`` checked, with every key present (its canonical form: ``{margin: 0}`` and
+    ``{margin: 0.0, action: drop}`` are one setting, with one fingerprint)."""
+    for key in value:
+        if key not in NEGATIVE_FILTER_KEYS:
+            problems.append(f"{_join(path, key)}: unknown key; a negative_filter takes margin (a number >= 0, in the "
+                            "teacher's score units) and action (drop or relabel)")
+    margin = _check(float, value.get("margin", 0.0), _join(path, "margin"), problems)
+    if isinstance(margin, float) and not (math.isfinite(margin) and margin >= 0):
+        problems.append(f"{_join(path, 'margin')}: must be a number >= 0 (0 flags the negatives the teacher scores at "
+                        f"or above the positive; a larger margin flags those within it too), got {margin}")
+    action = _check(Literal["drop", "relabel"], value.get("action", "drop"), _join(path, "action"), problems)
+    return {"margin": margin, "action": action}
 
 
 def _parse_measure(name: str, path: str, problems: list[str]):

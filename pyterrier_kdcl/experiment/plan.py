@@ -162,7 +162,16 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
                      None if pairs is None else pairs * len(scorers), _scoring_minutes(scorers, pairs)))
     elif teacher.train != "none":
         training_rows("teacher", teacher, teacher.data or cfg.train, "CL", 1)
-    kd_students = [s for s in cfg.students if "KD" in s.objectives]
+    filtered = [s for s in cfg.students if cfg.training_args(s).get("negative_filter")]
+    if filtered:  # the teacher scores every candidate once; the KD groups of these students are among them
+        n = _queries(cfg.train)
+        extra = [_unjudged_queries(cfg, s) for s in filtered if "KD" in s.objectives]
+        n = None if n is None or None in extra else n + sum(extra)
+        pairs = None if n is None else n * cfg.train.depth
+        scorers = _scorers(teacher)
+        rows.append((f"teacher scores of every training candidate for negative_filter (cached; shared by the CL and "
+                     f"KD runs of {len(filtered)} students)", pairs, _scoring_minutes(scorers, pairs)))
+    kd_students = [s for s in cfg.students if "KD" in s.objectives and s not in filtered]
     if kd_students:
         args = cfg.training_args(kd_students[0])
         n = _queries(cfg.train)

@@ -859,6 +859,21 @@ def write_report(config, models, collections, out: Path) -> Report:
     return Report(derived.summary, derived.summary_markdown, derived.kd, derived.verdict, files, derived.teacher)
 
 
+def _filtered(model, trained) -> dict:
+    """The Training table's columns of teacher-filtered negatives (``training.negative_filter``), shown when some
+    stage filtered: the suspect negatives (query, document) it dropped or relabelled positive, and in how many
+    queries; empty for a stage without a filter."""
+    if not any((m.groups or {}).get("negative_filter") for m in trained):
+        return {}
+    groups = model.groups or {}
+    rule = groups.get("negative_filter")
+    if not rule:
+        return {"negative filter": "", "suspect negatives": "", "queries filtered": ""}
+    return {"negative filter": f"{rule['action']}, margin {rule['margin']:g}",
+            "suspect negatives": groups.get("negatives_dropped", 0) + groups.get("negatives_relabelled", 0),
+            "queries filtered": groups.get("queries_filtered", 0)}
+
+
 def _without(text: str, table: pd.DataFrame) -> str:
     """The Markdown of ``table`` without its ``in_domain`` column (the row labels say it), legend kept."""
     if "in_domain" not in table:
@@ -882,6 +897,7 @@ def _report_markdown(config, summary_md, sections: dict[str, str], text, per_col
     trained = [m for m in models if m.objective != "given"]
     if trained:
         rows = pd.DataFrame([{"model": m.name, "objective": m.objective, "seed": "" if m.seed is None else str(m.seed),
-                              "training seconds": round(m.seconds, 1), "reused": m.reused} for m in trained])
+                              "training seconds": round(m.seconds, 1), "reused": m.reused, **_filtered(m, trained)}
+                             for m in trained])
         parts += ["## Training", markdown(rows)]
     return "\n\n".join(p for p in parts if p) + "\n"

@@ -346,6 +346,7 @@ class ExperimentRunner:
 
     def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:
         args = {k: v for k, v in self.config.training_args(spec).items() if k not in _NOT_TRAINER_ARGS}
+        args["negative_filter"] = self.negative_filter(spec)
         if args.get("negatives_window") is not None:
             args["negatives_window"] = tuple(args["negatives_window"])
         # positives the first stage missed still make groups: their text comes from the collection
@@ -356,11 +357,18 @@ class ExperimentRunner:
         return {"train": data_settings(data), "validation": data_settings(self.config.validation),
                 "sample_seed": self.config.sample_seed}
 
+    def negative_filter(self, spec: Model) -> dict | None:
+        """The student's teacher-filtered negatives (``training.negative_filter``); None for a teacher, which trains on
+        the negatives as given (there is no teacher to judge them)."""
+        return None if isinstance(spec, Teacher) else self.config.training_args(spec).get("negative_filter")
+
     def _model_settings(self, spec: Model, objective: str) -> dict:
         drop = (_KD_ONLY if objective == "CL" else _CL_ONLY) | NOT_FINGERPRINTED
         training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
-        if training.get("head_learning_rate") is None:  # a key that came later: earlier stages keep their fingerprint
-            training.pop("head_learning_rate", None)
+        training["negative_filter"] = self.negative_filter(spec)
+        for key in ("head_learning_rate", "negative_filter"):  # keys that came later: at their default, earlier
+            if training.get(key) is None:                     # stages keep their fingerprint
+                training.pop(key, None)
         settings = {k: v for k, v in asdict(spec).items()
                     if k not in ("training", "data", "name", "batch_size", "base")}
         if "unjudged" in settings:
@@ -563,7 +571,8 @@ class ExperimentRunner:
         """Trains one student with one objective and seed; reuses a finished one."""
         cfg = self.config
         parts = [self._model_settings(spec, objective), self._data_settings(cfg.train), seed]
-        if objective == "KD":
+        filtered = self.negative_filter(spec) is not None  # then the teacher judges the negatives, for CL too
+        if objective == "KD" or filtered:
             parts.append(teacher.fingerprint)
         stage = Stage(self.out / "students" / spec.name / objective / f"seed-{seed}", fingerprint(*parts),
                       f"student {spec.name} ({spec.model}, {objective}, seed {seed})")
@@ -575,18 +584,21 @@ class ExperimentRunner:
             kwargs = self._trainer_kwargs(spec, seed, stage, cfg.train)
             if spec.unjudged:  # queries without qrels: groups of candidates, the teacher's scores their target
                 kwargs["unjudged"] = "distil"
-            if objective == "CL":
+            if objective == "CL" and not filtered:
                 return ContrastiveTrainer(self.new_reranker(spec, seed), temperature=args["temperature"], **kwargs)
             teacher_model = teacher.loader()  # loaded before the student: the seed fixes the student's head
+            # a teacher without an identity of its own (a bi-encoder's scorer) is named by the stage's fingerprint
+            key = None if can_fingerprint(teacher_model) else teacher.fingerprint
+            kwargs.update(teacher_cache=self.out / "teacher-scores", teacher_cache_key=key)  # shared by CL and KD
+            if objective == "CL":  # the teacher judges the negatives only; InfoNCE reads the labels
+                return ContrastiveTrainer(self.new_reranker(spec, seed), temperature=args["temperature"],
+                                          teacher=teacher_model, **kwargs)
             temperature = args["teacher_temperature"]
             if temperature == "auto":
                 temperature = self.teacher_temperature(teacher, teacher_model)["temperature"]
-            # a teacher without an identity of its own (a bi-encoder's scorer) is named by the stage's fingerprint
-            key = None if can_fingerprint(teacher_model) else teacher.fingerprint
             return DistillationTrainer(self.new_reranker(spec, seed), teacher_model,
                                        teacher_temperature=temperature,
-                                       student_temperature=args["student_temperature"],
-                                       teacher_cache=self.out / "teacher-scores", teacher_cache_key=key, **kwargs)
+                                       student_temperature=args["student_temperature"], **kwargs)
 
         return self._run_stage(model, stage, spec, cfg.train, trainer)
 

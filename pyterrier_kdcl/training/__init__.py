@@ -8,7 +8,7 @@ application or the offline collections.
 """
 
 from pyterrier_kdcl.training import losses
-from pyterrier_kdcl.training.groups import GroupSampler
+from pyterrier_kdcl.training.groups import GroupSampler, NegativeFilter
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer, RerankerTrainer
 
-__all__ = ["ContrastiveTrainer", "DistillationTrainer", "GroupSampler", "RerankerTrainer", "losses"]
+__all__ = ["ContrastiveTrainer", "DistillationTrainer", "GroupSampler", "NegativeFilter", "RerankerTrainer", "losses"]

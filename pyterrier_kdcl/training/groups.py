@@ -11,12 +11,19 @@ can supply their targets, so only losses that read no labels train on them.
 Each group also carries its documents' first-stage ``score`` (when the frame has one), for teachers that fuse it
 (``pyterrier_kdcl.fusion.FirstStageScore``). A positive the first stage missed gets the lowest score among its
 query's candidates: it ranked below all of them.
+
+A :class:`NegativeFilter` consults a teacher about the negatives (:meth:`GroupSampler.filter_negatives`): a negative
+the teacher scores at or above a positive's score minus ``margin`` is a false-negative suspect, and is dropped from
+the candidates that positive's groups draw from, or kept and labelled positive in them. It happens once, before
+the first epoch, and the draws stay a function of (seed, epoch): CL and KD given the same teacher and filter
+still see the same groups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -24,6 +31,61 @@ import pyterrier as pt
 
 INSUFFICIENT_POLICIES = ("skip", "replace")
 UNJUDGED_POLICIES = ("skip", "distil")
+NEGATIVE_ACTIONS = ("drop", "relabel")
+
+
+@dataclass(frozen=True)
+class NegativeFilter:
+    """Teacher-filtered negatives: a negative whose teacher score is ``>= positive's score - margin`` is a
+    false-negative suspect (the teacher thinks it as relevant as the judged positive, or nearly).
+
+    ``action="drop"`` removes a suspect from the candidates its positive's groups draw negatives from (the seeded
+    draw then picks among the rest; a query left with too few follows ``insufficient``), as sentence-transformers'
+    ``mine_hard_negatives`` does with a cross-encoder margin. ``action="relabel"`` keeps it in the candidates and
+    labels it positive wherever a group draws it (RLHN's relabelling): InfoNCE then counts several positives;
+    losses that read the teacher's scores alone (KLDistillation) see the same groups either way.
+
+    ``margin`` is in the teacher's own score units (a cross-encoder's logits), ``>= 0``: 0 flags the negatives the
+    teacher scores at or above the positive. With several positives, each positive is compared with the negatives of
+    its own groups.
+
+    Example::
+
+        kdcl.ContrastiveTrainer(ce, teacher=big, negative_filter={"margin": 0.5, "action": "drop"})
+        kdcl.DistillationTrainer(ce, big, negative_filter=NegativeFilter(margin=0.0, action="relabel"))
+    """
+
+    margin: float = 0.0
+    action: Literal["drop", "relabel"] = "drop"
+
+    def __post_init__(self):
+        margin = self.margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(margin) or margin < 0:
+            raise ValueError(f"negative_filter margin must be a number >= 0 (in the teacher's score units; 0 flags "
+                             f"negatives the teacher scores at or above the positive), got {margin!r}")
+        if self.action not in NEGATIVE_ACTIONS:
+            raise ValueError(f"negative_filter action must be one of {NEGATIVE_ACTIONS} (drop the suspect negative, "
+                             f"or relabel it positive), got {self.action!r}")
+        object.__setattr__(self, "margin", float(margin))
+
+    @classmethod
+    def of(cls, value: NegativeFilter | Mapping | None) -> NegativeFilter | None:
+        """``value`` as a filter: None stays None; a mapping gives its ``margin`` and ``action``."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"negative_filter must be None, a mapping such as {{'margin': 0.5, 'action': 'drop'}}, "
+                            f"or a NegativeFilter, got {value!r}")
+        unknown = sorted(set(value) - {"margin", "action"})
+        if unknown:
+            raise ValueError(f"negative_filter has unknown keys {unknown}: it takes 'margin' (>= 0) and 'action' "
+                             f"({' or '.join(map(repr, NEGATIVE_ACTIONS))})")
+        return cls(**value)
+
+    def describe(self) -> str:
+        done = {"drop": "dropped", "relabel": "relabelled positive"}[self.action]
+        return f"negatives the teacher scores >= the positive's score - {self.margin:g} {done}"
 
 
 @dataclass(frozen=True)
@@ -38,10 +100,14 @@ class Group:
     texts: tuple[str, ...]
     judged: bool = True
     first_stage_scores: tuple[float, ...] | None = None
+    relabelled: tuple[int, ...] = ()  # positions of negatives a NegativeFilter relabelled positive
 
     @property
     def labels(self) -> tuple[int, ...]:
-        return ((1,) if self.judged else (0,)) + (0,) * (len(self.docnos) - 1)
+        labels = [1 if self.judged else 0] + [0] * (len(self.docnos) - 1)
+        for i in self.relabelled:
+            labels[i] = 1
+        return tuple(labels)
 
 
 @dataclass
@@ -58,11 +124,19 @@ class GroupStats:
     duplicate_rows_dropped: int = 0
     qrels_for_unknown_queries: int = 0
     notes: list[str] = field(default_factory=list)
+    # what a NegativeFilter did (GroupSampler.filter_negatives); None and zeros without one
+    negative_filter: dict | None = None
+    queries_filtered: int = 0          # queries with at least one suspect negative: the groups the filter changes
+    negatives_dropped: int = 0         # (query, negative) pairs removed from a positive's candidates
+    negatives_relabelled: int = 0      # (query, negative) pairs labelled positive where drawn
+    too_few_after_filter: int = 0      # queries "insufficient" skipped once the filter had dropped their suspects
 
     def explain(self) -> str:
+        filtered = (f", {self.too_few_after_filter} with too few negatives once the teacher's suspects were dropped"
+                    if self.negative_filter is not None else "")
         return (f"{self.queries} training queries: {self.no_positive} without a judged positive among their "
-                f"candidates, {self.too_few_negatives} with too few negatives, {self.unjudged} with no qrels at all, "
-                f"{self.usable} usable "
+                f"candidates, {self.too_few_negatives} with too few negatives{filtered}, {self.unjudged} with no "
+                f"qrels at all, {self.usable} usable "
                 f"({self.duplicate_rows_dropped} duplicate rows dropped, "
                 f"{self.qrels_for_unknown_queries} qrels for queries not in the frame)")
 
@@ -137,9 +211,10 @@ class GroupSampler:
         judged_qids = set(qrels["qid"])
         missing_positive_text = self._fetch_missing_positive_text(results, positives, text_source, text_field)
 
-        # (docno, text, first-stage score or None) of each positive and negative
+        # (docno, text, first-stage score or None) of each positive and negative; the last item is None, or after
+        # filter_negatives each positive's own (negatives, positions among them labelled positive)
         self._scored = "score" in results.columns
-        self._queries: list[tuple[str, str, list[tuple], list[tuple]]] = []
+        self._queries: list[tuple[str, str, list[tuple], list[tuple], list[tuple[list, frozenset]] | None]] = []
         for qid, rows in results.groupby("qid", sort=True):
             self.stats.queries += 1
             judged = positive_sets.get(qid, set())
@@ -164,7 +239,7 @@ class GroupSampler:
                 self.stats.too_few_negatives += 1
                 continue
             self.stats.sampled_with_replacement += len(negs) < needed
-            self._queries.append((qid, rows["query"].iloc[0], pos, negs))
+            self._queries.append((qid, rows["query"].iloc[0], pos, negs, None))
         self.stats.usable = len(self._queries)
 
     def _fetch_missing_positive_text(self, results, positives, text_source, text_field) -> dict:
@@ -190,14 +265,77 @@ class GroupSampler:
         """The groups of one epoch in training order: a function of (seed, epoch) only."""
         rng = np.random.default_rng([self.seed, epoch])
         for index in rng.permutation(len(self._queries)):
-            qid, query, pos, negs = self._queries[index]
+            qid, query, pos, negs, pools = self._queries[index]
             judged = bool(pos)
-            members = [pos[rng.integers(len(pos))]] if judged else []
+            chosen = rng.integers(len(pos)) if judged else None
+            members = [pos[chosen]] if judged else []
+            negs, relabel = pools[chosen] if pools is not None and judged else (negs, frozenset())
             needed = self.group_size - len(members)
             picks = rng.choice(len(negs), size=needed, replace=len(negs) < needed)
             members += [negs[i] for i in picks]
             yield Group(qid, query, tuple(d for d, _, _ in members), tuple(t for _, t, _ in members), judged,
+                        tuple(float(s) for _, _, s in members) if self._scored else None,
+                        tuple(1 + j for j, i in enumerate(picks) if int(i) in relabel))
+
+    # -- teacher-filtered negatives -------------------------------------------------------------------------
+    def candidates(self) -> Iterator[Group]:
+        """One group a query holding its positives, then every negative it may draw: every pair any epoch's groups
+        can hold, for a teacher to score before :meth:`filter_negatives` (labels mean nothing here)."""
+        for qid, query, pos, negs, _ in self._queries:
+            members = pos + negs
+            yield Group(qid, query, tuple(d for d, _, _ in members), tuple(t for _, t, _ in members), bool(pos),
                         tuple(float(s) for _, _, s in members) if self._scored else None)
+
+    def filter_negatives(self, negative_filter: NegativeFilter | Mapping,
+                         teacher_scores: Callable[[Group], np.ndarray]) -> None:
+        """Consults the teacher about every judged query's negatives, once, before the first epoch (see
+        :class:`NegativeFilter`); counts what it did in ``stats``. ``teacher_scores(group)`` returns the teacher's
+        score of each document of a :meth:`candidates` group, in its order. Queries without a positive (unjudged
+        groups) are left as they are: there is no positive to compare with.
+
+        Example::
+
+            scores = {...}  # (qid, docno) -> the teacher's score
+            sampler.filter_negatives({"margin": 0.5, "action": "drop"},
+                                     lambda g: [scores[g.qid, d] for d in g.docnos])
+        """
+        rule = NegativeFilter.of(negative_filter)
+        if self.stats.negative_filter is not None:
+            raise ValueError("these groups were filtered already: build a new GroupSampler to filter them otherwise")
+        self.stats.negative_filter = asdict(rule)
+        kept = []
+        for entry, group in zip(self._queries, list(self.candidates())):
+            kept += self._filtered(entry, np.asarray(teacher_scores(group), dtype="float64"), rule)
+        self._queries = kept
+        self.stats.usable = len(kept)
+        if not kept:
+            raise ValueError(f"no training group is left once the teacher's suspect negatives are dropped: "
+                             f"{self.stats.explain()}. Each group needs {self.group_size - 1} negatives that the "
+                             f"teacher scores below the positive's score - {rule.margin:g}: lower group_size, widen "
+                             "negatives_window, pass insufficient='replace', or relabel them instead "
+                             "(action='relabel')")
+
+    def _filtered(self, entry: tuple, scores: np.ndarray, rule: NegativeFilter) -> list[tuple]:
+        """A query's entry as the filter leaves it: [] when it has too few negatives left."""
+        qid, query, pos, negs, _ = entry
+        if not pos:
+            return [entry]
+        suspect = scores[len(pos):][None, :] >= scores[: len(pos), None] - rule.margin  # (positives, negatives)
+        flagged = int(suspect.any(axis=0).sum())
+        self.stats.queries_filtered += flagged > 0
+        if rule.action == "relabel":
+            self.stats.negatives_relabelled += flagged
+            return [(qid, query, pos, negs, [(negs, frozenset(np.flatnonzero(row).tolist())) for row in suspect])]
+        self.stats.negatives_dropped += flagged
+        needed = self.group_size - 1
+        pools = [(p, [n for n, s in zip(negs, row) if not s]) for p, row in zip(pos, suspect)]
+        # a positive left with too few negatives follows `insufficient`; a query left with no positive is skipped
+        pools = [(p, pool) for p, pool in pools if len(pool) >= needed or (self.insufficient == "replace" and pool)]
+        if not pools:
+            self.stats.too_few_after_filter += 1
+            return []
+        self.stats.sampled_with_replacement += len(negs) >= needed and any(len(pool) < needed for _, pool in pools)
+        return [(qid, query, [p for p, _ in pools], negs, [(pool, frozenset()) for _, pool in pools])]
 
 
 def _checked_results(results: pd.DataFrame, text_field: str) -> pd.DataFrame:

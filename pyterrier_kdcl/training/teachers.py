@@ -295,6 +295,10 @@ class TeacherScores:
         rows = [self._index[pair] for g in groups for pair in _pairs_of(g, self.first_stage)]
         return torch.tensor(self._scores[rows], dtype=torch.float32).view(len(groups), -1)
 
+    def of(self, group: Group) -> np.ndarray:
+        """One group's scores as the teacher gave them (float64), in the group's order; any length of group."""
+        return self._scores[[self._index[pair] for pair in _pairs_of(group, self.first_stage)]]
+
     def close(self) -> None:
         """Closes the cache; ``lookup`` goes on working (every score is in memory after ``prepare``)."""
         if self.store is not None:

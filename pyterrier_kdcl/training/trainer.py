@@ -28,7 +28,7 @@ from pyterrier_kdcl import models
 from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training import checkpoints, tracking
 from pyterrier_kdcl.training.dev_metrics import Validator
-from pyterrier_kdcl.training.groups import GroupSampler
+from pyterrier_kdcl.training.groups import GroupSampler, NegativeFilter
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
 from pyterrier_kdcl.training.teachers import (
     CheckedTeacher,
@@ -94,6 +94,15 @@ class RerankerTrainer(pt.Estimator):
             ``"distil"``, trained on as groups of first-stage candidates scored by the teacher alone. Only a loss
             that reads no labels can learn from them (``KLDistillation``; ``RankNet``/``ListNet`` with
             ``target="teacher_scores"``): for any other loss ``"distil"`` is refused.
+        negative_filter: teacher-filtered negatives: None (the default: negatives are taken as given), or
+            ``{"margin": m, "action": "drop" | "relabel"}`` (or a
+            :class:`~pyterrier_kdcl.training.groups.NegativeFilter`): a negative the teacher scores at or above the
+            positive's score minus ``m`` (teacher score units, ``m >= 0``) is a false-negative suspect, dropped from
+            the candidates (the seeded draw picks among the rest; ``insufficient`` rules a query left short) or
+            labelled positive where drawn. It needs ``teacher=``, also for a loss that reads no teacher scores
+            (``ContrastiveTrainer``: the teacher then only judges negatives). The teacher scores every candidate of
+            every query (within ``negatives_window``) once, before the first epoch; ``group_stats`` counts what it
+            did. With the same seed, teacher and filter, CL and KD still train on the same groups.
         group_size, min_label, negatives_window, insufficient, text_source: see
             :class:`~pyterrier_kdcl.training.groups.GroupSampler`.
     """
@@ -110,17 +119,24 @@ class RerankerTrainer(pt.Estimator):
                  unjudged: str = "skip", text_source=None, teacher_cache: str | Path | None = None,
                  teacher_cache_key: str | None = None, precision: str = "auto",
                  gradient_checkpointing: bool = False, checkpoint_every: int | None = None, resume: bool = False,
-                 keep_checkpoints: bool = False, report_to: str | list[str] | None = None, verbose: bool = True):
+                 keep_checkpoints: bool = False, report_to: str | list[str] | None = None,
+                 negative_filter: NegativeFilter | dict | None = None, verbose: bool = True):
         if not isinstance(reranker, CrossEncoder):
             raise TypeError(f"reranker must be a kdcl.CrossEncoder, got {type(reranker).__name__}")
         reranker.check_float_weights("train")
         needs = getattr(loss, "needs", {"labels"})
         if "teacher_scores" in needs and teacher is None:
             raise ValueError(f"{loss!r} needs teacher scores: pass teacher= (any transformer that scores rows)")
-        if teacher is not None and "teacher_scores" not in _uses(loss):
+        negative_filter = NegativeFilter.of(negative_filter)
+        if negative_filter is not None and teacher is None:
+            raise ValueError(f"negative_filter={negative_filter} asks a teacher which negatives are false-negative "
+                             "suspects, and no teacher was given: pass teacher= (any transformer that scores rows, "
+                             "e.g. a larger CrossEncoder), also to a ContrastiveTrainer, or drop negative_filter=")
+        if teacher is not None and "teacher_scores" not in _uses(loss) and negative_filter is None:
             raise ValueError(f"{loss!r} reads no teacher scores, so teacher={teacher!r} would be ignored: drop "
                              "teacher=, or train with a loss that learns from a teacher (KLDistillation, MarginMSE, "
-                             "RankNet(), ListNet(), or Weighted([...]) holding one)")
+                             "RankNet(), ListNet(), or Weighted([...]) holding one), or let the teacher filter the "
+                             "negatives (negative_filter=)")
         if unjudged == "distil" and "labels" in _uses(loss):
             raise ValueError(f"unjudged='distil' trains on groups without a judged positive, but {loss!r} reads "
                              "relevance labels: queries without qrels need a loss that learns from the teacher "
@@ -173,6 +189,7 @@ class RerankerTrainer(pt.Estimator):
         self.resume = resume
         self.keep_checkpoints = keep_checkpoints
         self.report_to = report_to
+        self.negative_filter = negative_filter
         self.verbose = verbose
         self.log_ = pd.DataFrame()
         self.group_stats = None
@@ -258,7 +275,9 @@ class RerankerTrainer(pt.Estimator):
             state = checkpoints.TrainingState()
             if resume:
                 state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler) or state
-            loop = _Loop(model, optimizer, scheduler, params, teacher, accelerator, validator, steps_per_epoch,
+            # a teacher that only judged the negatives gives the loss nothing
+            targets = teacher if "teacher_scores" in _uses(self.loss) else None
+            loop = _Loop(model, optimizer, scheduler, params, targets, accelerator, validator, steps_per_epoch,
                          total_steps)
             tracking.start(accelerator, trackers, self.output_dir, self._tracked_settings(mixed_precision))
             self._train(sampler, loop, state)
@@ -367,7 +386,7 @@ class RerankerTrainer(pt.Estimator):
         """What this fit did, for the reranker's model card (:mod:`pyterrier_kdcl.model_card`): plain values only,
         since ``kdcl.json`` keeps them."""
         loss, stats = self.loss, self.group_stats
-        objective = ("distillation" if self.teacher is not None else
+        objective = ("distillation" if self.teacher is not None and "teacher_scores" in _uses(loss) else
                      "contrastive" if isinstance(loss, InfoNCE) else "supervised")
         facts = {
             "objective": objective, "loss": repr(loss),
@@ -380,6 +399,7 @@ class RerankerTrainer(pt.Estimator):
             "precision": {"no": "fp32"}.get(mixed_precision, mixed_precision),
             "metric": self.metric if state.best_metric is not None else None,
             "best_validation": state.best_metric, "best_step": state.best_step, "seconds": round(state.seconds, 1),
+            "negative_filter": _filter_fact(stats),
             "continued_from": self.reranker.training_facts,  # the weights were trained before this fit
         }
         return {k: _plain(v) for k, v in facts.items() if v is not None}
@@ -393,6 +413,8 @@ class RerankerTrainer(pt.Estimator):
                      "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "seed", "metric", "patience",
                      "validate_every", "unjudged"):
             settings[name] = getattr(self, name)
+        if self.negative_filter is not None:
+            settings["negative_filter"] = f"{self.negative_filter.action}, margin {self.negative_filter.margin:g}"
         return settings
 
     def save(self, path: str | os.PathLike) -> None:
@@ -432,12 +454,17 @@ class RerankerTrainer(pt.Estimator):
                               stacklevel=3)
         scores = TeacherScores(self.teacher, cache_dir, key=self.teacher_cache_key,
                                verbose=self.verbose and accelerator.is_main_process)
-        groups = itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs))
+        if self.negative_filter is not None:  # every candidate, once: the filter's and then every group's pairs
+            groups = sampler.candidates()
+        else:
+            groups = itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs))
         scores.cache_name = scores.store.path.name if scores.store is not None else None  # for the model card
         try:
             scores.prepare(groups, _processes(accelerator))
         finally:
             scores.close()  # every score is in memory now: the cache's connection is not held through training
+        if self.negative_filter is not None:
+            sampler.filter_negatives(self.negative_filter, scores.of)
         return scores
 
     def _mixed_precision(self) -> str:
@@ -607,6 +634,15 @@ def _temperatures(loss: nn.Module) -> dict[str, float]:
     """The loss's temperatures (InfoNCE's; KLDistillation's teacher and student ones)."""
     return {name: getattr(loss, name) for name in ("teacher_temperature", "student_temperature", "temperature")
             if isinstance(getattr(loss, name, None), (int, float))}
+
+
+def _filter_fact(stats) -> str | None:
+    """What a negative filter did, in words, for the model card."""
+    if stats is None or stats.negative_filter is None:
+        return None
+    rule = NegativeFilter(**stats.negative_filter)
+    count = stats.negatives_dropped if rule.action == "drop" else stats.negatives_relabelled
+    return f"{rule.describe()}: {count} negatives of {stats.queries_filtered} queries"
 
 
 def _plain(value):
