@@ -46,8 +46,9 @@ def machine() -> str:
         pass
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     vnni = ", VNNI" if "avx512_vnni" in flags or "avx_vnni" in flags else ""
+    bf16 = ", AMX" if "amx_bf16" in flags else ", AVX512-BF16" if "avx512_bf16" in flags else ", no native bf16"
     threads = torch.get_num_threads()
-    return f"{name} ({os.cpu_count()} cores, {simd}{vnni}); torch {torch.__version__}, {threads} threads"
+    return f"{name} ({os.cpu_count()} cores, {simd}{vnni}{bf16}); torch {torch.__version__}, {threads} threads"
 
 
 # -- data ----------------------------------------------------------------------------------------------------
