@@ -2,7 +2,8 @@
 
 Reads the pooled rows of tables/kd_vs_cl.csv and tables/teacher_vs_cl.csv of every docs/results/<run>/ that has
 its per-query evidence (make test's `kdcl verify` rechecks those tables against it), and writes
-docs/results/dose-response/{dose_response.csv,dose_response.png}. With several seeds a row's interval is the
+docs/results/dose-response/{dose_response.csv,dose_response.png} and, from 3 points with several seeds on, fit.csv
+(a weighted line; see fit()). With several seeds a row's interval is the
 seed-aware test's; with one seed it is the paired t over queries and is marked so.
 
     python experiments/dose_response.py
@@ -42,6 +43,26 @@ def collect() -> pd.DataFrame:
                   "high teacher-CL", "diff KD-CL", "low KD-CL", "high KD-CL"]]
 
 
+def fit(table: pd.DataFrame) -> dict | None:
+    """KD − CL = a + b · (teacher − CL) over the points with several seeds, each weighted by its KD − CL interval
+    (weighted least squares; the teacher's margin is taken as exact, which it is not). None below 3 points."""
+    from scipy import stats
+
+    points = table[table["seeds"] > 1]
+    if len(points) < 3:
+        return None
+    x, y = points["diff teacher-CL"].to_numpy(), points["diff KD-CL"].to_numpy()
+    se = (points["high KD-CL"] - points["low KD-CL"]).to_numpy() / (2 * 1.96)
+    w = 1 / se**2
+    design = np.column_stack([np.ones_like(x), x])
+    cov = np.linalg.inv(design.T @ (design * w[:, None]))
+    a, b = cov @ design.T @ (w * y)
+    df = len(points) - 2
+    half = stats.t.ppf(0.975, df) * np.sqrt(cov[1, 1]) if df > 0 else float("inf")
+    return {"points": len(points), "runs": int(points["run"].nunique()), "slope": b, "slope low": b - half,
+            "slope high": b + half, "intercept": a, "df": df}
+
+
 def main() -> None:
     table = collect()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -53,7 +74,8 @@ def main() -> None:
         x, y = row["diff teacher-CL"], row["diff KD-CL"]
         ax.errorbar(x, y, xerr=[[x - row["low teacher-CL"]], [row["high teacher-CL"] - x]],
                     yerr=[[y - row["low KD-CL"]], [row["high KD-CL"] - y]], fmt=marker, color=colour, capsize=3)
-        ax.annotate(f"{row['run']} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})", (x, y), fontsize=7,
+        ax.annotate(f"{row['run']} {row['student']} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})", (x, y),
+                    fontsize=6,
                     textcoords="offset points", xytext=(5, 5))
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.axvline(0, color="grey", linewidth=0.8)
@@ -66,6 +88,11 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(OUT / "dose_response.png", dpi=110)
     print(table.to_string())
+    line = fit(table)
+    if line is not None:
+        pd.DataFrame([line]).to_csv(OUT / "fit.csv", index=False)
+        print(f"weighted fit over {line['points']} points of {line['runs']} runs: slope {line['slope']:+.3f} "
+              f"[{line['slope low']:+.3f}, {line['slope high']:+.3f}] (95%, t with {line['df']} df)")
 
 
 if __name__ == "__main__":
