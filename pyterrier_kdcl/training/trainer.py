@@ -396,7 +396,7 @@ class RerankerTrainer(pt.Estimator):
             "training_queries": stats.usable, "queries": stats.queries, "group_size": self.group_size,
             "epochs": self.epochs, "steps": state.step, "pairs": state.pairs, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "head_learning_rate": self.head_learning_rate, "seed": self.seed,
-            "precision": {"no": "fp32"}.get(mixed_precision, mixed_precision),
+            "precision": _precision_name(mixed_precision),
             "metric": self.metric if state.best_metric is not None else None,
             "best_validation": state.best_metric, "best_step": state.best_step, "seconds": round(state.seconds, 1),
             "negative_filter": _filter_fact(stats),
@@ -408,7 +408,7 @@ class RerankerTrainer(pt.Estimator):
         """The settings a tracker shows beside this fit's curves (plain values)."""
         settings = {"reranker": repr(self.reranker), "loss": repr(self.loss),
                     "teacher": repr(self.teacher) if self.teacher is not None else None,
-                    "precision": {"no": "fp32"}.get(mixed_precision, mixed_precision), **_temperatures(self.loss)}
+                    "precision": _precision_name(mixed_precision), **_temperatures(self.loss)}
         for name in ("group_size", "epochs", "batch_size", "learning_rate", "head_learning_rate", "warmup_ratio",
                      "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "seed", "metric", "patience",
                      "validate_every", "unjudged"):
@@ -595,6 +595,11 @@ def _processes(accelerator) -> Processes:
 # -- precision -----------------------------------------------------------------------------------------------
 def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
+
+
+def _precision_name(mixed_precision: str) -> str:
+    """Accelerate's name of a precision as this package writes it: ``"no"`` is ``"fp32"``."""
+    return {"no": "fp32"}.get(mixed_precision, mixed_precision)
 
 
 def _accelerator(mixed_precision: str, cpu: bool, log_with: list[str] | None = None, logging_dir: Path | None = None):
