@@ -267,6 +267,34 @@ def test_changed_setting_retrains_only_what_depends_on_it(finished_run, tmp_path
     assert {n for n in changed if changed[n] != unchanged[n]} == {"bert-small-KD-s1", "bert-small-KD-s2"}
 
 
+def test_a_teacher_cache_of_another_run_lends_its_scores_and_changes_no_fingerprint(finished_run, tmp_path,
+                                                                                     monkeypatch):
+    """``teacher_cache``: a second experiment distils from the first one's cached scores without scoring a pair,
+    writes no cache of its own, and its stage has the fingerprint it has without the option."""
+    from pyterrier_kdcl.training import teachers
+
+    cfg, out, _ = finished_run
+    shutil.copytree(out / "teacher", tmp_path / "out" / "teacher")  # the same trained teacher, reused
+    scored = []
+    prepare = teachers.TeacherScores.prepare
+
+    def counting(self, *args, **kwargs):
+        prepare(self, *args, **kwargs)
+        scored.append(self.scored)
+
+    monkeypatch.setattr(teachers.TeacherScores, "prepare", counting)
+    shared = out / "teacher-scores"
+    runner = ExperimentRunner(load_config({**copy.deepcopy(cfg), "teacher_cache": str(shared)}), tmp_path / "out",
+                              verbose=False)
+    assert runner.teacher_cache == shared
+    spec = runner.config.students[1]
+    model = runner.student(spec, "KD", 1, runner.teacher())
+    assert not model.reused and scored == [0]  # every pair came from the other run's cache
+    assert not (tmp_path / "out" / "teacher-scores").exists()
+    as_first_run = json.loads((out / "students" / spec.name / "KD" / "seed-1" / "done.json").read_text())
+    assert model.fingerprint == as_first_run["fingerprint"]
+
+
 def test_a_crashed_stage_resumes_from_its_checkpoint(tiny_model, collection, tmp_path, monkeypatch):
     from pyterrier_kdcl.training import RerankerTrainer
 
@@ -450,6 +478,8 @@ def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_
     loaded = load_config(path)
     assert loaded.evaluation.out_of_domain[1].first_stage.path == str(tmp_path / "runs" / "ood.run")
     assert loaded.source == str(path)
+    path.write_text(yaml.safe_dump({**cfg, "teacher_cache": "../other/teacher-scores"}))
+    assert load_config(path).teacher_cache == str(tmp_path.parent / "other" / "teacher-scores")
     path.write_text("name: x\n  bad: [indent")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(path)

@@ -196,6 +196,8 @@ class ExperimentConfig:
     device: str | None = None
     sample_seed: int = 0                        # which queries are sampled: fixed across seeds and systems
     wait_for_lock: bool = False                 # another run writes to the output directory: wait (else refuse)
+    teacher_cache: str | None = None            # teacher-score cache directory; None: <out>/teacher-scores. Not
+                                                # fingerprinted: scores are keyed by teacher and pair, not by place
     source: str | None = None                   # the file it was read from (set by load_config)
 
     def training_args(self, model: Model) -> dict:
@@ -781,6 +783,8 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
     for data in _all_data(cfg):
         if isinstance(data.first_stage, FirstStage) and isinstance(data.first_stage.path, str):
             data.first_stage.path = _resolve(data.first_stage.path, base)
+    if isinstance(cfg.teacher_cache, str):
+        cfg.teacher_cache = _resolve(cfg.teacher_cache, base)
 
 
 # The parts below also run on a config with problems (so that one run lists every problem): a part whose type was
