@@ -610,6 +610,26 @@ def test_plan_counts_bf16_speeds_only_where_the_cpu_has_native_bf16(monkeypatch)
     assert float(mpnet.split()[1]) == pytest.approx(3 * (1600 / 4.9 + 800 / 20.0) / 60, abs=0.05)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (EXPERIMENTS / "planned").glob("*.yaml")))
+def test_planned_configs_parse_and_validate(name):
+    cfg = load_config(EXPERIMENTS / "planned" / f"{name}.yaml", check_environment=False)
+    assert cfg.students and (cfg.evaluation.in_domain or cfg.evaluation.out_of_domain)
+
+
+def test_plan_of_the_decoder_study_counts_the_shared_teacher_scores():
+    from pyterrier_kdcl.experiment.plan import plan
+
+    config = load_config(EXPERIMENTS / "planned" / "cpu-decoder.yaml", check_environment=False)
+    assert config.teacher_cache == str(EXPERIMENTS.parent / "runs" / "cpu-architectures" / "teacher-scores")
+    text = plan(config)
+    scores = next(line for line in text.splitlines() if line.split()[2:4] == ["teacher", "scores"])
+    assert f"read first from teacher_cache {config.teacher_cache}" in scores
+    assert f"of which {float(scores.split()[1]):.1f} score teacher pairs" in text
+    assert "in domain" in text and "MDE" in text  # the seed-aware MDE of the smaller evaluation sample
+    config.teacher_cache = None  # the default: <out>/teacher-scores, nothing to say
+    assert "teacher_cache" not in plan(config)
+
+
 def test_plan_says_early_stopping_makes_it_an_upper_bound():
     from pyterrier_kdcl.experiment.plan import plan
 
