@@ -73,18 +73,14 @@ def skeleton(module: nn.Module) -> nn.Module:
 
 
 def full_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model's parameters on every process, on the CPU (every process must call it: it gathers). One
-    parameter is gathered at a time, so the device never holds more than the shards and one whole parameter."""
-    from torch.distributed.tensor import DTensor
+    """The whole model's weights on every process, on the CPU (every process must call it: it gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = {}
-    for name, param in model.named_parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        value = param.detach()
-        value = value.full_tensor() if isinstance(value, DTensor) else value
-        state[name] = value.cpu().clone().contiguous()
-    return state
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if trainable_only:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
 def unshard(model: nn.Module, plain: nn.Module) -> nn.Module:
