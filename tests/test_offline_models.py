@@ -211,3 +211,21 @@ def test_gemma3_270m_plain_copy():
     with torch.inference_mode():
         logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_the_guides_one_liner_gives_pyterrier_dr_a_short_name():
+    """docs/guide.md shows how a short name reaches pyterrier_dr's bi-encoder; run that very code."""
+    import re
+    from pathlib import Path
+
+    import pandas as pd
+
+    guide = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if "bi_encoder = SBertBiEncoder(" in b]
+    scope = {}
+    exec(block, scope)  # noqa: S102 - the documentation's own example
+    frame = pd.DataFrame({"qid": ["q1", "q1"], "query": ["read from a file descriptor"] * 2,
+                          "docno": ["d1", "d2"], "text": ["read() attempts to read bytes from a file descriptor",
+                                                          "the quick brown fox jumps over the lazy dog"]})
+    scored = scope["bi_encoder"].transform(frame).set_index("docno")["score"]
+    assert scored["d1"] > scored["d2"] + 0.2
