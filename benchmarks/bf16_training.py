@@ -21,6 +21,7 @@ Contenders (the recipes of experiments/cpu-architectures.yaml):
 - ``mpnet-base``: all-mpnet-base-v2 with LoRA (r 8, alpha 64) and mean pooling, lr 5e-4.
 - ``gemma3-270m``: the decoder student of experiments/planned/cpu-decoder.yaml: gemma-3-270m with LoRA (r 8,
   alpha 64, every linear layer), last-token scoring, lr 1e-4 (DESIGN.md's decoder recipe).
+- ``e5-small``: multilingual-e5-small (12 layers, 384 wide), MiniLM-L6's recipe (not in the default ``--models``).
 
 Precisions (``--precisions``): ``fp32``; ``bf16``, autocast over float32 weights; ``bf16-held``, the frozen weights
 held in bf16 as well (``dtype="bf16"``, LoRA's trainable weights stay float32 masters), as the science configs hold
@@ -54,13 +55,14 @@ RECIPES = {
     "minilm-l6": {"reranker": {"pooling": "mean"}, "trainer": {"learning_rate": 1e-4, "head_learning_rate": 1e-2}},
     "mpnet-base": {"reranker": {"pooling": "mean", "lora": True}, "trainer": {"learning_rate": 5e-4}},
     "gemma3-270m": {"reranker": {"lora": True}, "trainer": {"learning_rate": 1e-4}},
+    "e5-small": {"reranker": {"pooling": "mean"}, "trainer": {"learning_rate": 1e-4, "head_learning_rate": 1e-2}},
 }
 PRECISIONS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "bf16-held": ("bf16", "bf16")}  # (precision, dtype)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"], choices=list(RECIPES))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N, each fitted in both precisions")
     parser.add_argument("--steps", type=int, default=25, help="optimizer steps per fit")
     parser.add_argument("--queries-per-step", type=int, default=4, help="groups of 8 per step (the configs' 4)")

@@ -438,7 +438,7 @@ def test_a_misspelled_model_fails_the_check_not_the_run(tiny_model, collection, 
     bad["students"][1]["model"] = "minilm-l4"
     problems = "\n".join(_problems(bad))
     assert "students[1].model: 'minilm-l4' is not a packaged model; did you mean 'minilm-l6' or 'minilm-l3'?" \
-        in problems and "minilm-l6, mpnet-base, minilm-l3, gemma3-270m" in problems
+        in problems and "minilm-l6, mpnet-base, minilm-l3, e5-small, gemma3-270m" in problems
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(bad))
     assert main(["experiment", str(path), "--check"]) == 2
