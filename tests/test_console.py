@@ -86,3 +86,20 @@ def test_the_cli_configures_the_console_before_the_run(monkeypatch, capfd, resto
     assert cli.main(["experiment", "exp.yaml", "--out", "out"]) == 0
     err = capfd.readouterr().err
     assert "training: 3/3" in err and "\r" not in err
+
+
+def test_the_cli_leaves_the_process_as_it_found_it(tmp_path, capsys):
+    """`kdcl experiment --quiet` called in-process (as tests and notebooks do) restores bars and logging after it."""
+    import logging
+
+    import pyterrier as pt
+
+    from pyterrier_kdcl.experiment import console
+
+    bars, disabled = pt.tqdm, logging.root.manager.disable
+    with console.configured(quiet=True):
+        assert pt.tqdm is console.SilentProgress and logging.root.manager.disable >= logging.INFO
+    assert pt.tqdm is bars and logging.root.manager.disable == disabled
+    with console.configured(quiet=False, stream=tmp_path.joinpath("log").open("w")):
+        assert pt.tqdm is console.PlainProgress
+    assert pt.tqdm is bars

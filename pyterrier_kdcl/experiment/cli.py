@@ -69,11 +69,15 @@ def verify(paths: list[str]) -> int:
 
 
 def experiment(args) -> int:
-    from pyterrier_kdcl.directory_lock import DirectoryLocked
     from pyterrier_kdcl.experiment import console
-    from pyterrier_kdcl.experiment.config import ConfigError, load_config
 
-    console.configure(quiet=args.quiet)
+    with console.configured(quiet=args.quiet):  # the process's bars and logging as they were once it returns
+        return _experiment(args)
+
+
+def _experiment(args) -> int:
+    from pyterrier_kdcl.directory_lock import DirectoryLocked
+    from pyterrier_kdcl.experiment.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)

@@ -10,7 +10,8 @@ chooses how systems share a first stage, and whoever runs the command cannot act
 
 Example::
 
-    console.configure(quiet=args.quiet)   # once, before the run starts
+    with console.configured(quiet=args.quiet):   # around the run; everything is as it was afterwards
+        run()
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyterrier as pt
 from tqdm import tqdm
@@ -78,6 +81,20 @@ def configure(quiet: bool, stream=None) -> None:
         _quiet_libraries()
     elif not _is_terminal(stream):
         pt.tqdm = PlainProgress
+
+
+@contextmanager
+def configured(quiet: bool, stream=None) -> Iterator[None]:
+    """:func:`configure` for the duration of a ``with`` block: the bars, the warning filters and the logging level
+    are restored when it ends (a CLI called in-process, as tests do, leaves the process as it found it)."""
+    bars, disabled = pt.tqdm, logging.root.manager.disable
+    with warnings.catch_warnings():
+        configure(quiet, stream)
+        try:
+            yield
+        finally:
+            pt.tqdm = bars
+            logging.disable(disabled)
 
 
 def _is_terminal(stream) -> bool:
