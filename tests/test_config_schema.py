@@ -52,6 +52,7 @@ def test_the_base_config_is_valid():
     ("validate_every", 0, "training.validate_every: must be at least 1, got 0"),
     ("negatives_window", [1, 2, 3], "training.negatives_window: takes at most 2 item(s)"),
     ("negatives_window", [5, 2], "training.negatives_window: expected [first, last] ranks with first < last"),
+    ("min_label", 0, "training.min_label: must be at least 1, got 0 (qrels labels at or above it are positives"),
     ("gradient_checkpointing", "yes", "training.gradient_checkpointing: expected true or false, got 'yes'"),
 ])
 def test_every_training_number_is_range_checked(key, value, message):

@@ -110,7 +110,8 @@ class Training(Section):
     validate_every: Count | None = None         # steps; None = once per epoch
     metric: str = "nDCG@10"                     # validation metric that picks the best checkpoint
     patience: Count | None = None
-    min_label: int = 1
+    min_label: Annotated[int, Field(ge=1)] = Field(1, json_schema_extra=hint(
+        "qrels labels at or above it are positives; 0 would make non-relevant documents positives"))
     # [first, last) candidate ranks negatives are drawn from; None = all
     negatives_window: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)] | None = None
     insufficient: Literal["skip", "replace"] = "skip"  # a query with too few negatives: skip it or draw again
