@@ -36,7 +36,7 @@ def test_the_base_config_is_valid():
 @pytest.mark.parametrize("key, value, message", [
     ("learning_rate", 0, "training.learning_rate: must be a number > 0, got 0"),
     ("learning_rate", float("inf"), "training.learning_rate: must be a finite number, got Infinity"),
-    ("learning_rate", float("nan"), "training.learning_rate: must be a finite number"),
+    ("learning_rate", float("nan"), "training.learning_rate: must be a number > 0, got NaN"),
     ("head_learning_rate", -1e-3, "training.head_learning_rate: must be a number > 0, got -0.001"),
     ("batch_size", 0, "training.batch_size: must be at least 1, got 0"),
     ("group_size", 1, "training.group_size: must be at least 2, got 1 (a group needs a positive and at least one "
