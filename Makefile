@@ -30,7 +30,7 @@ verify: install
 	# every committed report that has its per-query evidence must reproduce from it, and every number that
 	# prose quotes as a link to a table row must match the row (docs/results/README.md, "Claims")
 	$(VENV)/bin/kdcl verify $(patsubst %/perquery.csv.gz,%,$(wildcard docs/results/*/perquery.csv.gz)) \
-		README.md docs/results/README.md docs/results/dose-response/README.md
+		README.md docs/*.md docs/results/README.md docs/results/dose-response/README.md
 
 demo: install collections
 	$(VENV)/bin/kdcl experiment $(CONFIG)

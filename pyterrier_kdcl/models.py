@@ -156,7 +156,12 @@ def _announce_new_head(name: str, weights: list[str], seed: int) -> None:
 
 # -- building ------------------------------------------------------------------------------------------------
 def resolve_source(model: str | os.PathLike) -> str:
-    """A short offline name (``minilm-l6``) → its local directory; paths and hub ids pass through."""
+    """A short offline name (``minilm-l6``) → its local directory; paths and hub ids pass through.
+
+    The short names thus serve any library that loads Hugging Face directories::
+
+        SBertBiEncoder(resolve_source("minilm-l6")).text_scorer()   # pyterrier_dr's bi-encoder
+    """
     model = str(model)
     if not os.path.exists(model):
         from pyterrier_kdcl.offline import packaged_models

@@ -72,3 +72,18 @@ def test_kdcl_verify_checks_a_markdown_file_and_fails_on_a_wrong_claim(results, 
     assert main(["verify", str(bad)]) == 1
     assert "the table says 0.0191292" in capsys.readouterr().out
     assert main(["verify", str(results / "nothing.md")]) == 1
+
+
+def test_a_value_a_run_wrote_as_json_is_claimed_by_its_field(results):
+    (results / "teacher-temperature.json").write_text('{"temperature": 0.15684, "fit": {"queries": 29}}')
+    good = write(results, '[0.157](teacher-temperature.json "field=temperature") from '
+                          '[29](teacher-temperature.json "field=fit.queries") queries')
+    assert claims.check(good) == (2, [])
+    bad = write(results, '[0.158](teacher-temperature.json "field=temperature"), '
+                         '[29](teacher-temperature.json "field=queries"), '
+                         '[29](teacher-temperature.json "column=queries")')
+    count, problems = claims.check(bad)
+    assert count == 2 and len(problems) == 3
+    assert "the table says 0.15684" in problems[1]
+    assert "no field 'queries'" in problems[2]
+    assert "must be 'field=NAME'" in problems[0]

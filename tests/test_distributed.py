@@ -71,9 +71,9 @@ def test_two_processes_share_the_teachers_scoring_and_distil_like_one(tiny_model
     assert len(store) == len(alone) and len(store.get([pair_key(*p) for p in alone])) == len(alone)
 
 
-def test_fsdp_and_deepspeed_are_refused_before_anything_runs(tiny_model, monkeypatch):
-    """Accelerate turns FSDP on for GPUs only (on CPU a config asking for it runs DDP), so no test here could
-    show sharded validation, best weights or checkpoints working: the trainer refuses them instead."""
+def test_deepspeed_megatron_and_fsdp1_are_refused_before_anything_runs(tiny_model, monkeypatch):
+    """The trainer gathers the whole model for validation, best weights, checkpoints and the saved model through
+    FSDP version 2 (test_fsdp.py); DeepSpeed, Megatron-LM and FSDP version 1 are refused, pointing to it."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -84,12 +84,16 @@ def test_fsdp_and_deepspeed_are_refused_before_anything_runs(tiny_model, monkeyp
     from pyterrier_kdcl.training import trainer as trainer_module
 
     res, qrels = training_frames(4)
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        monkeypatch.setattr(trainer_module, "_accelerator",
-                            lambda *a, kind=kind, **k: SimpleNamespace(distributed_type=kind, num_processes=2))
+    cases = ((DistributedType.DEEPSPEED, None, "set up for DEEPSPEED.*--use_fsdp --fsdp_version 2"),
+             (DistributedType.MEGATRON_LM, None, "set up for MEGATRON_LM.*--fsdp_version 2"),
+             (DistributedType.FSDP, 1, "FSDP version 1.*--fsdp_version 2"))
+    for kind, version, expected in cases:
+        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
+        monkeypatch.setattr(trainer_module, "_accelerator", lambda *a, kind=kind, state=state, **k: SimpleNamespace(
+            distributed_type=kind, num_processes=2, state=state))
         teacher = WordTeacher("answer", 1.0)
         trainer = kdcl.DistillationTrainer(kdcl.CrossEncoder(tiny_model("bert"), verbose=False), teacher,
                                            group_size=4, verbose=False)
-        with pytest.raises(ValueError, match=f"set up for {kind.value}.*DDP only.*torchrun"):
+        with pytest.raises(ValueError, match=expected):
             trainer.fit(res, qrels)
         assert teacher.scored == []

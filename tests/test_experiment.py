@@ -267,6 +267,34 @@ def test_changed_setting_retrains_only_what_depends_on_it(finished_run, tmp_path
     assert {n for n in changed if changed[n] != unchanged[n]} == {"bert-small-KD-s1", "bert-small-KD-s2"}
 
 
+def test_a_teacher_cache_of_another_run_lends_its_scores_and_changes_no_fingerprint(finished_run, tmp_path,
+                                                                                     monkeypatch):
+    """``teacher_cache``: a second experiment distils from the first one's cached scores without scoring a pair,
+    writes no cache of its own, and its stage has the fingerprint it has without the option."""
+    from pyterrier_kdcl.training import teachers
+
+    cfg, out, _ = finished_run
+    shutil.copytree(out / "teacher", tmp_path / "out" / "teacher")  # the same trained teacher, reused
+    scored = []
+    prepare = teachers.TeacherScores.prepare
+
+    def counting(self, *args, **kwargs):
+        prepare(self, *args, **kwargs)
+        scored.append(self.scored)
+
+    monkeypatch.setattr(teachers.TeacherScores, "prepare", counting)
+    shared = out / "teacher-scores"
+    runner = ExperimentRunner(load_config({**copy.deepcopy(cfg), "teacher_cache": str(shared)}), tmp_path / "out",
+                              verbose=False)
+    assert runner.teacher_cache == shared
+    spec = runner.config.students[1]
+    model = runner.student(spec, "KD", 1, runner.teacher())
+    assert not model.reused and scored == [0]  # every pair came from the other run's cache
+    assert not (tmp_path / "out" / "teacher-scores").exists()
+    as_first_run = json.loads((out / "students" / spec.name / "KD" / "seed-1" / "done.json").read_text())
+    assert model.fingerprint == as_first_run["fingerprint"]
+
+
 def test_a_crashed_stage_resumes_from_its_checkpoint(tiny_model, collection, tmp_path, monkeypatch):
     from pyterrier_kdcl.training import RerankerTrainer
 
@@ -410,7 +438,7 @@ def test_a_misspelled_model_fails_the_check_not_the_run(tiny_model, collection, 
     bad["students"][1]["model"] = "minilm-l4"
     problems = "\n".join(_problems(bad))
     assert "students[1].model: 'minilm-l4' is not a packaged model; did you mean 'minilm-l6' or 'minilm-l3'?" \
-        in problems and "minilm-l6, mpnet-base, minilm-l3, gemma3-270m" in problems
+        in problems and "minilm-l6, mpnet-base, minilm-l3, e5-small, gemma3-270m" in problems
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(bad))
     assert main(["experiment", str(path), "--check"]) == 2
@@ -450,6 +478,8 @@ def test_config_file_paths_are_relative_to_the_file(tiny_model, collection, tmp_
     loaded = load_config(path)
     assert loaded.evaluation.out_of_domain[1].first_stage.path == str(tmp_path / "runs" / "ood.run")
     assert loaded.source == str(path)
+    path.write_text(yaml.safe_dump({**cfg, "teacher_cache": "../other/teacher-scores"}))
+    assert load_config(path).teacher_cache == str(tmp_path.parent / "other" / "teacher-scores")
     path.write_text("name: x\n  bad: [indent")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(path)
@@ -578,6 +608,26 @@ def test_plan_counts_bf16_speeds_only_where_the_cpu_has_native_bf16(monkeypatch)
     mpnet = next(line for line in text.splitlines() if "mpnet-lora (mpnet-base, CL)" in line)
     # 3 seeds × (1,600 training pairs at 4.9 pairs/s + 2 validations of 400 pairs at 20 pairs/s), in minutes
     assert float(mpnet.split()[1]) == pytest.approx(3 * (1600 / 4.9 + 800 / 20.0) / 60, abs=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (EXPERIMENTS / "planned").glob("*.yaml")))
+def test_planned_configs_parse_and_validate(name):
+    cfg = load_config(EXPERIMENTS / "planned" / f"{name}.yaml", check_environment=False)
+    assert cfg.students and (cfg.evaluation.in_domain or cfg.evaluation.out_of_domain)
+
+
+def test_plan_of_the_decoder_study_counts_the_shared_teacher_scores():
+    from pyterrier_kdcl.experiment.plan import plan
+
+    config = load_config(EXPERIMENTS / "planned" / "cpu-decoder.yaml", check_environment=False)
+    assert config.teacher_cache == str(EXPERIMENTS.parent / "runs" / "cpu-architectures" / "teacher-scores")
+    text = plan(config)
+    scores = next(line for line in text.splitlines() if line.split()[2:4] == ["teacher", "scores"])
+    assert f"read first from teacher_cache {config.teacher_cache}" in scores
+    assert f"of which {float(scores.split()[1]):.1f} score teacher pairs" in text
+    assert "in domain" in text and "MDE" in text  # the seed-aware MDE of the smaller evaluation sample
+    config.teacher_cache = None  # the default: <out>/teacher-scores, nothing to say
+    assert "teacher_cache" not in plan(config)
 
 
 def test_plan_says_early_stopping_makes_it_an_upper_bound():

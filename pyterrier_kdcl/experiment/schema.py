@@ -223,6 +223,8 @@ class ExperimentConfig(Section):
     device: str | None = None
     sample_seed: Seed = 0                       # which queries are sampled: fixed across seeds and systems
     wait_for_lock: bool = False                 # another run writes to the output directory: wait (else refuse)
+    teacher_cache: str | None = None            # teacher-score cache directory; None: <out>/teacher-scores. In no
+                                                # stage's fingerprint: scores are keyed by teacher and pair, not place
     source: str | None = None
 
     def training_args(self, model: Model) -> dict:

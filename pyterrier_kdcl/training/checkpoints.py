@@ -63,7 +63,12 @@ def checkpoint_bytes(module: nn.Module) -> int:
     return 4 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
-def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: TrainingState) -> Path:
+def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: TrainingState, *,
+         weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Writes a checkpoint of ``module``'s trainable weights, the optimizer, scheduler, RNG and ``state``.
+
+    Under FSDP the caller passes ``weights`` and ``optimizer_state`` gathered whole
+    (:mod:`~pyterrier_kdcl.training.sharding`): the module itself holds only this process's shard."""
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     # from a killed run (only one process writes here): unfinished checkpoints, old ones half deleted, and the
@@ -75,14 +80,15 @@ def save(output_dir: Path, module: nn.Module, optimizer, scheduler, state: Train
         return target
     try:
         with paths.finalized_directory(target) as tmp:
-            save_file(trainable_state(module), tmp / "weights.safetensors")
+            save_file(weights if weights is not None else trainable_state(module), tmp / "weights.safetensors")
             if state.best_weights is not None:
                 save_file(state.best_weights, tmp / "best.safetensors")
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                       tmp / "optimizer.pt")
+            sharded = optimizer_state is not None  # keyed by parameter name, not by position
+            torch.save({"optimizer": optimizer_state if sharded else optimizer.state_dict(), "sharded": sharded,
+                        "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optimizer.pt")
             fields = {k: v for k, v in asdict(state).items() if k != "best_weights"}
             (tmp / "state.json").write_text(json.dumps(fields))
     except OSError as err:
@@ -114,8 +120,10 @@ def remove_all(output_dir: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler) -> TrainingState | None:
-    """Restores weights, optimizer, scheduler and RNG from the newest checkpoint; None when there is none."""
+def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler, sharded: bool = False
+                ) -> TrainingState | None:
+    """Restores weights, optimizer, scheduler and RNG from the newest checkpoint; None when there is none.
+    ``sharded``: ``module`` is sharded by FSDP (every process then loads the whole state and keeps its shard)."""
     complete = _complete(output_dir / "checkpoints")
     if not complete:
         return None
@@ -126,9 +134,18 @@ def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler) -> Tr
     if differ:
         raise ValueError(f"checkpoint {path} was written for another model or LoRA setting ({len(differ)} "
                          f"parameters differ in name or shape, e.g. {sorted(differ)[0]}); use a fresh output_dir")
-    module.load_state_dict(weights, strict=False)
     saved = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("sharded", False) != sharded:
+        written, now = ("FSDP", "DDP or one process") if saved.get("sharded") else ("DDP or one process", "FSDP")
+        raise ValueError(f"checkpoint {path} was written under {written} and this fit runs {now}: resume with the "
+                         "launch that wrote it, or start afresh in a new output_dir")
+    if sharded:
+        from pyterrier_kdcl.training.sharding import load_full_state
+
+        load_full_state(module, optimizer, weights, saved["optimizer"])
+    else:
+        module.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():

@@ -3,9 +3,9 @@
 ``ContrastiveTrainer`` (InfoNCE over labels) and ``DistillationTrainer`` (KL to a teacher's scores) differ only
 in the loss and in whether teacher scores are attached to the groups; with the same seed both see the same
 groups in the same order. Hugging Face Accelerate runs the loop on one device or under ``accelerate launch`` /
-``torchrun`` with DDP: every process holds the whole model, takes its share of each batch and of the teacher's
-scoring. FSDP and DeepSpeed are refused: validation, the best weights and checkpoints read the whole model, and
-under them a process holds only shards (Accelerate runs FSDP on GPUs only, so no test here could show otherwise).
+``torchrun`` with DDP (every process holds the whole model) or FSDP version 2 (every process holds a shard, see
+:mod:`~pyterrier_kdcl.training.sharding`); every process takes its share of each batch and of the teacher's scoring.
+DeepSpeed and Megatron-LM are refused with a pointer to FSDP.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from pyterrier_kdcl import models
 from pyterrier_kdcl.reranker import CrossEncoder
-from pyterrier_kdcl.training import checkpoints, tracking
+from pyterrier_kdcl.training import checkpoints, sharding, tracking
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler, NegativeFilter
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
@@ -246,7 +246,8 @@ class RerankerTrainer(pt.Estimator):
         trackers = tracking.trackers(self.report_to)
         accelerator = _accelerator(mixed_precision, cpu=self.reranker.device.type == "cpu", log_with=trackers,
                                    logging_dir=self.output_dir / "runs" if trackers and self.output_dir else None)
-        _check_strategy(accelerator)
+        sharding.check_strategy(accelerator)
+        sharded = sharding.is_sharded(accelerator)
         world = accelerator.num_processes
         if self.batch_size % world:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world} processes")
@@ -271,16 +272,25 @@ class RerankerTrainer(pt.Estimator):
             total_steps = steps_per_epoch * self.epochs
             scheduler = get_linear_schedule_with_warmup(optimizer, round(self.warmup_ratio * total_steps),
                                                         total_steps)
+            plain = sharding.skeleton(reranker.ranker) if sharded else None  # receives the gathered weights
             model, optimizer = accelerator.prepare(reranker.ranker, optimizer)
+            if sharded:  # fully_shard replaced the parameters (Accelerate moved the optimizer onto the new ones)
+                params = [p for p in model.parameters() if p.requires_grad]
             state = checkpoints.TrainingState()
             if resume:
-                state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler) or state
+                state = checkpoints.load_latest(self.output_dir, reranker.ranker, optimizer, scheduler,
+                                                sharded=sharded) or state
             # a teacher that only judged the negatives gives the loss nothing
             targets = teacher if "teacher_scores" in _uses(self.loss) else None
             loop = _Loop(model, optimizer, scheduler, params, targets, accelerator, validator, steps_per_epoch,
                          total_steps)
             tracking.start(accelerator, trackers, self.output_dir, self._tracked_settings(mixed_precision))
-            self._train(sampler, loop, state)
+            with warnings.catch_warnings():
+                # FSDP2 warns about any view it returns; the scores are never modified in place
+                warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+                self._train(sampler, loop, state)
+            if sharded:  # every process holds the whole trained model again, as under DDP
+                reranker.ranker = sharding.unshard(model, plain)
             if state.best_weights is not None:
                 reranker.ranker.load_state_dict(state.best_weights, strict=False)
         finally:
@@ -326,7 +336,7 @@ class RerankerTrainer(pt.Estimator):
                     # in the reranker's own precision: a bf16 reranker is measured as it will serve
                     with accelerator.autocast() if _is_half(reranker.dtype) else contextlib.nullcontext():
                         row["metric"] = loop.validator.evaluate()
-                    stop = self._keep_best(row["metric"], state, reranker)
+                    stop = self._keep_best(row["metric"], state, loop)
                     shown = {self.metric: f"{row['metric']:.4f}"}
                     tracked[tracking.metric_name(self.metric)] = row["metric"]
                     tracked["validation/seconds"] = time.perf_counter() - validation_started
@@ -338,9 +348,7 @@ class RerankerTrainer(pt.Estimator):
                 if end_of_epoch:
                     state.epoch, state.step_in_epoch = epoch + 1, 0
                 if self.output_dir is not None and (state.step % checkpoint_every == 0 or end_of_epoch or stop):
-                    if accelerator.is_main_process:
-                        checkpoints.save(self.output_dir, reranker.ranker, loop.optimizer, loop.scheduler, state)
-                    accelerator.wait_for_everyone()
+                    self._checkpoint(loop, state)
                 if stop:
                     bar.close()
                     return
@@ -372,14 +380,31 @@ class RerankerTrainer(pt.Estimator):
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    def _keep_best(self, metric: float, state: checkpoints.TrainingState, reranker: CrossEncoder) -> bool:
-        """Remembers the best weights; returns whether patience has run out."""
+    def _keep_best(self, metric: float, state: checkpoints.TrainingState, loop: _Loop) -> bool:
+        """Remembers the best weights (whole, also under FSDP); returns whether patience has run out."""
         if state.best_metric is None or metric > state.best_metric:
             state.best_metric, state.best_step, state.bad_validations = metric, state.step, 0
-            state.best_weights = checkpoints.trainable_state(reranker.ranker)
+            state.best_weights = self._trainable_state(loop)
             return False
         state.bad_validations += 1
         return self.patience is not None and state.bad_validations >= self.patience
+
+    def _trainable_state(self, loop: _Loop) -> dict[str, torch.Tensor]:
+        if sharding.is_sharded(loop.accelerator):  # every process gathers
+            return sharding.full_state(loop.model, trainable_only=True)
+        return checkpoints.trainable_state(self.reranker.ranker)
+
+    def _checkpoint(self, loop: _Loop, state: checkpoints.TrainingState) -> None:
+        """Writes a checkpoint from the first process; under FSDP every process first gathers weights and optimizer
+        state in full, so the checkpoint holds the whole model, not the first process's shard."""
+        accelerator, weights, optimizer_state = loop.accelerator, None, None
+        if sharding.is_sharded(accelerator):
+            weights = self._trainable_state(loop)
+            optimizer_state = sharding.full_optimizer_state(loop.model, loop.optimizer)
+        if accelerator.is_main_process:
+            checkpoints.save(self.output_dir, self.reranker.ranker, loop.optimizer, loop.scheduler, state,
+                             weights=weights, optimizer_state=optimizer_state)
+        accelerator.wait_for_everyone()
 
     def _training_facts(self, state: checkpoints.TrainingState, teacher: TeacherScores | None,
                         mixed_precision: str) -> dict:
@@ -565,18 +590,6 @@ class _Loop:
     total_steps: int
 
 
-def _check_strategy(accelerator) -> None:
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ValueError(f"Accelerate is set up for {kind.value}, which shards the model across processes; this "
-                         "trainer runs DDP only (validation, the best weights and checkpoints read the whole model, "
-                         "which a process would hold only a shard of). Launch with a DDP configuration (accelerate "
-                         "launch --multi_gpu, or torchrun); for a student too large for one GPU use lora=True, "
-                         "gradient_checkpointing=True and bf16")
-
-
 def _processes(accelerator) -> Processes:
     """The fit's processes for teacher scoring: each scores its share, all gather (objects pickled)."""
     if accelerator.num_processes == 1:
@@ -612,7 +625,10 @@ def _accelerator(mixed_precision: str, cpu: bool, log_with: list[str] | None = N
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with or None, project_dir=logging_dir)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with or None,
+                              project_dir=logging_dir)
+    sharding.honour_fsdp_on_cpu(accelerator)
+    return accelerator
 
 
 def _master_weights(module: nn.Module, mixed_precision: str) -> dict[str, torch.dtype]:
