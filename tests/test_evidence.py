@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -95,5 +94,5 @@ def test_the_planning_spreads_are_those_cpu_seeds_measured():
     committed = pd.read_csv(run / "tables" / "kd_vs_cl.csv")
     in_domain_mde = committed.loc[committed["collection"] == "in domain (manpages)", "MDE (80% power)"].item()
     assert f"MDE {in_domain_mde:.3f}" in lines  # the plan of the run is what the run then measured
-    one_seed = replace(config, seeds=[42])
+    one_seed = config.model_copy(update={"seeds": [42]})
     assert "one seed cannot tell" in "\n".join(power_lines(one_seed))

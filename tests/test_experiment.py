@@ -522,7 +522,7 @@ evaluation: {{in_domain: [{{dataset: "irds:{PREFIX}/test", depth: 5}}], alpha: 5
     args = cfg.training_args(cfg.students[0])
     assert args["learning_rate"] == 3e-5 and isinstance(args["learning_rate"], float)  # quoted: a float field
     assert args["head_learning_rate"] == 1e-2 and args["teacher_temperature"] == 2.0
-    assert cfg.training["learning_rate"] == 1e-4 and cfg.training["student_temperature"] == 1.0
+    assert cfg.training.learning_rate == 1e-4 and cfg.training.student_temperature == 1.0
     assert cfg.evaluation.alpha == 0.05 and cfg.name == "exponents" and cfg.seeds == [42]
     path.write_text(path.read_text().replace('"3e-5"', '"fast"'))
     assert "students[0].training.learning_rate: expected a number, got 'fast'" in _problems(

@@ -15,8 +15,7 @@ from test_experiment_unjudged import unjudged_config
 from pyterrier_kdcl.experiment import ExperimentRunner, run_experiment
 from pyterrier_kdcl.experiment import data as experiment_data
 from pyterrier_kdcl.experiment import runner as experiment_module
-from pyterrier_kdcl.experiment.config import ConfigError, data_settings, evaluated_test_halves, load_config
-from pyterrier_kdcl.experiment.runner import fingerprint
+from pyterrier_kdcl.experiment.config import ConfigError, evaluated_test_halves, load_config
 
 OOD = f"irds:{PREFIX}/ood"
 
@@ -127,18 +126,17 @@ def test_the_option_names_the_student_and_its_default_names_nothing(tiny_model, 
 
     def student_print(spec, config=cfg) -> str:
         r = ExperimentRunner(config, tmp_path, verbose=False)
-        return fingerprint(r._model_settings(spec, "KD"), r._data_settings(config.train), 1)
+        return r.student_spec(spec, "KD", 1, "teacher").fingerprint()
 
-    # at its default the key enters no fingerprint: the settings are those of a config written before it existed
-    assert "exclude_test_documents" not in data_settings(transductive.unjudged[0])
-    assert "exclude_test_documents" not in runner._model_settings(transductive, "KD")["model"]["unjudged"][0]
-    assert "exclude_test_documents" not in data_settings(cfg.evaluation.out_of_domain[0])
+    # unset, it is part of the student's identity at its default (every field is), with no test collection
+    plain = runner.student_spec(transductive, "KD", 1, "teacher").canonical()
+    assert plain["student"]["unjudged"][0]["exclude_test_documents"] is None and plain["test_halves"] == []
     # set, it names the student, with the test collections whose documents it leaves out
     prints = {student_print(s) for s in cfg.students}
     assert len(prints) == 3
-    unjudged = runner._model_settings(judged, "KD")["model"]["unjudged"][0]
-    assert unjudged["exclude_test_documents"] == "judged"
-    assert unjudged["test_collections"] == [data_settings(cfg.evaluation.out_of_domain[0])]
+    spec = runner.student_spec(judged, "KD", 1, "teacher")
+    assert spec.canonical()["student"]["unjudged"][0]["exclude_test_documents"] == "judged"
+    assert spec.test_halves == [cfg.evaluation.out_of_domain[0]]
     # another evaluation sample of the test half leaves out other documents: the inductive students train anew
     raw = inductive_config(tiny_model, collection, shared_run[0])
     raw["evaluation"]["out_of_domain"][0]["queries"] = 2

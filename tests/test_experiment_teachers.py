@@ -169,8 +169,9 @@ def test_a_bi_encoder_teacher_in_bf16_is_another_teacher_and_scores_in_bf16(tiny
     from pyterrier_kdcl.experiment.runner import ExperimentRunner
 
     cfg = bi_encoder_config(tiny_model, collection)
+    cfg["teacher"]["dtype"] = "fp32"
     as_float32 = ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False).teacher()
-    cfg["teacher"]["dtype"] = "fp32"  # float32 named is float32 unnamed: the same fingerprint, the cache kept
+    cfg["teacher"]["dtype"] = "float32"  # one dtype, two spellings: the same fingerprint, the cache kept
     assert ExperimentRunner(load_config(copy.deepcopy(cfg)), tmp_path, verbose=False).teacher().fingerprint \
         == as_float32.fingerprint
     cfg["teacher"]["dtype"] = "bf16"
@@ -186,8 +187,8 @@ def test_a_bi_encoder_teacher_in_bf16_is_another_teacher_and_scores_in_bf16(tiny
 
 def test_a_given_cross_encoder_teacher_in_bf16_is_another_teacher(tiny_model, collection, tmp_path):  # noqa: F811 — the fixture
     """Issue 23 item 1: a given cross-encoder teacher's dtype names it (its KD students, run files and fitted
-    temperature are not reused across fp32 and bf16); float32, named or not, keeps the fingerprint it had."""
-    from pyterrier_kdcl.experiment.runner import ExperimentRunner, _files_of, fingerprint
+    temperature are not reused across fp32 and bf16); float32, however spelled, is one teacher."""
+    from pyterrier_kdcl.experiment.runner import ExperimentRunner
 
     cfg = bi_encoder_config(tiny_model, collection)
     cfg["teacher"] = {"model": str(tiny_model("bert", seed=3)), "train": "none", "max_length": 32}
@@ -197,7 +198,6 @@ def test_a_given_cross_encoder_teacher_in_bf16_is_another_teacher(tiny_model, co
         given["teacher"]["dtype"] = dtype
         return ExperimentRunner(load_config(given), tmp_path, verbose=False).teacher().fingerprint
 
-    model = cfg["teacher"]["model"]
-    before = fingerprint("given teacher", model, _files_of(model), 32, None, None, None)  # as it was computed
-    assert teacher_fingerprint(None) == teacher_fingerprint("fp32") == teacher_fingerprint("float32") == before
-    assert teacher_fingerprint("bf16") != before
+    before = teacher_fingerprint("fp32")
+    assert teacher_fingerprint("float32") == before and teacher_fingerprint("bf16") != before
+    assert teacher_fingerprint(None) != teacher_fingerprint("bf16")  # default: float32 on CPU, bf16 on CUDA

@@ -110,17 +110,21 @@ def test_splits_are_stable_halves(collection):  # noqa: F811
     assert 80 < mine.count("test") < 120  # halves, roughly
 
 
-def test_new_keys_at_their_defaults_keep_earlier_fingerprints(tiny_model, collection, tmp_path):  # noqa: F811
+def test_every_key_at_its_default_names_the_student_too(tiny_model, collection, tmp_path):  # noqa: F811
+    """Identities are values: a student's spec holds every key, at its default too, except those declared not to
+    change results (``base`` only picks what reports compare)."""
     cfg = load_config(unjudged_config(tiny_model, collection))
     runner = ExperimentRunner(cfg, tmp_path, verbose=False)
     base, variant = cfg.students[0], cfg.students[1]
-    settings = runner._model_settings(base, "KD")
-    assert "unjudged" not in settings["model"] and "base" not in settings["model"]
-    assert "split" not in runner._data_settings(cfg.train)["train"]
-    assert runner._model_settings(variant, "KD")["model"]["unjudged"][0]["queries"] == 5
-    assert "head_learning_rate" not in settings["training"]
-    cfg.students[0].training["head_learning_rate"] = 1e-2  # given, it is part of the stage's settings
-    assert runner._model_settings(base, "KD")["training"]["head_learning_rate"] == 1e-2
+    spec = runner.student_spec(base, "KD", 1, "teacher")
+    settings = spec.canonical()
+    assert settings["student"]["unjudged"] == [] and "base" not in settings["student"]
+    assert settings["train"]["split"] is None and settings["training"]["head_learning_rate"] is None
+    assert runner.student_spec(variant, "KD", 1, "teacher").canonical()["student"]["unjudged"][0]["queries"] == 5
+    cfg.students[0].training.head_learning_rate = 1e-2  # given, it names another stage
+    again = runner.student_spec(base, "KD", 1, "teacher")
+    assert again.canonical()["training"]["head_learning_rate"] == 1e-2
+    assert again.fingerprint() != spec.fingerprint()
 
 
 @pytest.mark.parametrize("change, message", [

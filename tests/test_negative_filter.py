@@ -199,18 +199,16 @@ def test_the_experiment_key_changes_only_the_students_fingerprints(tiny_model, c
 
     from pyterrier_kdcl.experiment import ExperimentRunner
     from pyterrier_kdcl.experiment.config import load_config
-    from pyterrier_kdcl.experiment.runner import fingerprint
 
     def prints(training=None):
         cfg = tiny_config(tiny_model, collection)
         cfg["training"].update(training or {})
         cfg = load_config(cfg, check_environment=False)
         runner = ExperimentRunner(cfg, "unused", verbose=False)
-        return [fingerprint(runner._model_settings(cfg.teacher, "CL"), runner._data_settings(cfg.train), 1),
-                *(fingerprint(runner._model_settings(cfg.students[0], o), runner._data_settings(cfg.train), 1)
-                  for o in ("CL", "KD"))]
+        teacher = runner.teacher_spec(cfg.teacher).fingerprint()
+        return [teacher, *(runner.student_spec(cfg.students[0], o, 1, teacher).fingerprint() for o in ("CL", "KD"))]
 
-    recorded()  # fingerprints recorded before the key existed still hold
+    recorded()  # the recorded fingerprints hold
     plain = prints()
     assert prints({"negative_filter": None}) == plain
     drop = prints({"negative_filter": {"margin": 0.5}})

@@ -91,7 +91,7 @@ def test_report_to_changes_no_fingerprint(tiny_model, tmp_path, monkeypatch):
     from pyterrier_kdcl.experiment import ExperimentRunner
     from pyterrier_kdcl.experiment import data as experiment_data
     from pyterrier_kdcl.experiment.config import ConfigError, load_config
-    from pyterrier_kdcl.experiment.runner import Stage, fingerprint
+    from pyterrier_kdcl.experiment.runner import Stage
 
     def config(training=None, student_training=None, check_environment=False):
         return load_config({
@@ -107,11 +107,10 @@ def test_report_to_changes_no_fingerprint(tiny_model, tmp_path, monkeypatch):
 
     def prints(cfg):
         runner = ExperimentRunner(cfg, "unused", verbose=False)
-        return [fingerprint(runner._model_settings(cfg.teacher, "CL"), runner._data_settings(cfg.teacher.data), 42),
-                *(fingerprint(runner._model_settings(cfg.students[0], o), runner._data_settings(cfg.train), 42)
-                  for o in ("CL", "KD"))]
+        teacher = runner.teacher_spec(cfg.teacher).fingerprint()
+        return [teacher, *(runner.student_spec(cfg.students[0], o, 42, teacher).fingerprint() for o in ("CL", "KD"))]
 
-    recorded()  # the fingerprints recorded before report_to existed still hold
+    recorded()  # the recorded fingerprints hold
     plain = prints(config())
     assert prints(config({"report_to": "tensorboard"})) == plain
     assert prints(config({"report_to": "none"}, {"report_to": ["tensorboard", "wandb"]})) == plain

@@ -1,8 +1,9 @@
-"""The KD-vs-CL experiment's config file: its schema, defaults and validation.
+"""The KD-vs-CL experiment's config file: reading it, and checking it completely before anything is trained.
 
-A config is YAML (or TOML, or an already-parsed dict). :func:`load_config` checks it completely before anything
-is trained: unknown keys, wrong types, impossible values, dataset ids that ir_datasets does not know, kdcl
-collections that are not built, and local paths that do not exist. Every error names the key path, for example
+A config is YAML (or TOML, or an already-parsed dict). Its schema is typed (:mod:`.schema`, pydantic models with
+the range of every number declared on its field); :func:`load_config` adds what types cannot say (names that must
+refer to each other), dataset ids that ir_datasets does not know, kdcl collections that are not built, and local
+paths that do not exist. Every error names the key path, for example
 ``students[1].training.learning_rate: expected a number, got 'fast'``. All problems are reported at once.
 
 Relative paths inside a config are relative to the config file. See ``docs/experiment.md`` for every key.
@@ -10,66 +11,35 @@ Relative paths inside a config are relative to the config file. See ``docs/exper
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
 import json
-import math
 import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-OBJECTIVES = ("CL", "KD")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # names become file names and table labels
-RESERVED_NAMES = {"BM25", "teacher"}
+from pydantic import BaseModel, ValidationError
 
-# Trainer settings: the defaults of every training run, overridden by the config's top-level ``training``
-# section and then by a model's own ``training`` section. Types are checked like any other key.
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "group_size": 8,               # 1 positive + 7 hard negatives (Tevatron's default)
-    "epochs": 1,
-    "batch_size": 4,               # queries (groups) per optimizer step
-    "learning_rate": 1e-4,         # suits a fresh scoring head (OFFLINE.md: 3e-5 left the loss at ln 8)
-    "head_learning_rate": None,    # the scoring head's own rate; None = learning_rate
-    "warmup_ratio": 0.1,
-    "weight_decay": 0.01,
-    "max_grad_norm": 1.0,
-    "gradient_accumulation_steps": 1,
-    "validate_every": None,        # steps; None = once per epoch
-    "metric": "nDCG@10",           # validation metric that picks the best checkpoint
-    "patience": None,
-    "min_label": 1,
-    "negatives_window": None,      # [first, last) candidate ranks negatives are drawn from; None = all
-    "insufficient": "skip",        # a query with too few negatives: "skip" it or "replace" (draw with replacement)
-    "precision": "auto",
-    "gradient_checkpointing": False,
-    "checkpoint_every": None,      # steps between checkpoints; None = at each validation
-    "temperature": 1.0,            # contrastive (InfoNCE) temperature
-    "teacher_temperature": 2.0,    # distillation: Tevatron's reranker KD recipe
-    "student_temperature": 1.0,
-    "report_to": None,             # tracking: tensorboard, wandb, mlflow, a list of them, or none (NOT_FINGERPRINTED)
-    "negative_filter": None,       # students: {margin, action}, negatives the teacher scores >= positive - margin
-}
-# Training settings that change nothing a run computes: no stage fingerprint holds them (runner.py), so switching
-# them on or off reuses every finished stage.
-NOT_FINGERPRINTED = frozenset({"report_to"})
-_TRACKER = Literal["tensorboard", "wandb", "mlflow"]
-_TRAINING_TYPES: dict[str, Any] = {
-    "group_size": int, "epochs": int, "batch_size": int, "learning_rate": float,
-    "head_learning_rate": float | None, "warmup_ratio": float,
-    "weight_decay": float, "max_grad_norm": float | None, "gradient_accumulation_steps": int,
-    "validate_every": int | None, "metric": str, "patience": int | None, "min_label": int,
-    "negatives_window": list[int] | None, "insufficient": Literal["skip", "replace"],
-    "precision": Literal["auto", "fp32", "bf16", "fp16"], "gradient_checkpointing": bool,
-    "checkpoint_every": int | None, "temperature": float,
-    "teacher_temperature": float | Literal["auto"], "student_temperature": float,
-    "report_to": _TRACKER | Literal["none"] | list[_TRACKER] | None,
-    "negative_filter": dict | None,
-}
-NEGATIVE_FILTER_KEYS = {"margin": 0.0, "action": "drop"}  # a negative_filter's keys, at their defaults
+from pyterrier_kdcl.experiment.schema import (  # noqa: F401 (the public names other modules import from here)
+    FUSION_KEYS,
+    NAME_PATTERN,
+    OBJECTIVES,
+    RESERVED_NAMES,
+    TRAINING_DEFAULTS,
+    Data,
+    Evaluation,
+    ExperimentConfig,
+    FirstStage,
+    FusionMember,
+    Model,
+    NegativeFilter,
+    Student,
+    Teacher,
+    Training,
+)
 
 
 class ConfigError(ValueError):
@@ -79,133 +49,6 @@ class ConfigError(ValueError):
         self.problems = problems
         where = f" in {source}" if source else ""
         super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-# -- the schema ------------------------------------------------------------------------------------------------
-@dataclass
-class FirstStage:
-    """Where candidates come from: ``bm25`` (PISA over ``index``, default the dataset's own documents),
-    ``scoreddocs`` (the dataset's own run, e.g. MS MARCO's BM25 top 1000) or ``run`` (a TREC run file)."""
-
-    kind: Literal["bm25", "scoreddocs", "run"] = "bm25"
-    index: str | None = None
-    path: str | None = None
-
-
-@dataclass
-class Data:
-    """Topics, qrels and candidates of one collection (for training, validation or evaluation)."""
-
-    dataset: str                                # "irds:<ir_datasets id>"
-    name: str | None = None                     # label in tables and file names (default: from the id)
-    queries: int | None = None                  # sample this many judged queries (seeded); None = all
-    depth: int = 100                            # first-stage candidates per query
-    first_stage: FirstStage = field(default_factory=FirstStage)
-    text: str | list[str] = "text"              # document field(s) the rerankers read (joined by a space)
-    query_field: str | None = None              # topics variant for datasets with several query fields
-    qrels_variant: str | None = None
-    split: Literal["adaptation", "test"] | None = None  # one half of the queries by a stable hash (see below)
-    # a student's unjudged adaptation half only: drop the evaluated test half's documents from its candidates
-    exclude_test_documents: Literal["judged", "candidates"] | None = None
-
-
-@dataclass
-class Model:
-    """A reranker: a packaged short name (``minilm-l6``), a hub id, a local model dir or a saved CrossEncoder."""
-
-    name: str
-    model: str
-    lora: bool | dict | None = None
-    max_length: int = 256
-    batch_size: int = 32                        # pairs per forward pass at inference
-    template: str | None = None
-    pooling: Literal["classifier", "last", "mean"] | None = None
-    dtype: str | None = None
-    training: dict = field(default_factory=dict)  # overrides of the top-level training settings
-
-
-@dataclass
-class Teacher(Model):
-    name: str = "teacher"
-    model: str = ""
-    train: Literal["contrastive", "none"] = "contrastive"  # "none": use ``model`` as it is (already trained)
-    # bi-encoder: sentence-transformers, as it is; fusion: a weighted sum of its members' standardised scores
-    kind: Literal["cross-encoder", "bi-encoder", "fusion"] = "cross-encoder"
-    disjoint: bool = False                      # train on ``data`` minus the students' training queries (a control)
-    seed: int | None = None                     # default: the first of ``seeds``
-    data: Data | None = None                    # its own training data (default: the experiment's ``train``)
-    members: list[FusionMember] = field(default_factory=list)  # kind: fusion
-    weights: dict | None = None                 # kind: fusion: member name -> weight (default: fitted on validation)
-    grid_step: float = 0.1                      # kind: fusion: spacing of the weight grid that is searched
-
-
-FUSION_KEYS = {"members": [], "weights": None, "grid_step": 0.1}  # a fused teacher's keys, at their defaults
-
-
-@dataclass
-class FusionMember(Teacher):
-    """A member of a fused teacher: a teacher of its own (trained or given), or the first stage's own score."""
-
-    name: str | None = None                     # required: keys the member's weight
-    kind: Literal["cross-encoder", "bi-encoder", "first-stage"] = "cross-encoder"
-
-
-@dataclass
-class Student(Model):
-    objectives: list[Literal["CL", "KD"]] = field(default_factory=lambda: list(OBJECTIVES))
-    unjudged: list[Data] = field(default_factory=list)  # more training queries, used without their qrels (KD only)
-    base: str | None = None                     # the student this one extends: reports compare with its CL and KD
-
-
-def data_settings(data: Data | None) -> dict | None:
-    """``data`` as the dict that fingerprints it; keys that came later are left out at their defaults, so the
-    work of earlier configs keeps its fingerprint."""
-    if data is None:
-        return None
-    settings = dataclasses.asdict(data)
-    for key in ("split", "exclude_test_documents"):
-        if settings.get(key) is None:
-            settings.pop(key, None)
-    return settings
-
-
-@dataclass
-class Evaluation:
-    in_domain: list[Data]
-    out_of_domain: list[Data] = field(default_factory=list)
-    measures: list[str] = field(default_factory=lambda: ["nDCG@10", "RR@10", "R@10"])
-    main_measure: str = "nDCG@10"               # the measure of the summary table, KD−CL tests and verdict
-    baseline: str = "BM25"                      # "BM25", "teacher" or "<student>-<objective>"
-    test: Literal["t", "wilcoxon"] = "t"
-    correction: str | None = "holm"
-    alpha: float = 0.05
-    fast: bool = False                          # rerank with optimize_for_cpu (bf16); only models shown equivalent
-
-
-@dataclass
-class ExperimentConfig:
-    name: str
-    train: Data
-    teacher: Teacher
-    students: list[Student]
-    evaluation: Evaluation
-    description: str = ""
-    seeds: list[int] = field(default_factory=lambda: [42])
-    validation: Data | None = None
-    training: dict = field(default_factory=dict)
-    device: str | None = None
-    sample_seed: int = 0                        # which queries are sampled: fixed across seeds and systems
-    wait_for_lock: bool = False                 # another run writes to the output directory: wait (else refuse)
-    teacher_cache: str | None = None            # teacher-score cache directory; None: <out>/teacher-scores. Not
-                                                # fingerprinted: scores are keyed by teacher and pair, not by place
-    source: str | None = None                   # the file it was read from (set by load_config)
-
-    def training_args(self, model: Model) -> dict:
-        """The trainer settings of ``model``: defaults < top-level ``training`` < the model's ``training``."""
-        return {**TRAINING_DEFAULTS, **self.training, **model.training}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -228,16 +71,29 @@ def load_config(config: str | os.PathLike | dict, *, check_environment: bool = T
         source, base = str(path), path.resolve().parent
         data = _parse(path)
     problems: list[str] = []
-    cfg = _build(ExperimentConfig, data, "", problems)
-    if cfg is not None:
-        cfg.source = source
-        _check_semantics(cfg, problems)
-        _resolve_paths(cfg, base)  # both also run on a config with problems: one run lists every problem
-        if check_environment:
-            _check_environment(cfg, problems)
+    reported: list[str] = []  # key paths whose values were refused: the checks below skip what lies under them
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        for path, problem in schema_problems(err, data):
+            problems.append(f"{path}: {problem}")
+            reported.append(path)
+        cfg = _partial(data, reported)
+    cfg.source = source
+    later: list[str] = []
+    _check_semantics(cfg, later, partial=bool(reported))
+    _resolve_paths(cfg, base)  # both also run on a config with problems: one run lists every problem
+    if check_environment:
+        _check_environment(cfg, later)
+    problems += [p for p in later if not any(_under(p, path) for path in reported)]
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _under(problem: str, path: str) -> bool:
+    """Whether ``problem`` (``key.path: ...``) is about ``path`` or what lies under it."""
+    return problem.startswith(path) and problem[len(path):len(path) + 1] in (":", ".", "[", ",")
 
 
 def _parse(path: Path) -> dict:
@@ -259,7 +115,6 @@ def _parse(path: Path) -> dict:
 # YAML 1.1 (PyYAML) reads an exponent without a dot or without a sign (``1e-4``, ``1.0e4``) as text; YAML 1.2 and
 # TOML read it as the number a user means. Added for plain (unquoted) scalars only, after YAML 1.1's own rules.
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-_NUMBER_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _yaml_load(text: str):
@@ -272,92 +127,144 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader: no Python objects are built)
 
 
+# -- pydantic's errors as key paths ----------------------------------------------------------------------------
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
 
 
-def _build(cls, data, path: str, problems: list[str]):
-    """``data`` (a dict) → an instance of dataclass ``cls``, appending ``key.path: problem`` strings."""
-    if not isinstance(data, dict):
-        problems.append(f"{path or 'config'}: expected a mapping, got {_show(data)}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
-            problems.append(f"{_join(path, key)}: unknown key{hint}")
-    values = {}
-    for name, f in fields.items():
-        key_path = _join(path, name)
-        if name in data:
-            values[name] = _check(hints[name], data[name], key_path, problems)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{key_path}: required key is missing")
-            values[name] = None  # reported; the rest is still checked, so one run lists every problem
-    return cls(**values)
+def schema_problems(err: ValidationError, data: Any) -> list[tuple[str, str]]:
+    """pydantic's errors as ``(key.path, what is wrong)``, each once, in the order pydantic found them.
+
+    A value that no option of a union takes (``teacher_temperature: hot``) is one problem naming every option.
+    """
+    out: list[tuple[str, str]] = []
+    errors = err.errors()
+    walked = [_walk(error["loc"]) for error in errors]
+    for error, (path, tp, owner, union) in zip(errors, walked):
+        value = _value_at(data, error["loc"][:len(_parts(path))], error.get("input"))
+        problem = _message(error, tp, owner, value)
+        if union is not None:  # a number out of range says so; any other value is told the options
+            in_range = [e for e, w in zip(errors, walked) if w[0] == path and e["type"] in _RANGES]
+            problem = _message(in_range[0], tp, owner, value) if in_range else _describe_union(union, value)
+        if (path or "config", problem) not in out:
+            out.append((path or "config", problem))
+    return out
 
 
-def _check(tp, value, path: str, problems: list[str]):
-    """``value`` checked against type ``tp`` (and converted where harmless: int → float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:  # the first option that accepts the value without a problem
-            trial: list[str] = []
-            result = _check(option, value, path, trial)
-            if not trial:
-                return result
-        if len(options) == 1:
-            return _check(options[0], value, path, problems)
-        problems.append(f"{path}: expected {_describe(tp)}, got {_show(value)}")
-        return None
-    if origin is Literal:
-        if value not in args:
-            problems.append(f"{path}: expected one of {', '.join(map(repr, args))}, got {_show(value)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {_show(value)}")
-            return []
-        return [_check(args[0], v, _join(path, i), problems) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, problems)
-    if tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {_show(value)}")
-            return {}
-        return value
-    if tp is float:
-        if isinstance(value, str) and _NUMBER_TEXT.match(value.strip()):  # "1e-4" from a dict or a quoted value
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {_show(value)}")
-            return value
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {_show(value)}")
-        return value
-    if tp in (str, bool) and not isinstance(value, tp):
-        problems.append(f"{path}: expected {_describe(tp)}, got {_show(value)}")
-    return value
+def _parts(path: str) -> list:
+    return re.findall(r"[^.\[\]]+", path)
+
+
+def _unwrap(tp):
+    """``tp`` without ``Annotated`` and without ``| None`` (the rest of a union is kept)."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            options = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(options) == 1:
+                tp = options[0]
+                continue
+        return tp
+
+
+def _walk(loc: tuple) -> tuple[str, Any, Any, Any]:
+    """Follows an error's location through the schema: (key path, type there, the model owning the last key, the
+    union type the error is in, or None)."""
+    tp, owner, path = ExperimentConfig, None, ""
+    for key in loc:
+        tp = _unwrap(tp)
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            return path, tp, owner, tp  # the rest of the location names a union option: one problem for the union
+        if isinstance(key, int):
+            tp = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            owner, tp = tp, (tp.model_fields[key].annotation if key in tp.model_fields else None)
+        else:
+            args = typing.get_args(tp)
+            tp = args[1] if len(args) == 2 else Any
+        path = _join(path, key)
+    tp = _unwrap(tp)
+    union = tp if typing.get_origin(tp) in (Union, types.UnionType) else None
+    return path, tp, owner, union
+
+
+def _value_at(data: Any, loc: tuple, fallback: Any) -> Any:
+    for key in loc:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return fallback
+    return data
+
+
+_RANGES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "list": "a list", "dict": "a mapping", "model": "a mapping", "model_attributes": "a mapping",
+               "literal": None}
+
+
+def _message(error: dict, tp, owner, value) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    field = owner.model_fields.get(str(error["loc"][-1])) if owner is not None and error["loc"] else None
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    hint = f" ({extra['hint']})" if "hint" in extra else ""
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        known = [k for k in owner.model_fields if k != "source"] if owner is not None else []
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        what = "unknown training setting" if owner is Training else "unknown key"
+        return f"{what}; did you mean {close[0]!r}?" if close else f"{what}; known keys: {', '.join(known)}"
+    if kind == "literal_error" or (kind.endswith("_type") and typing.get_origin(tp) is Literal):
+        return f"expected {_describe(tp)}, got {_show(value)}"
+    base = kind.removesuffix("_type").removesuffix("_parsing").removesuffix("_from_float")
+    if base in _TYPE_WORDS and _TYPE_WORDS[base]:
+        return f"expected {_TYPE_WORDS[base]}, got {_show(value)}"
+    number = "a number " if _is_float(tp) else ""
+    ranges = {"greater_than": f"must be {number}> {ctx.get('gt')}",
+              "greater_than_equal": (f"must be {number}>= {ctx.get('ge')}" if number
+                                     else f"must be at least {ctx.get('ge')}"),
+              "less_than": f"must be < {ctx.get('lt')}", "less_than_equal": f"must be at most {ctx.get('le')}",
+              "finite_number": "must be a finite number",
+              "too_short": f"needs at least {ctx.get('min_length')} item(s)",
+              "too_long": f"takes at most {ctx.get('max_length')} item(s)"}
+    if kind in ranges:
+        return f"{ranges[kind]}, got {_show(value)}{hint}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    return f"{error['msg']}, got {_show(value)}"
+
+
+def _is_float(tp) -> bool:
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_is_float(a) for a in typing.get_args(tp))
+    return tp is float
+
+
+def _describe_union(tp, value) -> str:
+    return f"expected {_describe(tp)}, got {_show(value)}"
 
 
 def _describe(tp) -> str:
+    tp = tp if typing.get_origin(tp) in (Union, types.UnionType) else _unwrap(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _describe(args[0])
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return "a mapping"
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -365,6 +272,49 @@ def _describe(tp) -> str:
 def _show(value) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) < 60 else text[:57] + "..."
+
+
+# -- a config with problems, checked on -------------------------------------------------------------------------
+def _partial(data: dict, reported: list[str]) -> ExperimentConfig:
+    """The config without the values refused (those keys fall back to their defaults; a part that still cannot be
+    built is None), so that the checks of what types cannot say run on the rest in the same round."""
+    pruned = copy.deepcopy(data) if isinstance(data, dict) else {}
+    for path in reported:
+        _drop(pruned, _parts(path))
+    values, holder = {}, ExperimentConfig.model_construct()
+    for name in ExperimentConfig.model_fields:
+        if name not in pruned:
+            continue
+        try:  # one key at a time, as the schema checks it
+            ExperimentConfig.__pydantic_validator__.validate_assignment(holder, name, pruned[name])
+            values[name] = holder.__dict__[name]
+        except ValidationError:
+            values[name] = None
+    for name, info in ExperimentConfig.model_fields.items():
+        if name not in values:
+            values[name] = None if info.is_required() else info.get_default(call_default_factory=True)
+    return ExperimentConfig.model_construct(**values)
+
+
+def _drop(data: Any, parts: list[str]) -> None:
+    """Removes the value at ``parts`` (a whole list, where an item of it was refused)."""
+    if not parts:
+        return
+    *parents, last = parts
+    for i, key in enumerate(parents):
+        inner = data[int(key)] if isinstance(data, list) and key.isdigit() and int(key) < len(data) \
+            else data.get(key) if isinstance(data, dict) else None
+        if isinstance(inner, list) and i + 1 == len(parents) and last.isdigit():
+            if isinstance(data, dict):
+                data.pop(key, None)  # an item of a list was refused: the list's default stands
+            return
+        if inner is None:
+            return
+        data = inner
+    if isinstance(data, dict):
+        data.pop(last, None)
+
+
 
 
 # -- meaning ---------------------------------------------------------------------------------------------------
@@ -400,7 +350,7 @@ def system_names(cfg: ExperimentConfig) -> list[str]:
     return ["BM25", "teacher"] + [f"{s.name}-{o}" for s in cfg.students for o in s.objectives]
 
 
-def _check_semantics(cfg: ExperimentConfig, problems: list[str]) -> None:
+def _check_semantics(cfg: ExperimentConfig, problems: list[str], partial: bool = False) -> None:
     """Checks what types cannot say, part by part.
 
     A part whose types were wrong can trip a check (None where a list was due): its problem is reported
@@ -411,7 +361,7 @@ def _check_semantics(cfg: ExperimentConfig, problems: list[str]) -> None:
         try:
             check(cfg, problems)
         except (TypeError, AttributeError, ValueError):
-            if not problems:
+            if not partial:
                 raise
             del problems[before:]
 
@@ -487,7 +437,7 @@ def _check_exclude_test_documents(cfg: ExperimentConfig, problems: list[str]) ->
 def _check_teacher(path: str, teacher: Teacher, problems: list[str]) -> None:
     """A teacher, or one member of a fused teacher (``path`` says which)."""
     _check_model(path, teacher, problems)
-    if (teacher.training or {}).get("negative_filter") is not None:
+    if teacher.training.negative_filter is not None:
         problems.append(f"{path}.training.negative_filter: the teacher's negatives are filtered by no one (the teacher "
                         "is what judges the students' negatives); set negative_filter in the top-level training or a "
                         "student's training: teachers train on the negatives as given")
@@ -632,8 +582,6 @@ def _check_evaluation(cfg: ExperimentConfig, problems: list[str]) -> None:
                         f"{', '.join(system_names(cfg))}")
     if ev.correction is not None:
         _check_correction(ev.correction, problems)
-    if not 0 < ev.alpha < 1:
-        problems.append(f"evaluation.alpha: must lie between 0 and 1, got {ev.alpha}")
     if ev.fast:
         _check_fast(cfg, problems)
 
@@ -667,10 +615,6 @@ def _check_data(path: str, data: Data, problems: list[str]) -> None:
         problems.append(f"{path}.dataset: expected an ir_datasets id starting with 'irds:', got {_show(data.dataset)}")
     if data.name is not None:
         _check_name(f"{path}.name", data.name, problems)
-    if isinstance(data.queries, int) and data.queries < 1:
-        problems.append(f"{path}.queries: must be at least 1 (or null for all), got {data.queries}")
-    if isinstance(data.depth, int) and data.depth < 1:
-        problems.append(f"{path}.depth: must be at least 1, got {data.depth}")
     fs = data.first_stage
     if fs.kind == "run" and not fs.path:
         problems.append(f"{path}.first_stage.path: required when kind is 'run' (a TREC run file)")
@@ -684,62 +628,19 @@ def _check_data(path: str, data: Data, problems: list[str]) -> None:
 
 def _check_model(path: str, model: Model, problems: list[str]) -> None:
     _check_name(f"{path}.name", model.name, problems)
-    if isinstance(model.max_length, int) and model.max_length < 16:
-        problems.append(f"{path}.max_length: must be at least 16, got {model.max_length}")
-    if isinstance(model.batch_size, int) and model.batch_size < 1:
-        problems.append(f"{path}.batch_size: must be at least 1, got {model.batch_size}")
-    if model.dtype is not None and model.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
-        problems.append(f"{path}.dtype: expected float32, bfloat16 or float16, got {_show(model.dtype)}")
     if model.template is not None and ("{query}" not in model.template or "{text}" not in model.template):
         problems.append(f"{path}.template: must contain {{query}} and {{text}}")
     _check_training(f"{path}.training", model.training, problems)
 
 
-def _check_training(path: str, training: dict, problems: list[str]) -> None:
-    for key, value in training.items():
-        if key not in _TRAINING_TYPES:
-            close = difflib.get_close_matches(str(key), _TRAINING_TYPES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_TRAINING_TYPES)}"
-            problems.append(f"{_join(path, key)}: unknown training setting{hint}")
-            continue
-        trial: list[str] = []
-        checked = _check(_TRAINING_TYPES[key], value, _join(path, key), trial)
-        problems.extend(trial)
-        if not trial:
-            training[key] = checked
-    positive = ("group_size", "epochs", "batch_size", "gradient_accumulation_steps", "validate_every", "patience",
-                "checkpoint_every",
-                "learning_rate", "head_learning_rate", "temperature", "teacher_temperature", "student_temperature")
-    for key in positive:
-        value = training.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-            problems.append(f"{_join(path, key)}: must be positive, got {value}")
-    window = training.get("negatives_window")
-    if isinstance(window, list) and (len(window) != 2 or not 0 <= window[0] < window[1]):
+def _check_training(path: str, training: Training, problems: list[str]) -> None:
+    """What the types of :class:`Training` cannot say (its ranges are declared on its fields)."""
+    window = training.negatives_window
+    if window is not None and not window[0] < window[1]:
         problems.append(f"{_join(path, 'negatives_window')}: expected [first, last] ranks with first < last, "
                         f"got {window}")
-    if isinstance(training.get("group_size"), int) and training["group_size"] < 2:
-        problems.append(f"{_join(path, 'group_size')}: needs a positive and at least one negative (>= 2)")
-    if "metric" in training and isinstance(training["metric"], str):
-        _parse_measure(training["metric"], _join(path, "metric"), problems)
-    if isinstance(training.get("negative_filter"), dict):
-        training["negative_filter"] = _negative_filter(_join(path, "negative_filter"), training["negative_filter"],
-                                                       problems)
-
-
-def _negative_filter(path: str, value: dict, problems: list[str]) -> dict:
-    """``negative_filter`` checked, with every key present (its canonical form: ``{margin: 0}`` and
-    ``{margin: 0.0, action: drop}`` are one setting, with one fingerprint)."""
-    for key in value:
-        if key not in NEGATIVE_FILTER_KEYS:
-            problems.append(f"{_join(path, key)}: unknown key; a negative_filter takes margin (a number >= 0, in the "
-                            "teacher's score units) and action (drop or relabel)")
-    margin = _check(float, value.get("margin", 0.0), _join(path, "margin"), problems)
-    if isinstance(margin, float) and not (math.isfinite(margin) and margin >= 0):
-        problems.append(f"{_join(path, 'margin')}: must be a number >= 0 (0 flags the negatives the teacher scores at "
-                        f"or above the positive; a larger margin flags those within it too), got {margin}")
-    action = _check(Literal["drop", "relabel"], value.get("action", "drop"), _join(path, "action"), problems)
-    return {"margin": margin, "action": action}
+    if "metric" in training.model_fields_set:
+        _parse_measure(training.metric, _join(path, "metric"), problems)
 
 
 def _parse_measure(name: str, path: str, problems: list[str]):
@@ -880,7 +781,7 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
 
     for key, training in [("training", cfg.training), *((f"{k.removesuffix('.model')}.training", m.training)
                                                         for k, m in _named_models(cfg))]:
-        report_to = training.get("report_to") if isinstance(training, dict) else None
+        report_to = training.report_to if isinstance(training, Training) else None
         for name in [report_to] if isinstance(report_to, str) else report_to or []:
             if isinstance(name, str) and missing_package(name) is not None:
                 problems.append(f"{key}.report_to: {missing_package(name)}")

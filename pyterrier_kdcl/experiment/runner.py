@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -54,19 +53,27 @@ from pyterrier_kdcl.experiment import data as experiment_data
 from pyterrier_kdcl.experiment import evidence
 from pyterrier_kdcl.experiment import report as reporting
 from pyterrier_kdcl.experiment.config import (
-    FUSION_KEYS,
-    NOT_FINGERPRINTED,
     ExperimentConfig,
     Model,
     Student,
     Teacher,
+    Training,
     data_label,
-    data_settings,
     evaluated_test_halves,
     evaluation_collections,
     is_saved_reranker,
     load_config,
     saved_model_problem,
+)
+from pyterrier_kdcl.experiment.identity import canonical, digest
+from pyterrier_kdcl.experiment.stages import (
+    EvaluationSpec,
+    FirstStageMemberSpec,
+    FusedTeacherSpec,
+    FusionFitSpec,
+    StudentSpec,
+    TeacherSpec,
+    TemperatureFitSpec,
 )
 from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_fusion, fitted_temperature
 from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
@@ -74,7 +81,6 @@ from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training.teachers import can_fingerprint
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
 
-FORMAT = 1  # bump when a change to this file makes old stages meaningless
 DONE, STAGE = "done.json", "stage.json"
 _CL_ONLY, _KD_ONLY = {"temperature"}, {"teacher_temperature", "student_temperature"}
 _NOT_TRAINER_ARGS = _CL_ONLY | _KD_ONLY
@@ -108,9 +114,10 @@ class Processes:
 
 
 # -- stages ----------------------------------------------------------------------------------------------------
-def fingerprint(*parts) -> str:
-    """A short hash of JSON-able settings: what decides a stage's output."""
-    return hashlib.sha256(json.dumps([FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def memory_key(*parts) -> str:
+    """A short hash of values (config sections included) that keys what one run keeps in memory. A stage's identity
+    on disk is its spec's fingerprint (:mod:`.stages`), not this."""
+    return digest("in memory", canonical(list(parts)))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -313,7 +320,7 @@ class ExperimentRunner:
     # -- data ------------------------------------------------------------------------------------------------
     def frames(self, data, min_label: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """(topics, qrels, candidates with text) of ``data``, built once per run."""
-        key = fingerprint(data_settings(data), self.config.sample_seed, min_label)
+        key = memory_key(data, self.config.sample_seed, min_label)
         if key not in self._frames:
             started = time.perf_counter()
             topics, qrels = experiment_data.topics_and_qrels(data, self.config.sample_seed, min_label)
@@ -354,38 +361,35 @@ class ExperimentRunner:
         return {**args, "seed": seed, "output_dir": stage.path, "verbose": self.verbose,
                 "text_source": experiment_data.text_stage(data)}
 
-    def _data_settings(self, data) -> dict:
-        return {"train": data_settings(data), "validation": data_settings(self.config.validation),
-                "sample_seed": self.config.sample_seed}
-
     def negative_filter(self, spec: Model) -> dict | None:
         """The student's teacher-filtered negatives (``training.negative_filter``); None for a teacher, which trains on
         the negatives as given (there is no teacher to judge them)."""
         return None if isinstance(spec, Teacher) else self.config.training_args(spec).get("negative_filter")
 
-    def _model_settings(self, spec: Model, objective: str) -> dict:
-        drop = (_KD_ONLY if objective == "CL" else _CL_ONLY) | NOT_FINGERPRINTED
-        training = {k: v for k, v in self.config.training_args(spec).items() if k not in drop}
-        training["negative_filter"] = self.negative_filter(spec)
-        for key in ("head_learning_rate", "negative_filter"):  # keys that came later: at their default, earlier
-            if training.get(key) is None:                     # stages keep their fingerprint
-                training.pop(key, None)
-        settings = {k: v for k, v in asdict(spec).items()
-                    if k not in ("training", "data", "name", "batch_size", "base")}
-        if "unjudged" in settings:
-            settings["unjudged"] = [self._unjudged_settings(d) for d in spec.unjudged]
-        for key, default in (("kind", "cross-encoder"), ("disjoint", False), ("unjudged", []), *FUSION_KEYS.items()):
-            if settings.get(key, default) == default:  # keys that came later: earlier teachers keep their fingerprint
-                settings.pop(key, None)
-        return {"model": settings, "training": training, "objective": objective}
+    def training(self, spec: Model) -> Training:
+        """The complete training settings ``spec`` trains with (what its stage's spec holds)."""
+        args = self.config.training_args(spec)
+        return Training.model_validate({**args, "negative_filter": self.negative_filter(spec)})
 
-    def _unjudged_settings(self, data) -> dict:
-        """What names a student's unjudged data: its settings, and with ``exclude_test_documents`` the test
-        collections whose documents it leaves out (another evaluation sample leaves out other documents)."""
-        settings = data_settings(data)
-        if data.exclude_test_documents is not None:
-            settings["test_collections"] = [data_settings(d) for d in evaluated_test_halves(self.config, data)]
-        return settings
+    def teacher_spec(self, spec: Teacher) -> TeacherSpec:
+        """The spec of a teacher (or fused teacher's member): given as it is, or trained with contrastive learning."""
+        cfg = self.config
+        if spec.train == "none":
+            return TeacherSpec(teacher=spec, files=_files_of(spec.model))
+        return TeacherSpec(teacher=spec, training=self.training(spec), data=spec.data or cfg.train,
+                           validation=cfg.validation, sample_seed=cfg.sample_seed,
+                           seed=spec.seed if spec.seed is not None else cfg.seeds[0])
+
+    def student_spec(self, spec: Student, objective: str, seed: int, teacher: str | None) -> StudentSpec:
+        """The spec of one student run; ``teacher`` (a fingerprint) names it where the teacher's scores are read:
+        distillation, and negatives the teacher filters (for CL too)."""
+        cfg = self.config
+        reads_teacher = objective == "KD" or self.negative_filter(spec) is not None
+        halves = [h for d in spec.unjudged if d.exclude_test_documents is not None
+                  for h in evaluated_test_halves(cfg, d)]
+        return StudentSpec(student=spec, objective=objective, training=self.training(spec), train=cfg.train,
+                           validation=cfg.validation, sample_seed=cfg.sample_seed, seed=seed,
+                           teacher=teacher if reads_teacher else None, test_halves=halves)
 
     def excluded_documents(self, data) -> set[str]:
         """The documents ``data.exclude_test_documents`` keeps out of its candidates, taken from the very frames
@@ -417,7 +421,8 @@ class ExperimentRunner:
         return pd.concat(frames, ignore_index=True)
 
     def _unjudged_key(self, data, min_label: int) -> str:
-        return fingerprint("unjudged", self._unjudged_settings(data), self.config.sample_seed, min_label)
+        halves = evaluated_test_halves(self.config, data) if data.exclude_test_documents is not None else []
+        return memory_key("unjudged", data, halves, self.config.sample_seed, min_label)
 
     def _without_test_documents(self, data, res: pd.DataFrame, key: str) -> pd.DataFrame:
         documents = self.excluded_documents(data)
@@ -475,20 +480,16 @@ class ExperimentRunner:
     def _teacher(self, spec: Teacher, path: Path) -> TrainedModel:
         """One teacher (or member of a fused teacher); a trained one lives in ``path``."""
         cfg = self.config
-        seed = spec.seed if spec.seed is not None else cfg.seeds[0]
-        cast = [] if spec.dtype in (None, "fp32", "float32") else [spec.dtype]  # float32 keeps its old fingerprint
+        identity = self.teacher_spec(spec)
         if spec.train == "none" and spec.kind == "bi-encoder":
-            fp = fingerprint("bi-encoder teacher", spec.model, _files_of(spec.model), spec.max_length, *cast)
-            return TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: bi_encoder_teacher(
-                spec.model, max_length=spec.max_length, batch_size=spec.batch_size, dtype=spec.dtype))
+            return TrainedModel("teacher", "teacher", "given", None, identity.fingerprint(),
+                                loader=lambda: bi_encoder_teacher(spec.model, max_length=spec.max_length,
+                                                                  batch_size=spec.batch_size, dtype=spec.dtype))
         if spec.train == "none":
-            fp = fingerprint("given teacher", spec.model, _files_of(spec.model), spec.max_length, spec.template,
-                             spec.pooling, spec.lora, *cast)
-            model = TrainedModel("teacher", "teacher", "given", None, fp, loader=lambda: self.new_reranker(spec))
-            return model
-        data = spec.data or cfg.train
-        stage = Stage(path, fingerprint(self._model_settings(spec, "CL"), self._data_settings(data), seed),
-                      f"teacher {spec.name} ({spec.model}, CL)")
+            return TrainedModel("teacher", "teacher", "given", None, identity.fingerprint(),
+                                loader=lambda: self.new_reranker(spec))
+        data, seed = identity.data, identity.seed
+        stage = Stage(path, identity.fingerprint(), f"teacher {spec.name} ({spec.model}, CL)")
         model = TrainedModel("teacher", "teacher", "CL", seed, stage.fingerprint,
                              loader=self._load_saved(stage.model_dir, spec))
         return self._run_stage(model, stage, spec, data, lambda: ContrastiveTrainer(
@@ -504,8 +505,9 @@ class ExperimentRunner:
         members, trained = {}, []
         for member in spec.members:
             if member.kind == "first-stage":
+                scored = [self.config.train, *(d for s in self.config.students for d in s.unjudged)]
                 members[member.name] = TrainedModel(member.name, "teacher", "given", None,
-                                                    fingerprint("first-stage member", self._first_stage_settings()),
+                                                    FirstStageMemberSpec(data=scored).fingerprint(),
                                                     loader=FirstStageScore)
                 continue
             path = self.out / ("teacher" if not trained and member.train != "none" else f"teacher-{member.name}")
@@ -513,8 +515,8 @@ class ExperimentRunner:
             if model.objective == "CL":
                 trained.append(model)
         fit = self.fusion_fit(members)
-        fp = fingerprint("fused teacher", {name: m.fingerprint for name, m in members.items()},
-                         fit["weights"], fit["stats"])
+        fp = FusedTeacherSpec(members={name: m.fingerprint for name, m in members.items()}, weights=fit["weights"],
+                              stats={name: list(v) for name, v in fit["stats"].items()}).fingerprint()
 
         def load() -> ScoreFusion:
             return ScoreFusion({name: m.loader() for name, m in members.items()}, weights=fit["weights"],
@@ -528,13 +530,6 @@ class ExperimentRunner:
         self.timings["train teacher"] = model.seconds
         return model
 
-    def _first_stage_settings(self) -> list:
-        """What a first-stage member's scores of the training groups depend on: the first stage of the data the
-        students train on (a missed positive takes its query's lowest candidate score, so the depth too)."""
-        datas = [self.config.train, *(d for s in self.config.students for d in s.unjudged)]
-        settings = {json.dumps([d.dataset, asdict(d.first_stage), d.depth], sort_keys=True) for d in datas}
-        return sorted(settings)
-
     def fusion_fit(self, members: dict[str, TrainedModel]) -> dict:
         """A fused teacher's member statistics (mean, sd) and weights: fitted once per set of members on the
         validation candidates (the weights on a grid over the simplex, maximising the teacher's validation metric),
@@ -543,8 +538,9 @@ class ExperimentRunner:
         cfg, spec = self.config, self.config.teacher
         metric = cfg.training_args(spec)["metric"]
         source = cfg.validation if cfg.validation is not None else cfg.train
-        key = fingerprint("fusion fit", {name: m.fingerprint for name, m in members.items()}, spec.weights,
-                          spec.grid_step, metric, data_settings(source), cfg.sample_seed)
+        key = FusionFitSpec(teacher=spec, members={name: m.fingerprint for name, m in members.items()}, metric=metric,
+                            data=source, on_validation=cfg.validation is not None,
+                            sample_seed=cfg.sample_seed).fingerprint()
         path = self.out / "teacher-fusion.json"
         fitted = _read_json(path)
         if fitted and fitted.get("key") == key:
@@ -571,11 +567,9 @@ class ExperimentRunner:
     def student(self, spec: Student, objective: str, seed: int, teacher: TrainedModel) -> TrainedModel:
         """Trains one student with one objective and seed; reuses a finished one."""
         cfg = self.config
-        parts = [self._model_settings(spec, objective), self._data_settings(cfg.train), seed]
         filtered = self.negative_filter(spec) is not None  # then the teacher judges the negatives, for CL too
-        if objective == "KD" or filtered:
-            parts.append(teacher.fingerprint)
-        stage = Stage(self.out / "students" / spec.name / objective / f"seed-{seed}", fingerprint(*parts),
+        identity = self.student_spec(spec, objective, seed, teacher.fingerprint)
+        stage = Stage(self.out / "students" / spec.name / objective / f"seed-{seed}", identity.fingerprint(),
                       f"student {spec.name} ({spec.model}, {objective}, seed {seed})")
         model = TrainedModel(f"{spec.name}-{objective}-s{seed}", "student", objective, seed, stage.fingerprint,
                              student=spec.name, loader=self._load_saved(stage.model_dir, spec))
@@ -614,14 +608,13 @@ class ExperimentRunner:
         kept on disk (written atomically; a file that cannot be read, or was fitted for another teacher or other
         validation data, is fitted again)."""
         path = self.out / "teacher-temperature.json"
-        validation = fingerprint(data_settings(self.config.validation), self.config.sample_seed)
+        key = TemperatureFitSpec(teacher=teacher.fingerprint, validation=self.config.validation,
+                                 sample_seed=self.config.sample_seed).fingerprint()
         fitted = _read_json(path) if path.is_file() else None
-        if isinstance(fitted, dict) and fitted.get("teacher") == teacher.fingerprint \
-                and fitted.get("validation") == validation:
+        if isinstance(fitted, dict) and fitted.get("key") == key:
             return fitted
         _, va_qrels, va_res = self.frames(self.config.validation)
-        fitted = {"teacher": teacher.fingerprint, "validation": validation,
-                  **fitted_temperature(teacher_model, va_res, va_qrels)}
+        fitted = {"key": key, "teacher": teacher.fingerprint, **fitted_temperature(teacher_model, va_res, va_qrels)}
         if self.processes.is_main:
             _write_json(path, fitted)
         self.log(f"teacher temperature fitted on {fitted['queries']} validation queries: {fitted['temperature']:.3g} "
@@ -686,9 +679,9 @@ class ExperimentRunner:
         systems = {"BM25": first}
         systems.update({m.name: first >> LazyReranker(m.name, _fast(m.loader) if ev.fast else m.loader)
                         for m in self._table_order(models)})
-        data_fp = fingerprint(data_settings(data), self.config.sample_seed)
-        fast = ("fast", "bf16") if ev.fast else ()  # absent at its default: earlier runs keep their fingerprints
-        prints = {"BM25": data_fp, **{m.name: fingerprint(data_fp, m.fingerprint, *fast) for m in models}}
+        prints = {"BM25": EvaluationSpec(data=data, sample_seed=self.config.sample_seed).fingerprint(),
+                  **{m.name: EvaluationSpec(data=data, sample_seed=self.config.sample_seed, reranker=m.fingerprint,
+                                            fast=ev.fast).fingerprint() for m in models}}
         save_dir = self.out / "runs" / label
         self._drop_stale_runs(save_dir, prints)
         names = list(systems)
