@@ -29,8 +29,11 @@ test: install collections lint verify
 verify: install
 	# every committed report that has its per-query evidence must reproduce from it, and every number that
 	# prose quotes as a link to a table row must match the row (docs/results/README.md, "Claims")
-	$(VENV)/bin/kdcl verify $(patsubst %/perquery.csv.gz,%,$(wildcard docs/results/*/perquery.csv.gz)) \
-		README.md docs/*.md docs/results/README.md docs/results/dose-response/README.md
+	# (a run is a directory with its report.md; collection-baselines holds evidence and claims, not a report)
+	$(VENV)/bin/kdcl verify $(filter $(patsubst %/report.md,%,$(wildcard docs/results/*/report.md)),\
+		$(patsubst %/perquery.csv.gz,%,$(wildcard docs/results/*/perquery.csv.gz))) \
+		README.md docs/*.md docs/results/README.md docs/results/dose-response/README.md \
+		docs/results/collection-baselines/README.md
 
 demo: install collections
 	$(VENV)/bin/kdcl experiment $(CONFIG)

@@ -32,7 +32,7 @@ def _pooled(table: pd.DataFrame, difference: str) -> pd.DataFrame:
 
 def collect() -> pd.DataFrame:
     frames = []
-    for run in sorted(p.parent for p in RESULTS.glob("*/perquery.csv.gz")):
+    for run in sorted(p.parent for p in RESULTS.glob("*/perquery.csv.gz") if (p.parent / "report.md").exists()):
         kd = _pooled(pd.read_csv(run / "tables" / "kd_vs_cl.csv"), "KD-CL")
         teacher = _pooled(pd.read_csv(run / "tables" / "teacher_vs_cl.csv"), "teacher-CL")
         both = kd.merge(teacher, on=["student", "collection", "in_domain", "seeds"], suffixes=(" KD-CL",
