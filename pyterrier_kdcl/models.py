@@ -254,11 +254,13 @@ def _build_ranker(source, pooling, dtype, trust_remote_code, pad_token_id) -> tu
     head_path = Path(source) / HEAD_FILE
     if head_path.exists() or pooling != "last" or not _has_classification_head(config):
         backbone, _ = _from_pretrained(AutoModel, source, kwargs)
-        score = nn.Linear(config.hidden_size, 1, dtype=dtype)
-        _init_head(score, config)
         if not head_path.exists():
+            score = nn.Linear(config.hidden_size, 1, dtype=dtype)
+            _init_head(score, config)
             return head_ranker(backbone, score), ["score.weight", "score.bias"]
-        score.load_state_dict(load_file(head_path))
+        head = load_file(head_path)  # a head kept from a checkpoint's own (Qwen2ForSequenceClassification): no bias
+        score = nn.Linear(config.hidden_size, 1, bias="bias" in head, dtype=dtype)
+        score.load_state_dict(head)
         return head_ranker(backbone, score), []
     # an existing decoder reranker (e.g. Qwen2ForSequenceClassification): reuse its trunk and its head
     config.num_labels = 1

@@ -214,6 +214,18 @@ def test_existing_decoder_reranker_checkpoint_keeps_its_head(tiny_model):
     assert ce.score_pairs(["read file"], ["read from a file descriptor"])[0] == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_decoder_reranker_checkpoint_saved_and_loaded_keeps_its_bias_free_head(tiny_model, tmp_path):
+    """Qwen2ForSequenceClassification's score layer has no bias; the saved head must load back as it is (found by
+    benchmarks/gpu_fsdp.py: every decoder started from such a checkpoint failed to load after saving)."""
+    ce = kdcl.CrossEncoder(tiny_model("qwen2", head="seqcls"), verbose=False)
+    assert ce.ranker.score.bias is None
+    ce.save(tmp_path / "saved")
+    loaded = kdcl.CrossEncoder.load(tmp_path / "saved", verbose=False)
+    inp = frame()
+    pairs = inp["query"], inp["text"]
+    np.testing.assert_array_equal(loaded.score_pairs(*pairs), ce.score_pairs(*pairs))
+
+
 def test_sentence_transformers_cross_encoder_checkpoint_gives_its_logits(tiny_model):
     from sentence_transformers import CrossEncoder as STCrossEncoder
 
