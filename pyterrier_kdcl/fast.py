@@ -20,6 +20,7 @@ after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -120,8 +121,15 @@ def equivalence_shown(model: str) -> dict | None:
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 matrix products natively (AMX tiles or AVX512-BF16)."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    """Whether this CPU computes bfloat16 matrix products natively (AMX tiles or AVX512-BF16), and neither oneDNN's
+    nor ATen's instruction set is capped below them (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``:
+    how the tests emulate a CPU without them, and how a user pins a computation to older CPUs)."""
+    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        return False
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "default").lower()
+    return (onednn in ("ALL", "DEFAULT") or any(name in onednn for name in ("BF16", "FP16", "AMX", "AVX10"))) \
+        and aten in ("default", "avx512", "")
 
 
 class Float32Head(nn.Module):

@@ -79,8 +79,8 @@ class CrossEncoder(pt.Transformer):
         self.text_field = text_field
         self.verbose = verbose
         self.trust_remote_code = trust_remote_code
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         source = models.resolve_source(model)
         self.tokenizer = _tokenizer or models.load_tokenizer(source, trust_remote_code)
         if _ranker is None:  # the head and adapter the checkpoint lacks come from a fixed seed: identical starts
@@ -184,8 +184,8 @@ class CrossEncoder(pt.Transformer):
         if settings.get("trust_remote_code") and not trust_remote_code:
             raise ValueError(f"{path} was saved with trust_remote_code=True, so loading it runs Python code from "
                              "the model's files; if you trust them, pass trust_remote_code=True to load()")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch_dtype = _resolve_dtype(dtype or settings.get("dtype"), device)
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype or settings.get("dtype"), device)
         ranker = models.load_saved_ranker(path, settings, torch_dtype, trust_remote_code)
         if merge_lora:
             ranker = models.merge_lora(ranker)
@@ -298,7 +298,14 @@ def _malloc_trim():
         return None
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a reranker runs on: ``device`` as named, or, for None, CUDA where available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The torch dtype a reranker on ``device`` holds its weights in: ``dtype`` as named, or, for None, bfloat16 on
+    a CUDA device that supports it and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:

@@ -99,7 +99,7 @@ def _speed(model: Model, training: bool, precision: str = "fp32") -> float | Non
     native bfloat16 (``CPU_BF16_PAIRS_PER_SECOND``), else float32's."""
     which = 1 if training else 0
     speed = None
-    if model.dtype in _HALF or (training and precision in _HALF):
+    if model.dtype in _HALF or (training and precision in _HALF | {"auto"}):  # "auto" is bf16 where native
         from pyterrier_kdcl.fast import native_bfloat16
 
         if native_bfloat16():
@@ -227,7 +227,7 @@ def _precisions() -> str:
     from pyterrier_kdcl.fast import native_bfloat16
 
     emulated = "" if native_bfloat16() else ", no native bf16 here: fp32's figures"
-    return f"fp32; bf16 where a config asks for it{emulated}"
+    return f"fp32; bf16 where a config asks for it, and for training at precision auto{emulated}"
 
 
 def power_lines(cfg: ExperimentConfig, target_mde: float = TARGET_MDE) -> list[str]:

@@ -77,7 +77,8 @@ from pyterrier_kdcl.experiment.stages import (
 )
 from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_fusion, fitted_temperature
 from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
-from pyterrier_kdcl.reranker import CrossEncoder
+from pyterrier_kdcl.reranker import CrossEncoder, resolve_device, resolve_dtype
+from pyterrier_kdcl.training.precision import resolve as resolve_precision
 from pyterrier_kdcl.training.teachers import can_fingerprint
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
 
@@ -355,6 +356,7 @@ class ExperimentRunner:
     def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:
         args = {k: v for k, v in self.config.training_args(spec).items() if k not in _NOT_TRAINER_ARGS}
         args["negative_filter"] = self.negative_filter(spec)
+        args["precision"] = self.precision(spec)  # as its stage's spec names it
         if args.get("negatives_window") is not None:
             args["negatives_window"] = tuple(args["negatives_window"])
         # positives the first stage missed still make groups: their text comes from the collection
@@ -367,9 +369,18 @@ class ExperimentRunner:
         return None if isinstance(spec, Teacher) else self.config.training_args(spec).get("negative_filter")
 
     def training(self, spec: Model) -> Training:
-        """The complete training settings ``spec`` trains with (what its stage's spec holds)."""
+        """The complete training settings ``spec`` trains with (what its stage's spec holds), ``precision: auto``
+        resolved to what the fit computes in on this machine (bf16 where native): another precision is another
+        stage."""
         args = self.config.training_args(spec)
-        return Training.model_validate({**args, "negative_filter": self.negative_filter(spec)})
+        return Training.model_validate({**args, "precision": self.precision(spec),
+                                        "negative_filter": self.negative_filter(spec)})
+
+    def precision(self, spec: Model) -> str:
+        """``training.precision`` of ``spec`` as its fit resolves it here (``training.precision.resolve``)."""
+        device = resolve_device(self.device)
+        return resolve_precision(self.config.training_args(spec)["precision"], device,
+                                 resolve_dtype(spec.dtype, device))
 
     def teacher_spec(self, spec: Teacher) -> TeacherSpec:
         """The spec of a teacher (or fused teacher's member): given as it is, or trained with contrastive learning."""

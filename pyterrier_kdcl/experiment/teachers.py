@@ -37,9 +37,9 @@ def bi_encoder_teacher(model: str, *, max_length: int, batch_size: int, dtype: s
     encoder = SBertBiEncoder(resolve_source(model), batch_size=batch_size, verbose=verbose)
     encoder.model.max_seq_length = max_length
     if dtype is not None:
-        from pyterrier_kdcl.reranker import _resolve_dtype
+        from pyterrier_kdcl.reranker import resolve_dtype
 
-        encoder.model.to(_resolve_dtype(dtype, encoder.model.device))
+        encoder.model.to(resolve_dtype(dtype, encoder.model.device))
     return encoder.text_scorer()
 
 

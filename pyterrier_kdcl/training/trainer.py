@@ -30,6 +30,8 @@ from pyterrier_kdcl.training import checkpoints, sharding, tracking
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler, NegativeFilter
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
+from pyterrier_kdcl.training.precision import PRECISIONS
+from pyterrier_kdcl.training.precision import resolve as resolve_precision
 from pyterrier_kdcl.training.teachers import (
     CheckedTeacher,
     Processes,
@@ -38,8 +40,6 @@ from pyterrier_kdcl.training.teachers import (
     unnamed_teacher_message,
 )
 from pyterrier_kdcl.training.temperature import NEAR_UNIFORM, fit_teacher_temperature, uniformity
-
-PRECISIONS = {"auto", "fp32", "no", "bf16", "fp16"}
 
 
 class RerankerTrainer(pt.Estimator):
@@ -86,10 +86,12 @@ class RerankerTrainer(pt.Estimator):
             and the loss's temperatures, and per validation the metric (``validation/nDCG_10``) and its seconds; see
             :mod:`pyterrier_kdcl.training.tracking`. A tracker whose package is missing is refused here, saying what
             to install. It changes nothing the fit computes, nor the trainer's fingerprint.
-        precision: the compute precision: ``"auto"`` (bf16 autocast for a bf16 reranker, and on CUDA where
-            supported; else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``. Whatever it is, the trainable weights are
-            stepped in float32 (master weights: a bf16 weight cannot hold an update below ~1/500 of its size) and
-            cast back to the reranker's dtype when ``fit`` ends, so a bf16 reranker serves in bf16 as before.
+        precision: the compute precision: ``"auto"`` (bf16 autocast for a bf16 reranker, and wherever bfloat16 is
+            native: a CUDA device that supports it, a CPU with AMX or AVX512-BF16; else fp32; see
+            :mod:`pyterrier_kdcl.training.precision`), ``"fp32"``, ``"bf16"``, ``"fp16"``. Whatever it is, the
+            trainable weights are stepped in float32 (master weights: a bf16 weight cannot hold an update below
+            ~1/500 of its size) and cast back to the reranker's dtype when ``fit`` ends, so a bf16 reranker serves
+            in bf16 as before.
         unjudged: queries of the training frame with no qrels at all are skipped (``"skip"``), or, with
             ``"distil"``, trained on as groups of first-stage candidates scored by the teacher alone. Only a loss
             that reads no labels can learn from them (``KLDistillation``; ``RankNet``/``ListNet`` with
@@ -145,8 +147,8 @@ class RerankerTrainer(pt.Estimator):
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         if "tensorboard" in tracking.trackers(report_to) and output_dir is None:
             raise ValueError("report_to='tensorboard' writes its event files under output_dir/runs: pass output_dir=")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision not in PRECISIONS and precision != "no":
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(reranker.dtype)
         if half and precision in ("bf16", "fp16") and precision != half:
             raise ValueError(f"precision={precision!r} would compute a {reranker.dtype} reranker in another half "
@@ -493,12 +495,9 @@ class RerankerTrainer(pt.Estimator):
         return scores
 
     def _mixed_precision(self) -> str:
-        if self.precision == "auto":
-            if _is_half(self.reranker.dtype):  # weights held in half precision compute in it
-                return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.reranker.dtype]
-            cuda = self.reranker.device.type == "cuda"
-            return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-        return {"fp32": "no"}.get(self.precision, self.precision)
+        """Accelerate's name of what this fit computes in (``precision.resolve``: ``"auto"`` is bf16 where native)."""
+        resolved = resolve_precision(self.precision, self.reranker.device, self.reranker.dtype)
+        return {"fp32": "no"}.get(resolved, resolved)
 
 
 class ContrastiveTrainer(RerankerTrainer):
