@@ -68,10 +68,90 @@ def test_distillation_logs_both_temperatures(tiny_model, tmp_path):
     assert not any(tag.startswith("validation/") for tag in logged)  # no validation data, no metric
 
 
+def wandb_history(directory) -> list[dict]:
+    """The history records (one per logged step) of the one offline W&B run under ``directory``. W&B 0.31 has no
+    Python reader of its ``.wandb`` file: it is a LevelDB-style log (a 7-byte file header, then 32 KiB blocks of
+    records, each a 7-byte header of CRC, length and kind — full, first, middle, last — and its bytes) of
+    ``wandb_internal_pb2.Record`` messages."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = directory.glob("wandb/offline-run-*/run-*.wandb")
+    data, block, position, pieces, records = path.read_bytes(), 32 * 1024, 7, b"", []
+    assert data.startswith(b":W&B")
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:
+            break
+        pieces += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                records.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return records
+
+
+def test_weights_and_biases_offline_logs_every_step_and_validation(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    res, qrels = training_frames(8)
+    log = kdcl.ContrastiveTrainer(student(tiny_model), temperature=0.5, output_dir=tmp_path / "cl", report_to="wandb",
+                                  **OPTIONS).fit(res, qrels, res, qrels)
+    history = wandb_history(tmp_path / "cl" / "runs")  # W&B's files under output_dir/runs
+    assert [h["_step"] for h in history] == list(log["step"]) == [1, 2, 3, 4]
+    assert [h["train/loss"] for h in history] == pytest.approx(list(log["loss"]), rel=1e-6)
+    assert [h["train/learning_rate"] for h in history] == pytest.approx(list(log["lr"]), rel=1e-6)
+    assert all(h["train/temperature"] == 0.5 and h["train/pairs_per_second"] > 0 for h in history)
+    validated = log.dropna(subset=["metric"])
+    assert [h["_step"] for h in history if "validation/RR_10" in h] == list(validated["step"]) == [2, 4]
+    assert [h["validation/RR_10"] for h in history if "validation/RR_10" in h] == \
+        pytest.approx(list(validated["metric"]), rel=1e-6)
+
+
+def test_mlflow_logs_metrics_per_step_and_the_settings_as_parameters(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a local database: MLflow's file store is in maintenance mode
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    res, qrels = training_frames(8)
+    log = kdcl.ContrastiveTrainer(student(tiny_model), output_dir=tmp_path / "cl", report_to="mlflow",
+                                  **OPTIONS).fit(res, qrels, res, qrels)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("kdcl").experiment_id])
+    assert run.info.run_name == str(tmp_path / "cl")  # one run per fit, named by its output directory
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == [1, 2, 3, 4]
+    assert [m.value for m in loss] == pytest.approx(list(log["loss"]), rel=1e-6)
+    metric = client.get_metric_history(run.info.run_id, "validation/RR_10")  # MLflow refuses '@' in a name
+    validated = log.dropna(subset=["metric"])
+    assert [m.step for m in metric] == list(validated["step"]) == [2, 4]
+    assert [m.value for m in metric] == pytest.approx(list(validated["metric"]), rel=1e-6)
+    assert run.data.params["metric"] == "RR@10" and run.data.params["group_size"] == "4"
+
+
+def uninstalled(monkeypatch, name: str) -> None:
+    """Makes ``name`` look not installed to ``importlib.util.find_spec`` (how the trackers' check looks)."""
+    find_spec = importlib.util.find_spec
+
+    def looked_up(module, *args):
+        return None if module == name else find_spec(module, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", looked_up)
+
+
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
-def test_a_tracker_that_is_not_installed_is_refused_naming_the_package(tiny_model, name):
-    if importlib.util.find_spec(name) is not None:
-        pytest.skip(f"{name} is installed here")
+def test_a_tracker_that_is_not_installed_is_refused_naming_the_package(tiny_model, name, monkeypatch):
+    uninstalled(monkeypatch, name)
     with pytest.raises(ValueError, match=rf"report_to=.*{name}.*needs the {name} package.*pip install {name}"):
         kdcl.ContrastiveTrainer(student(tiny_model), report_to=["tensorboard", name])
 
@@ -126,7 +206,8 @@ def test_report_to_changes_no_fingerprint(tiny_model, tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match=r"training.report_to: expected one of 'tensorboard', 'wandb', 'mlflow'"):
         config({"report_to": "tensorbord"})
-    if importlib.util.find_spec("wandb") is None:
+    with monkeypatch.context() as patch:
+        uninstalled(patch, "wandb")
         with pytest.raises(ConfigError, match=r"students\[0\].training.report_to: .*pip install wandb"):
             config(student_training={"report_to": ["wandb"]}, check_environment=True)
     # the trainer's identity: the reranker's fingerprint and repr, with or without tracking
