@@ -25,7 +25,8 @@ def main(model_dir: str, out: str, objective: str = "cl") -> None:
     for module in ce.ranker.modules():  # dropout masks differ between batch shapes; switch it off to compare
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    options = {"group_size": 4, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "verbose": False}
+    options = {"group_size": 4, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "verbose": False,
+               "precision": "fp32"}  # the comparison is of float sums split over processes: bf16 would blur it
     rank = int(os.environ.get("RANK", 0))
     if objective == "kd":
         teacher = WordTeacher("answer", 2.0)

@@ -27,7 +27,8 @@ def main(model_dir: str, out: str) -> None:
     res, qrels = training_frames(8)
     va_res, va_qrels = training_frames(4)
     rank = int(os.environ.get("RANK", 0))
-    options = {"group_size": 4, "batch_size": 4, "learning_rate": 1e-3, "warmup_ratio": 0.0, "verbose": False}
+    options = {"group_size": 4, "batch_size": 4, "learning_rate": 1e-3, "warmup_ratio": 0.0, "verbose": False,
+               "precision": "fp32"}  # the comparison is of float sums split over processes: bf16 would blur it
     # validation after every step (best weights gathered); LoRA under FSDP
     trainer = kdcl.ContrastiveTrainer(kdcl.CrossEncoder(model_dir, verbose=False, max_length=32, lora=LORA),
                                       validate_every=1, output_dir=Path(out) / "lora", **options)
