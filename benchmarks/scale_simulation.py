@@ -276,8 +276,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps of the fit")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kdcl-scale-simulation"))
     parser.add_argument("--record", type=Path, help="append the runs to this JSON file")
+    parser.add_argument("--report", type=Path, help="print the table and the cost model of a recorded file")
     parser.add_argument("--child", nargs=3, metavar=("PHASE", "QUERIES", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        return report(json.loads(args.report.read_text())["runs"])
     if args.child:
         phase, queries, mode = args.child[0], int(args.child[1]), args.child[2]
         print(json.dumps(child(phase, queries, mode, args.work / f"{queries}-{mode}", args.steps)))
@@ -318,6 +321,52 @@ def main() -> None:
         old["runs"] += runs
         args.record.parent.mkdir(parents=True, exist_ok=True)
         args.record.write_text(json.dumps(old, indent=1) + "\n")
+
+
+# -- the cost model -------------------------------------------------------------------------------------------------
+FIGURES = {  # (phase, field): what it measures
+    ("groups", "sampler_s"): "GroupSampler built, s",
+    ("groups", "epoch_draw_s"): "one epoch drawn (with text), s",
+    ("teacher", "teacher_s"): "teacher scoring into an empty cache, s",
+    ("teacher", "cache_mb"): "cache on disk, MB",
+    ("lookup", "lookup_pairs_per_s"): "cache lookup, pairs/s",
+    ("lookup", "warm_prepare_s"): "warm prepare (all cached), s",
+    ("fit", "before_first_step_s"): "fit: start to first step, s",
+    ("fit", "step_s"): "fit: one step, s",
+    ("groups", "frame_rss_mb"): "training frame, RSS MB",
+    ("groups", "peak_rss_mb"): "peak RSS, groups, MB",
+    ("teacher", "peak_rss_mb"): "peak RSS, teacher scoring, MB",
+    ("fit", "peak_rss_mb"): "peak RSS, fit, MB",
+}
+TARGET_QUERIES = MARCO_QUERIES
+
+
+def report(runs: list[dict]) -> None:
+    """The measured table per mode, a least-squares line a + b * queries per figure, and its value at MS MARCO's
+    502,939 training queries (8.8M passages, 15.1M candidate rows)."""
+    for mode in sorted({r["mode"] for r in runs}):
+        mine = [r for r in runs if r["mode"] == mode]
+        sizes = sorted({r["queries"] for r in mine})
+        print(f"\n### mode: {mode}\n")
+        print("| figure | " + " | ".join(f"{q:,} q" for q in sizes) + f" | fit a + b·q | at {TARGET_QUERIES:,} q |")
+        print("| --- | " + " | ".join("---:" for _ in sizes) + " | --- | ---: |")
+        for (phase, name), label in FIGURES.items():
+            points = {r["queries"]: r[name] for r in mine if r["phase"] == phase and name in r}
+            if not points:
+                continue
+            cells = [_fmt(points[q]) if q in points else "" for q in sizes]
+            model, predicted = "", ""
+            if len(points) >= 2 and name != "lookup_pairs_per_s":
+                b, a = np.polyfit(list(points), list(points.values()), 1)
+                model = f"{_fmt(a)} + {b * 1000:.3g}/1k q"
+                predicted = _fmt(a + b * TARGET_QUERIES)
+            print(f"| {label} | " + " | ".join(cells) + f" | {model} | {predicted} |")
+        loads = [f"{r['load_before']:.1f}-{r['load_after']:.1f}" for r in mine]
+        print(f"\nload average (1 min) before-after each process: {', '.join(loads)}")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _wrapper() -> list[str]:
