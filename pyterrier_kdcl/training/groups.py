@@ -12,6 +12,11 @@ Each group also carries its documents' first-stage ``score`` (when the frame has
 (``pyterrier_kdcl.fusion.FirstStageScore``). A positive the first stage missed gets the lowest score among its
 query's candidates: it ranked below all of them.
 
+A frame without the text column, given ``text_source=`` (a docstore), is *streamed*: the sampler keeps ids and
+first-stage scores only, and fetches the text of each block of ``TEXT_BLOCK`` groups as they are drawn, so memory
+does not grow with the training set's text. The groups, their order and their text are those of the same frame
+with the text in it: streaming changes where the text comes from, never which groups are trained on.
+
 A :class:`NegativeFilter` consults a teacher about the negatives (:meth:`GroupSampler.filter_negatives`): a negative
 the teacher scores at or above a positive's score minus ``margin`` is a false-negative suspect, and is dropped from
 the candidates that positive's groups draw from, or kept and labelled positive in them. It happens once, before
@@ -21,14 +26,16 @@ still see the same groups.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyterrier as pt
 
+TEXT_BLOCK = 512  # groups whose text a streaming sampler fetches at once
 INSUFFICIENT_POLICIES = ("skip", "replace")
 UNJUDGED_POLICIES = ("skip", "distil")
 NEGATIVE_ACTIONS = ("drop", "relabel")
@@ -158,8 +165,10 @@ class GroupSampler:
             order (groups never depend on row order).
         insufficient: ``"skip"`` queries with fewer than ``group_size - 1`` negatives, or ``"replace"``: draw
             their negatives with replacement.
-        text_source: where to find the text of positives the first stage missed: a mapping docno → text or a
-            transformer such as ``pt.text.get_text(dataset, "text")``. Without it such queries are skipped.
+        text_source: where to find the text of positives the first stage missed: a mapping docno → text (such as
+            ``dataset.irds_ref().docs_store()`` wrapped as a mapping) or a transformer such as
+            ``pt.text.get_text(dataset, "text")``. Without it such queries are skipped. Given a frame without
+            ``text_field``, every group's text comes from it, a block of groups at a time (streaming, see above).
         unjudged: what becomes of queries with no qrels at all: ``"skip"`` them (counted in ``stats``), or
             ``"distil"``: groups of ``group_size`` candidates from the window (``insufficient`` applies), for a
             teacher to score. A query with qrels but no positive among its candidates is skipped either way.
@@ -187,7 +196,9 @@ class GroupSampler:
         self.insufficient = insufficient
         self.unjudged = unjudged
         self.stats = GroupStats()
-        results = _checked_results(results, text_field)
+        self.text_source, self.text_field = text_source, text_field
+        self.streaming = text_source is not None and text_field not in results.columns
+        results = _checked_results(results, text_field, self.streaming)
         qrels = _checked_qrels(qrels)
         self._build(results, qrels, min_label, negatives_window, text_source, text_field)
         if not self._queries:
@@ -220,7 +231,8 @@ class GroupSampler:
             judged = positive_sets.get(qid, set())
             is_pos = rows["docno"].isin(judged).to_numpy()
             scores = rows["score"].to_numpy("float64") if self._scored else np.full(len(rows), None)
-            pos = list(zip(rows["docno"][is_pos], rows[text_field][is_pos], scores[is_pos]))
+            texts = rows[text_field].to_numpy() if not self.streaming else np.full(len(rows), None)
+            pos = list(zip(rows["docno"][is_pos], texts[is_pos], scores[is_pos]))
             lowest = np.nanmin(scores) if self._scored else None  # a missed positive ranked below every candidate
             pos += [(d, missing_positive_text[qid, d], lowest) for d in sorted(judged)
                     if (qid, d) in missing_positive_text]
@@ -228,7 +240,7 @@ class GroupSampler:
             if window is not None:
                 ranks = rows["_rank"].to_numpy()
                 is_neg &= (ranks >= window[0]) & (ranks < window[1])
-            negs = list(zip(rows["docno"][is_neg], rows[text_field][is_neg], scores[is_neg]))
+            negs = list(zip(rows["docno"][is_neg], texts[is_neg], scores[is_neg]))
             unjudged = qid not in judged_qids
             self.stats.unjudged += unjudged
             if not pos and not (unjudged and self.unjudged == "distil"):
@@ -263,6 +275,9 @@ class GroupSampler:
 
     def epoch(self, epoch: int) -> Iterator[Group]:
         """The groups of one epoch in training order: a function of (seed, epoch) only."""
+        return self._with_text(self._draw(epoch))
+
+    def _draw(self, epoch: int) -> Iterator[Group]:
         rng = np.random.default_rng([self.seed, epoch])
         for index in rng.permutation(len(self._queries)):
             qid, query, pos, negs, pools = self._queries[index]
@@ -277,10 +292,24 @@ class GroupSampler:
                         tuple(float(s) for _, _, s in members) if self._scored else None,
                         tuple(1 + j for j, i in enumerate(picks) if int(i) in relabel))
 
+    def _with_text(self, groups: Iterator[Group]) -> Iterator[Group]:
+        """The groups with their text: as they are, or (streaming) fetched from ``text_source`` a block at a time."""
+        if not self.streaming:
+            yield from groups
+            return
+        while block := list(itertools.islice(groups, TEXT_BLOCK)):
+            wanted = list(dict.fromkeys(d for g in block for d, t in zip(g.docnos, g.texts) if t is None))
+            found = dict(zip(wanted, fetch_texts(self.text_source, wanted, self.text_field)))
+            for g in block:
+                yield replace(g, texts=tuple(found[d] if t is None else t for d, t in zip(g.docnos, g.texts)))
+
     # -- teacher-filtered negatives -------------------------------------------------------------------------
     def candidates(self) -> Iterator[Group]:
         """One group a query holding its positives, then every negative it may draw: every pair any epoch's groups
         can hold, for a teacher to score before :meth:`filter_negatives` (labels mean nothing here)."""
+        return self._with_text(self._candidates())
+
+    def _candidates(self) -> Iterator[Group]:
         for qid, query, pos, negs, _ in self._queries:
             members = pos + negs
             yield Group(qid, query, tuple(d for d, _, _ in members), tuple(t for _, t, _ in members), bool(pos),
@@ -338,17 +367,35 @@ class GroupSampler:
         return [(qid, query, [p for p, _ in pools], negs, [(pool, frozenset()) for _, pool in pools])]
 
 
-def _checked_results(results: pd.DataFrame, text_field: str) -> pd.DataFrame:
+def fetch_texts(text_source, docnos: list[str], text_field: str = "text") -> list[str]:
+    """The text of each docno from a mapping (docno → text) or a transformer adding ``text_field`` to (qid, docno)
+    rows; refuses a docno it has no non-empty text for."""
+    if isinstance(text_source, Mapping):
+        found = {d: text_source.get(d) for d in docnos}
+    else:
+        fetched = text_source(pd.DataFrame({"qid": "0", "docno": docnos}))
+        found = dict(zip(fetched["docno"].astype(str), fetched[text_field]))
+    bad = next((d for d in docnos if not isinstance(found.get(d), str) or not found[d].strip()), None)
+    if bad is not None:
+        raise ValueError(f"text_source has no text for docno {bad!r}: the training frame has no {text_field!r} "
+                         "column, so every candidate's text comes from text_source; pass the docstore of the "
+                         "collection the first stage retrieved from")
+    return [found[d] for d in docnos]
+
+
+def _checked_results(results: pd.DataFrame, text_field: str, streaming: bool = False) -> pd.DataFrame:
     if "docno" not in results.columns:
         raise ValueError("the training frame has no 'docno' column: it looks like topics, not results. Put a first "
                          "stage before the trainer, e.g. (bm25 >> pt.text.get_text(dataset, 'text') >> trainer).fit()")
-    missing = [c for c in ("qid", "query", text_field) if c not in results.columns]
+    missing = [c for c in ("qid", "query") + (() if streaming else (text_field,)) if c not in results.columns]
     if missing:
-        hint = f'add pt.text.get_text(dataset, "{text_field}") before the trainer' if text_field in missing else \
+        hint = (f'add pt.text.get_text(dataset, "{text_field}") before the trainer, or pass text_source= (a '
+                'docstore) to fetch the text per batch') if text_field in missing else \
             "the frame needs qid and query columns"
         raise ValueError(f"the training frame lacks columns {missing}: {hint}")
     results = results.assign(qid=results["qid"].astype(str), docno=results["docno"].astype(str)).reset_index(drop=True)
-    bad = results[text_field].map(lambda v: not isinstance(v, str) or not v.strip())
+    bad = results[text_field].map(lambda v: not isinstance(v, str) or not v.strip()) if not streaming else \
+        pd.Series(False, index=results.index)
     if bad.any():
         raise ValueError(f"{int(bad.sum())} training rows have an empty or non-string {text_field!r} (for example "
                          f"docno {results['docno'][bad].iloc[0]!r}); drop or fill them before fitting")

@@ -167,10 +167,10 @@ class ScoreStore:
     twice). Writes take SQLite's write lock up front (``BEGIN IMMEDIATE``) and wait up to an hour for another
     process's write, so several trainers may share one directory; reads see only committed writes."""
 
-    def __init__(self, path: str | Path, description: str = ""):
+    def __init__(self, path: str | Path, description: str = "", file: str = SCORE_FILE):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path / SCORE_FILE, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        self.db = sqlite3.connect(self.path / file, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         self.db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_S * 1000}")
         with self._writing():
             self.db.execute("CREATE TABLE IF NOT EXISTS scores (key BLOB PRIMARY KEY, score REAL NOT NULL) "
@@ -229,12 +229,28 @@ class Processes:
 class TeacherScores:
     """The teacher's score for every pair of the groups: ``prepare`` once, then ``lookup`` per batch.
 
+    Pairs go through ``prepare`` in chunks of ``CHUNK_PAIRS`` (each looked up in the cache, its missing pairs
+    scored, written), and what stays in memory is each distinct pair's 16-byte key and its score, sorted: no text
+    is held, so groups whose text is fetched per block (a streaming ``GroupSampler``) stay small here too.
+
+    Under several processes the first one alone opens the cache file; every other one writes the pairs it scores to
+    its own file beside it (``scores.rank-<r>.sqlite3``: one writer a file, so a crash keeps its progress without
+    SQLite locking over shared storage) and removes it once the first process has gathered its scores.
+    :func:`merge_shards` folds such files into the cache: the first process does it at the start of ``prepare``
+    (the leftovers of a crashed run), and a user does it once after scoring shards on separate machines.
+
     Args:
         teacher: any transformer that scores the rows it is given.
         cache_dir: where scores persist (a directory per teacher inside it), or None to keep them in memory.
         key: names the teacher's scores in the cache, instead of its fingerprint (needed to persist the scores of
             a teacher that has none); change it whenever the teacher changes. A ``cache_dir`` for a teacher with
             neither is refused.
+
+    Example (scoring on two machines, merged once; ``groups`` the same on both)::
+
+        TeacherScores(teacher, "cache").prepare(groups, Processes(rank=r, world=2))  # on machine r
+        # copy machine 1's cache/<fingerprint>/scores.rank-1.sqlite3 beside machine 0's scores.sqlite3, then
+        merge_shards("cache/<fingerprint>")   # a fit with teacher_cache="cache" now scores nothing
     """
 
     def __init__(self, teacher: pt.Transformer, cache_dir: str | Path | None, *, key: str | None = None,
@@ -243,67 +259,156 @@ class TeacherScores:
         self.checked = CheckedTeacher(teacher)
         self.first_stage = reads_first_stage_score(teacher)  # part of every pair's key when given to the teacher
         self.verbose = verbose
-        self.store = None
+        self.path = None
         if cache_dir is not None:
             name = teacher_fingerprint(teacher, key)
             if name is None:
                 raise ValueError(unnamed_teacher_message(teacher))
-            description = json.dumps({"teacher": repr(teacher), "key": key})
-            self.store = ScoreStore(Path(cache_dir) / name, description)
+            self.path = Path(cache_dir) / name
+        self.cache_name = self.path.name if self.path is not None else None
+        self._description = json.dumps({"teacher": repr(teacher), "key": key})
+        self._store, self._closed, self._bar = None, False, None
         self.scored = 0  # pairs this process had the teacher score
-        self._index: dict[tuple, int] = {}
-        self._scores = np.empty(0)
+        self._keys = np.empty(0, dtype="S16")  # every distinct pair's key, sorted
+        self._scores = np.empty(0)  # their scores, in the same order
+
+    @property
+    def store(self) -> ScoreStore | None:
+        """The cache (opened on first use, by the process that uses it); None without a cache_dir or once closed."""
+        if self._store is None and self.path is not None and not self._closed:
+            self._store = ScoreStore(self.path, self._description)
+        return self._store
 
     def prepare(self, groups: Iterable[Group], processes: Processes | None = None) -> None:
         """Finds every distinct pair of the groups (query, docno, text, and the first-stage score when the teacher
-        reads it) in the cache, and has the teacher score the rest, each process its share, in chunks written to
-        the cache as they are scored."""
+        reads it) in the cache, and has the teacher score the rest, each process its share, chunk by chunk, each
+        chunk written to the cache as it is scored."""
         processes = processes or Processes()
-        pairs, self._index = _distinct_pairs(groups, self.first_stage)
-        keys = [pair_key(q, d, t, s) for _, q, d, t, s in pairs]
-        scores = np.full(len(pairs), np.nan)
-        if processes.is_main and self.store is not None:
-            cached = self.store.get(keys)
-            scores = np.array([cached.get(k, np.nan) for k in keys], dtype="float64")
-        scores = processes.broadcast(scores)  # the main process's view decides what is missing
-        mine = np.flatnonzero(np.isnan(scores))[processes.rank :: processes.world]
-        my_scores = self._score(pairs, keys, mine)
-        for rank, (indices, values) in enumerate(processes.gather((mine, my_scores))):
-            scores[indices] = values
-            if processes.is_main and self.store is not None and rank != processes.rank:
-                self.store.put([keys[i] for i in indices], values)  # the others' shares, on the main's disk too
-        self._scores = scores
+        if processes.is_main:
+            cache = self.store if self.path is not None else _MemoryStore()  # also finds pairs of earlier chunks
+            if self.path is not None:
+                merge_shards(self.path, cache)
+        else:
+            cache = None
+        own = cache if processes.is_main or self.path is None else \
+            ScoreStore(self.path, self._description, file=shard_file(processes.rank))
+        all_keys, all_scores, gathered_all = [], [], True
+        for pairs in _distinct_chunks(groups, self.first_stage, CHUNK_PAIRS):
+            keys = [pair_key(q, d, t, s) for _, q, d, t, s in pairs]
+            scores = np.full(len(pairs), np.nan)
+            if cache is not None:
+                cached = cache.get(keys)
+                scores = np.array([cached.get(k, np.nan) for k in keys], dtype="float64")
+            scores = processes.broadcast(scores)  # the main process's view decides what is missing
+            mine = np.flatnonzero(np.isnan(scores))[processes.rank :: processes.world]
+            my_scores = self._score(pairs, keys, mine, own)
+            shares = processes.gather((mine, my_scores))
+            gathered_all &= len(shares) == processes.world
+            for rank, (indices, values) in enumerate(shares):
+                scores[indices] = values
+                if cache is not None and rank != processes.rank:
+                    cache.put([keys[i] for i in indices], values)  # the others' shares, on the main's disk too
+            all_keys.append(np.array(keys, dtype="S16"))
+            all_scores.append(scores)
+        if own is not None and own is not cache:
+            own.close()
+            if gathered_all:  # the first process holds this one's scores now; a shard scored alone waits for a merge
+                (self.path / shard_file(processes.rank)).unlink(missing_ok=True)
+        keys = np.concatenate(all_keys) if all_keys else np.empty(0, dtype="S16")
+        self._keys, first = np.unique(keys, return_index=True)  # a pair met again in a later chunk: one entry
+        self._scores = np.concatenate(all_scores)[first] if all_keys else np.empty(0)
 
-    def _score(self, pairs, keys, indices: np.ndarray) -> np.ndarray:
+    def _score(self, pairs, keys, indices: np.ndarray, store) -> np.ndarray:
         out = np.empty(len(indices))
-        bar = pt.tqdm(total=len(indices), desc=f"teacher {self.teacher!r}", unit="pair", disable=not self.verbose)
-        for start in range(0, len(indices), CHUNK_PAIRS):
-            chunk = indices[start : start + CHUNK_PAIRS]
-            frame = pd.DataFrame([pairs[i] for i in chunk], columns=["qid", "query", "docno", "text",
-                                                                     FIRST_STAGE_COLUMN])
-            if frame[FIRST_STAGE_COLUMN].isna().all():  # groups without first-stage scores, or a teacher not given them
-                frame = frame.drop(columns=FIRST_STAGE_COLUMN)
-            out[start : start + len(chunk)] = self.checked(frame)["score"].to_numpy(dtype="float64")
-            self.scored += len(chunk)
-            if self.store is not None:
-                self.store.put([keys[i] for i in chunk], out[start : start + len(chunk)])
-            bar.update(len(chunk))
-        bar.close()
+        if len(indices) == 0:
+            return out
+        if self._bar is None:
+            self._bar = pt.tqdm(desc=f"teacher {self.teacher!r}", unit="pair", disable=not self.verbose)
+        frame = pd.DataFrame([pairs[i] for i in indices], columns=["qid", "query", "docno", "text",
+                                                                   FIRST_STAGE_COLUMN])
+        if frame[FIRST_STAGE_COLUMN].isna().all():  # groups without first-stage scores, or a teacher not given them
+            frame = frame.drop(columns=FIRST_STAGE_COLUMN)
+        out[:] = self.checked(frame)["score"].to_numpy(dtype="float64")
+        self.scored += len(indices)
+        if store is not None:
+            store.put([keys[i] for i in indices], out)
+        self._bar.update(len(indices))
         return out
 
+    def _rows(self, groups: Iterable[Group]) -> np.ndarray:
+        wanted = np.array([pair_key(*pair) for g in groups for pair in _pairs_of(g, self.first_stage)], dtype="S16")
+        rows = np.searchsorted(self._keys, wanted)
+        missing = (rows >= len(self._keys)) | (self._keys[np.minimum(rows, len(self._keys) - 1)] != wanted)
+        if len(wanted) and (missing.any() or not len(self._keys)):
+            raise KeyError("a group holds a pair the teacher's scores were not prepared for: prepare() them first")
+        return rows
+
     def lookup(self, groups: list[Group]) -> torch.Tensor:
-        rows = [self._index[pair] for g in groups for pair in _pairs_of(g, self.first_stage)]
+        rows = self._rows(groups)
         return torch.tensor(self._scores[rows], dtype=torch.float32).view(len(groups), -1)
 
     def of(self, group: Group) -> np.ndarray:
         """One group's scores as the teacher gave them (float64), in the group's order; any length of group."""
-        return self._scores[[self._index[pair] for pair in _pairs_of(group, self.first_stage)]]
+        return self._scores[self._rows([group])]
 
     def close(self) -> None:
         """Closes the cache; ``lookup`` goes on working (every score is in memory after ``prepare``)."""
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self._store is not None:
+            self._store.close()
+        self._store, self._closed = None, True
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _MemoryStore:
+    """A ScoreStore's ``get`` and ``put`` in a dict: a fit without a cache directory remembers what it scored."""
+
+    def __init__(self):
+        self.scores: dict[bytes, float] = {}
+
+    def get(self, keys: list[bytes]) -> dict[bytes, float]:
+        return {k: self.scores[k] for k in keys if k in self.scores}
+
+    def put(self, keys: list[bytes], scores: Iterable[float]) -> None:
+        for k, v in zip(keys, scores):
+            self.scores.setdefault(k, float(v))
+
+
+def shard_file(rank: int) -> str:
+    """The file a process other than the first writes its teacher scores to."""
+    return f"scores.rank-{rank}.sqlite3"
+
+
+def merge_shards(path: str | Path, store: ScoreStore | None = None) -> int:
+    """Folds every ``scores.rank-<r>.sqlite3`` in a teacher's cache directory into its ``scores.sqlite3`` (one
+    transaction a file; a key already there keeps its score) and removes the files; returns the scores added.
+
+    Example::
+
+        merge_shards("teacher_scores/3f2a9c0d1e2b4a5c")   # after copying each machine's shard file there
+    """
+    path = Path(path)
+    shards = sorted(path.glob("scores.rank-*.sqlite3"))
+    if not shards:
+        return 0
+    own = store is None
+    store = store or ScoreStore(path)
+    before = len(store)
+    for shard in shards:
+        store.db.execute("ATTACH DATABASE ? AS shard", (str(shard),))
+        try:
+            with store._writing():
+                store.db.execute("INSERT OR IGNORE INTO main.scores SELECT key, score FROM shard.scores")
+        finally:
+            store.db.execute("DETACH DATABASE shard")
+        shard.unlink()
+        for extra in ("-journal", "-wal"):
+            Path(str(shard) + extra).unlink(missing_ok=True)
+    added = len(store) - before
+    if own:
+        store.close()
+    return added
 
 
 def not_a_scorer_message(teacher, inp: pd.DataFrame, err: Exception) -> str:
@@ -343,12 +448,17 @@ def _pairs_of(group: Group, first_stage: bool) -> Iterable[tuple]:
     return zip(itertools.repeat(group.query), group.docnos, group.texts, scores)
 
 
-def _distinct_pairs(groups: Iterable[Group], first_stage: bool = False) -> tuple[list[tuple], dict]:
-    """The distinct (qid, query, docno, text, first-stage score or None) of the groups, and each pair's position
-    among them (the strings are the groups' own: an index of millions of pairs holds references, not copies)."""
-    pairs, index = [], {}
+def _distinct_chunks(groups: Iterable[Group], first_stage: bool, size: int) -> Iterable[list[tuple]]:
+    """The groups' pairs (qid, query, docno, text, first-stage score or None) in chunks of about ``size``, each
+    pair once within its chunk (a pair met in an earlier chunk is found in the cache by then)."""
+    pairs, seen = [], set()
     for g in groups:
         for pair in _pairs_of(g, first_stage):
-            if index.setdefault(pair, len(pairs)) == len(pairs):
+            if pair not in seen:
+                seen.add(pair)
                 pairs.append((g.qid, *pair))
-    return pairs, index
+        if len(pairs) >= size:
+            yield pairs
+            pairs, seen = [], set()
+    if pairs:
+        yield pairs

@@ -485,7 +485,6 @@ class RerankerTrainer(pt.Estimator):
             groups = sampler.candidates()
         else:
             groups = itertools.chain.from_iterable(sampler.epoch(e) for e in range(self.epochs))
-        scores.cache_name = scores.store.path.name if scores.store is not None else None  # for the model card
         try:
             scores.prepare(groups, _processes(accelerator))
         finally:

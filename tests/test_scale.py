@@ -1,0 +1,138 @@
+"""Scale: groups built from ids with text fetched per block (streaming) train exactly like the in-memory frame, and
+teacher scores sharded by rank into per-rank files merge once into the cache (issue 24, item 3)."""
+
+import pandas as pd
+import pytest
+import torch
+from teacher_worker import WordTeacher
+from training_data import training_frames
+
+import pyterrier_kdcl as kdcl
+from pyterrier_kdcl.training import groups as groups_module
+from pyterrier_kdcl.training import teachers
+from pyterrier_kdcl.training.groups import GroupSampler
+from pyterrier_kdcl.training.teachers import (
+    SCORE_FILE,
+    Processes,
+    ScoreStore,
+    TeacherScores,
+    merge_shards,
+    shard_file,
+    teacher_fingerprint,
+)
+
+
+class CountingDocstore(dict):
+    """docno → text, counting how many texts were asked for."""
+
+    fetched = 0
+
+    def get(self, key, default=None):
+        self.fetched += 1
+        return super().get(key, default)
+
+
+def frames(n=20):
+    res, qrels = training_frames(n)
+    docstore = CountingDocstore(zip(res["docno"], res["text"]))
+    return res, res.drop(columns="text"), qrels, docstore
+
+
+def test_a_streamed_sampler_draws_the_groups_of_the_in_memory_frame(monkeypatch):
+    monkeypatch.setattr(groups_module, "TEXT_BLOCK", 3)  # several blocks per epoch
+    res, ids, qrels, docstore = frames()
+    memory = GroupSampler(res, qrels, group_size=4, seed=7)
+    streamed = GroupSampler(ids, qrels, group_size=4, seed=7, text_source=docstore)
+    assert streamed.streaming and not memory.streaming
+    assert all(t is None for entry in streamed._queries for _, t, _ in entry[2] + entry[3])  # no text is held
+    for epoch in (0, 1):
+        assert list(streamed.epoch(epoch)) == list(memory.epoch(epoch))
+    assert list(streamed.candidates()) == list(memory.candidates())
+    assert 0 < docstore.fetched
+
+
+def test_a_streamed_sampler_refuses_a_docno_its_docstore_lacks():
+    _, ids, qrels, docstore = frames(4)
+    del docstore["d0-5"]
+    with pytest.raises(ValueError, match="text_source has no text for docno 'd0-5'"):
+        list(GroupSampler(ids, qrels, group_size=4, text_source=docstore).epoch(0))
+
+
+def test_a_frame_without_text_and_without_a_text_source_points_to_both():
+    _, ids, qrels, _ = frames(4)
+    with pytest.raises(ValueError, match="pt.text.get_text.*text_source="):
+        GroupSampler(ids, qrels, group_size=4)
+
+
+@pytest.mark.parametrize("objective", ["cl", "kd"])
+def test_a_streamed_fit_trains_like_the_in_memory_fit(tiny_model, objective, tmp_path):
+    res, ids, qrels, docstore = frames(12)
+    logs, weights = [], []
+    for frame, source in ((res, None), (ids, docstore)):
+        student = kdcl.CrossEncoder(str(tiny_model("bert")), verbose=False, max_length=32, device="cpu")
+        options = dict(group_size=4, batch_size=4, epochs=2, seed=3, verbose=False, text_source=source)
+        trainer = (kdcl.ContrastiveTrainer(student, **options) if objective == "cl" else
+                   kdcl.DistillationTrainer(student, WordTeacher("answer", 2.0), **options))
+        logs.append(trainer.fit(frame, qrels))
+        weights.append(student.ranker.state_dict())
+    pd.testing.assert_series_equal(logs[0]["loss"], logs[1]["loss"])
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], atol=0, rtol=0)
+
+
+def groups(n=10):
+    res, qrels = training_frames(n)
+    return list(GroupSampler(res, qrels, group_size=4, seed=1).epoch(0))
+
+
+def test_teacher_scores_hold_keys_not_text_and_span_chunks(monkeypatch):
+    monkeypatch.setattr(teachers, "CHUNK_PAIRS", 5)  # many chunks; the second epoch's pairs repeat the first's
+    res, qrels = training_frames(10)
+    sampler = GroupSampler(res, qrels, group_size=4, seed=1)
+    both = list(sampler.epoch(0)) + list(sampler.epoch(1))
+    teacher = WordTeacher("answer", 2.0)
+    scores = TeacherScores(teacher, None)
+    scores.prepare(both)
+    distinct = {(g.query, d, t) for g in both for d, t in zip(g.docnos, g.texts)}
+    assert scores.scored == len(distinct) == len(scores._keys)  # each pair scored once, across chunks
+    assert scores._keys.dtype == "S16"
+    expected = torch.tensor([[2.0 * t.count("answer") for t in g.texts] for g in both])
+    torch.testing.assert_close(scores.lookup(both), expected)
+    with pytest.raises(KeyError, match="prepare"):
+        scores.lookup([groups_module.Group("q", "unseen", ("x",), ("never scored",))])
+
+
+def test_teacher_scoring_sharded_by_rank_into_files_merges_once(tmp_path):
+    """Two machines (simulated ranks, no shared process group) score halves into their own files; the files
+    merge once into one cache, from which a fit's teacher scores nothing."""
+    gs = groups()
+    pairs = {(g.query, d, t) for g in gs for d, t in zip(g.docnos, g.texts)}
+    counts = []
+    for rank in (0, 1):  # each alone, as on its own machine: broadcast and gather reach no other process
+        teacher = WordTeacher("answer", 2.0)
+        TeacherScores(teacher, tmp_path / f"machine{rank}").prepare(gs, Processes(rank=rank, world=2))
+        counts.append(len(teacher.scored))
+    assert sum(counts) == len(pairs) and abs(counts[0] - counts[1]) <= 1
+    name = teacher_fingerprint(WordTeacher("answer", 2.0))
+    main, other = tmp_path / "machine0" / name, tmp_path / "machine1" / name
+    assert (main / SCORE_FILE).exists() and (other / shard_file(1)).exists()  # rank 1 never opened the main file
+    assert not (other / SCORE_FILE).exists()
+    (other / shard_file(1)).rename(main / shard_file(1))  # copied to the first machine
+    assert merge_shards(main) == counts[1]
+    assert not (main / shard_file(1)).exists() and len(ScoreStore(main)) == len(pairs)
+    teacher = WordTeacher("answer", 2.0)
+    again = TeacherScores(teacher, tmp_path / "machine0")
+    again.prepare(gs)
+    assert teacher.scored == [] and again.scored == 0
+    torch.testing.assert_close(again.lookup(gs), torch.tensor([[2.0 * t.count("answer") for t in g.texts]
+                                                               for g in gs]))
+
+
+def test_a_crashed_ranks_shard_is_merged_by_the_next_prepare(tmp_path):
+    gs = groups()
+    teacher = WordTeacher("answer", 2.0)
+    TeacherScores(teacher, tmp_path).prepare(gs, Processes(rank=1, world=2))  # its half, left in its file
+    again = WordTeacher("answer", 2.0)
+    TeacherScores(again, tmp_path).prepare(gs)
+    assert len(again.scored) == sum(len(g.docnos) for g in gs) - len(teacher.scored)
+    assert not list(tmp_path.rglob("scores.rank-*"))
