@@ -10,7 +10,8 @@ The test runs a tiny experiment once uninterrupted and counts its writes, then f
 fresh run there, reruns it to the end, and asserts that the per-query results (``perquery.csv.gz``), the fitted
 teacher temperature and every stage's ``done.json`` fingerprint equal the uninterrupted run's. The sample is drawn
 with ``KDCL_KILL_SEED`` (random when unset, printed on failure); ``KDCL_KILL_POINTS=all`` runs every point (a few
-hundred, some minutes), ``KDCL_KILL_POINTS=N`` a sample of N.
+hundred, some minutes), ``KDCL_KILL_POINTS=N`` a sample of N, ``KDCL_KILL_ONLY=text`` only the writes whose path
+holds ``text`` (e.g. ``done.json``, ``runs/``).
 
 Run one point by hand: ``KDCL_KILL_AT_WRITE=N`` in the environment of a test process that calls
 :func:`kill_at_write` with ``at=None``.
@@ -63,7 +64,7 @@ def kill_at_write(root: Path, at: int | None, how: str = "before", counted: list
         if found is None:
             return
         path = os.path.realpath(os.fsdecode(found[0]))
-        if not path.startswith(root + os.sep):
+        if not path.startswith(root + os.sep) or (found[1] and os.path.isdir(path)):  # a lock opens its folder
             return
         busy.append(1)
         try:
@@ -138,9 +139,11 @@ def outcome(out: Path) -> dict:
             "temperature": [temperature["key"], temperature["temperature"]], "stages": stages}
 
 
-def points(writes: list, seed: int, wanted: str) -> list[tuple[int, str]]:
-    every = [(i, "before") for i in range(1, len(writes) + 1)]
-    every += [(i, "empty") for i, (_, _, opened) in enumerate(writes, 1) if opened]
+def points(writes: list, seed: int, wanted: str, only: str = "") -> list[tuple[int, str]]:
+    """The (write, how) pairs to kill at: all, or a seeded sample of ``wanted``; only writes whose path holds
+    ``only``."""
+    every = [(i, "before") for i, (_, path, _) in enumerate(writes, 1) if only in path]
+    every += [(i, "empty") for i, (_, path, opened) in enumerate(writes, 1) if opened and only in path]
     if wanted == "all":
         return every
     return sorted(random.Random(seed).sample(every, min(int(wanted), len(every))))
@@ -164,7 +167,7 @@ def test_a_kill_at_any_write_then_a_rerun_gives_the_uninterrupted_results(tiny_m
     assert status == 0, "the uninterrupted run failed"
     expected = outcome(tmp_path / "reference")
     seed = int(os.environ.get("KDCL_KILL_SEED", random.randrange(10**6)))
-    chosen = points(writes, seed, os.environ.get("KDCL_KILL_POINTS", "12"))
+    chosen = points(writes, seed, os.environ.get("KDCL_KILL_POINTS", "12"), os.environ.get("KDCL_KILL_ONLY", ""))
     failures, running = [], []
     for n, (at, how) in enumerate(chosen):  # two at a time (two cores)
         running.append(((at, how), start_child(kill_and_rerun, cfg, tmp_path / f"killed-{at}-{how}", at, how,

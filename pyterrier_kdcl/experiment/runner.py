@@ -186,7 +186,7 @@ class Stage:
         wrote stage.json leaves an empty folder)."""
         if not self.path.is_dir():
             return [self.path.name] if self.path.exists() else []
-        return sorted(p.name for p in self.path.iterdir())
+        return sorted(p.name for p in self.path.iterdir() if not p.name.startswith((f".{STAGE}.", ".kdcl.lock")))
 
     def finish(self, info: dict, processes: Processes | None = None) -> None:
         """Marks the stage done, then removes its checkpoints (the trainer keeps them: a kill before ``done.json``
