@@ -28,7 +28,6 @@ import signal
 import sys
 from pathlib import Path
 
-import pytest
 from test_experiment import _data_dir, _fast_cpu, collection, tiny_config  # noqa: F401 — fixtures
 
 from pyterrier_kdcl.experiment import run_experiment
