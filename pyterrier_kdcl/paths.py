@@ -5,7 +5,7 @@ is named, then computed again or refused with what to do.
 
 Both directories are per user and can be moved with an environment variable:
 ``KDCL_CACHE`` (default ``~/.cache/pyterrier_kdcl``) and ``KDCL_DATA`` (default
-``~/.local/share/pyterrier_kdcl``). Nothing here creates files; callers create what they write.
+``~/.local/share/pyterrier_kdcl``). Nothing here creates them; callers create what they write.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> N
     """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed to ``path`` in one step: a kill
     or a full disk at any instant leaves the old file (or none), never half of the new one. The temporary name
     ends in ``path``'s suffix, so writers that go by it (pandas' compression, matplotlib's format) work; one that a
-    killed writer of ``path`` left is removed first (callers hold the directory's lock, so it is nobody's now).
+    killed writer of ``path`` left is removed first (a caller holds the directory's lock or is its only writer, so
+    it is nobody's now).
 
     Example::
 

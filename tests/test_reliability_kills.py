@@ -2,19 +2,19 @@
 
 The harness (:func:`kill_at_write`) makes the process SIGKILL itself at its N-th write inside ``--out``: a Python
 audit hook sees every ``open`` for writing, rename, removal and ``rmtree`` there (ours, pandas', PyTerrier's,
-matplotlib's), and at the chosen one kills the process either just before it, or, for an ``open`` for writing,
-just after it emptied the file (a kill or a full disk in the middle of writing it). Each run is a forked child of
-the test process (models, collections and imports are loaded once), so a kill costs no interpreter start.
+matplotlib's), and at the chosen one kills the process either just before it, or, for an ``open`` that empties the
+file (mode ``w``), just after it did so (a kill or a full disk in the middle of writing it). Each run is a forked
+child of the test process (models, collections and imports are loaded once), so a kill costs no interpreter start.
 
-The test runs a tiny experiment once uninterrupted and counts its writes, then for a sample of write points kills a
-fresh run there, reruns it to the end, and asserts that the per-query results (``perquery.csv.gz``), the fitted
-teacher temperature and every stage's ``done.json`` fingerprint equal the uninterrupted run's. The sample is drawn
-with ``KDCL_KILL_SEED`` (random when unset, printed on failure); ``KDCL_KILL_POINTS=all`` runs every point (a few
-hundred, some minutes), ``KDCL_KILL_POINTS=N`` a sample of N, ``KDCL_KILL_ONLY=text`` only the writes whose path
-holds ``text`` (e.g. ``done.json``, ``runs/``).
+The test runs a tiny experiment once uninterrupted and counts its writes (about 230), then for a sample of write
+points kills a fresh run there, reruns it to the end, and asserts that the per-query results (``perquery.csv.gz``),
+the fitted teacher temperature and every stage's ``done.json`` fingerprint equal the uninterrupted run's. The sample
+is drawn with ``KDCL_KILL_SEED`` (random when unset, printed on failure): 12 points, two at a time;
+``KDCL_KILL_POINTS=all`` runs every point (about 300: some 15 minutes on two idle cores), ``KDCL_KILL_POINTS=N`` a sample of N,
+``KDCL_KILL_ONLY=text`` only the writes whose path holds ``text`` (e.g. ``done.json``, ``runs/``).
 
-Run one point by hand: ``KDCL_KILL_AT_WRITE=N`` in the environment of a test process that calls
-:func:`kill_at_write` with ``at=None``.
+Run one point by hand: ``KDCL_KILL_AT_WRITE=N`` in the environment of a process that calls :func:`kill_at_write`
+with ``at=None``.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def _written(event: str, args: tuple) -> tuple[str, bool] | None:
-    """(path, is an open for writing) when ``event`` changes a file, else None."""
+    """(path, whether it is an ``open`` that empties the file) when ``event`` changes a file, else None."""
     if event == "open":
         path, mode, flags = args
         writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
-        return (path, True) if writing and isinstance(path, (str, bytes, os.PathLike)) else None
+        empties = "w" in mode if isinstance(mode, str) else bool(flags & os.O_TRUNC)
+        return (path, empties) if writing and isinstance(path, (str, bytes, os.PathLike)) else None
     if event in WRITE_EVENTS and args and isinstance(args[0], (str, bytes, os.PathLike)):
         return args[0], False
     return None
@@ -49,9 +50,9 @@ def _written(event: str, args: tuple) -> tuple[str, bool] | None:
 
 def kill_at_write(root: Path, at: int | None, how: str = "before", counted: list | None = None) -> None:
     """From now on this process counts its writes under ``root`` and SIGKILLs itself at the ``at``-th (default
-    ``KDCL_KILL_AT_WRITE``): ``how="before"`` it happens, or ``how="empty"``: just after an ``open`` for writing
-    emptied the file. ``counted`` collects (event, path, opened for writing) of each write. Irreversible (an audit
-    hook): call it in a child process."""
+    ``KDCL_KILL_AT_WRITE``): with ``how="before"`` before it happens; with ``how="empty"``, at an ``open`` that
+    empties the file, just after it did so. ``counted`` collects (event, path, whether it empties) of each write.
+    Irreversible (an audit hook): call it in a child process."""
     root, counted = os.path.realpath(root), [] if counted is None else counted
     at = int(os.environ.get("KDCL_KILL_AT_WRITE", "0")) if at is None else at
     busy = []

@@ -576,7 +576,7 @@ class ExperimentRunner:
                             data=source, on_validation=cfg.validation is not None,
                             sample_seed=cfg.sample_seed).fingerprint()
         path = self.out / "teacher-fusion.json"
-        fitted = _read_json(path)
+        fitted = _read_json(path, self.log)
         if fitted and fitted.get("key") == key:
             return {**fitted, "reused": True}
         _, qrels, res = self.frames(source)
@@ -644,7 +644,7 @@ class ExperimentRunner:
         path = self.out / "teacher-temperature.json"
         key = TemperatureFitSpec(teacher=teacher.fingerprint, validation=self.config.validation,
                                  sample_seed=self.config.sample_seed).fingerprint()
-        fitted = _read_json(path) if path.is_file() else None
+        fitted = _read_json(path, self.log)
         if isinstance(fitted, dict) and fitted.get("key") == key:
             return fitted
         _, va_qrels, va_res = self.frames(self.config.validation)
