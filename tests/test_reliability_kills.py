@@ -6,12 +6,12 @@ matplotlib's), and at the chosen one kills the process either just before it, or
 file (mode ``w``), just after it did so (a kill or a full disk in the middle of writing it). Each run is a forked
 child of the test process (models, collections and imports are loaded once), so a kill costs no interpreter start.
 
-The test runs a tiny experiment once uninterrupted and counts its writes (about 230), then for a sample of write
+The test runs a tiny experiment once uninterrupted and counts its writes (about 210), then for a sample of write
 points kills a fresh run there, reruns it to the end, and asserts that the per-query results (``perquery.csv.gz``),
 the fitted teacher temperature and every stage's ``done.json`` fingerprint equal the uninterrupted run's. The sample
-is drawn with ``KDCL_KILL_SEED`` (random when unset, printed on failure): 12 points, two at a time;
-``KDCL_KILL_POINTS=all`` runs every point (about 300: some 15 minutes on two idle cores), ``KDCL_KILL_POINTS=N`` a sample of N,
-``KDCL_KILL_ONLY=text`` only the writes whose path holds ``text`` (e.g. ``done.json``, ``runs/``).
+is drawn with ``KDCL_KILL_SEED`` (random when unset, printed on failure): 12 points, two at a time.
+``KDCL_KILL_POINTS=all`` runs every point (about 270: some 15 minutes on two idle cores), ``KDCL_KILL_POINTS=N`` a
+sample of N, ``KDCL_KILL_ONLY=text`` only the writes whose path holds ``text`` (e.g. ``done.json``, ``runs/``).
 
 Run one point by hand: ``KDCL_KILL_AT_WRITE=N`` in the environment of a process that calls :func:`kill_at_write`
 with ``at=None``.
