@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from pyterrier_kdcl import paths
+
 CARD_FILE = "README.md"
 LIBRARY = "pyterrier-kdcl"
 RESULTS_TITLE = "Evaluation results"
@@ -84,7 +86,7 @@ def set_results(folder: str | os.PathLike, results, *, title: str = RESULTS_TITL
             EvalResult(task_type="text-ranking", dataset_type=dataset, dataset_name=dataset, metric_type=str(k),
                        metric_value=float(v)) for k, v in results.items()]
         card.data.model_name = card.data.model_name or Path(folder).resolve().name
-    _write_atomically(path, str(card))
+    paths.write_text_atomically(path, str(card))  # a reader sees the old card or the new one
     return path
 
 
@@ -216,11 +218,3 @@ def _replace_section(text: str, title: str, section: str) -> str:
     return "".join(lines[:start]) + section + ("\n" + rest if rest else "")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """A reader sees the old card or the new one, never half of one (the file gets the umask's mode)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,9 +1,11 @@
-"""Where the package keeps what it builds once: converted models (cache) and collections (data), and how it
-writes a directory so that a reader never sees half of one.
+"""Where the package keeps what it builds once: converted models (cache) and collections (data); how it writes a
+file or a directory so that a reader never sees half of one (:func:`write_atomically`, :func:`finalized_directory`),
+and how it reads back what it wrote (:func:`read_written`): a file left truncated or empty by a kill or a full disk
+is named, then computed again or refused with what to do.
 
 Both directories are per user and can be moved with an environment variable:
 ``KDCL_CACHE`` (default ``~/.cache/pyterrier_kdcl``) and ``KDCL_DATA`` (default
-``~/.local/share/pyterrier_kdcl``). Nothing here creates files; callers create what they write.
+``~/.local/share/pyterrier_kdcl``). Nothing here creates them; callers create what they write.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import contextlib
 import ctypes
 import errno
 import functools
+import glob
+import json
 import os
+import secrets
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _user_dir(env_var: str, xdg_var: str, fallback: str) -> Path:
@@ -36,6 +42,76 @@ def cache_dir() -> Path:
 def data_dir() -> Path:
     """Built collections and their indexes."""
     return _user_dir("KDCL_DATA", "XDG_DATA_HOME", ".local/share")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed to ``path`` in one step: a kill
+    or a full disk at any instant leaves the old file (or none), never half of the new one. The temporary name
+    ends in ``path``'s suffix, so writers that go by it (pandas' compression, matplotlib's format) work; one that a
+    killed writer of ``path`` left is removed first (a caller holds the directory's lock or is its only writer, so
+    it is nobody's now).
+
+    Example::
+
+        write_atomically(out / "log.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's mode, as a plain write gives
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a KeyboardInterrupt too
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """:func:`write_atomically` of UTF-8 text."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class UnreadableFile(OSError):
+    """A file this package wrote cannot be read back (truncated, emptied or corrupt); the message names it and says
+    what to do."""
+
+
+def read_written(path: str | os.PathLike, read: Callable[[Path], Any] | None = None, *, remedy: str | None = None,
+                 log: Callable[[str], None] | None = None) -> Any:
+    """Reads back a file (or directory) this package wrote, through ``read(path)`` (default: JSON): the one guard
+    for what a kill, a full disk or a broken disk may have left. None when ``path`` does not exist.
+
+    When ``read`` fails, the file is unreadable: with ``remedy`` this raises :class:`UnreadableFile` naming the
+    file, the error and the remedy; without, it is something the caller computes again: ``log`` says so, naming the
+    file, and None is returned.
+
+    Example::
+
+        fitted = read_written(out / "teacher-temperature.json", log=print)  # None: fit it (again)
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return read(path) if read is not None else json.loads(path.read_text(encoding="utf-8"))
+    except Exception as err:  # noqa: BLE001 — whatever the reader raises, the file could not be read
+        if remedy is not None:
+            raise unreadable(path, err, remedy) from err
+        if log is not None:
+            log(f"{_problem(path, err)}: computing it again")
+        return None
+
+
+def unreadable(path: str | os.PathLike, err: BaseException, remedy: str) -> UnreadableFile:
+    """The error :func:`read_written` raises, for readers that cannot go through it (a database open for hours)."""
+    return UnreadableFile(f"{_problem(path, err)}: {remedy}")
+
+
+def _problem(path, err: BaseException) -> str:
+    return f"{path} cannot be read ({type(err).__name__}: {str(err)[:300]}; truncated or corrupt?)"
 
 
 @contextlib.contextmanager

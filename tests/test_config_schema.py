@@ -150,3 +150,66 @@ def _same_where_given(old, new, path):
             _same_where_given(a, b, f"{path}[{i}]")
     else:
         assert old == new, (path, old, new)
+
+
+# -- issue 23 item 24: values that passed --check and did harm late ---------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(device="gpu0"), "device: expected cpu, cuda, cuda:N, mps or xpu, got 'gpu0'"),
+    (lambda c: c["students"][0].update(lora={"rank": 4}),
+     "students[0].lora: 'rank' is not a LoRA argument (peft.LoraConfig); e.g. r, lora_alpha"),
+    (lambda c: c["students"][0].update(lora={"lora_alhpa": 4}), "did you mean 'lora_alpha'?"),
+    (lambda c: c["students"][0].update(lora={"r": -1}), "students[0].lora: r must be a whole number >= 1, got -1"),
+    (lambda c: c["students"][0].update(lora={"r": 8, "lora_dropout": 1.5}),
+     "students[0].lora: lora_dropout must be a number in [0, 1), got 1.5"),
+    (lambda c: c["teacher"].update(lora={"lora_alpha": float("nan")}), "teacher.lora: lora_alpha must be a number > 0"),
+])
+def test_devices_and_lora_arguments_are_checked(change, message):
+    found = problems(change)
+    assert any(message in p for p in found), found
+
+
+def test_valid_devices_and_lora_arguments_pass():
+    cfg = copy.deepcopy(CONFIG)
+    cfg.update(device="cpu")
+    cfg["students"][0].update(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query"]})
+    load_config(cfg, check_environment=False)
+
+
+def test_a_cuda_device_this_machine_lacks_and_a_max_length_past_the_positions_fail_the_check(tiny_model, tmp_path):
+    import torch
+
+    bert = str(tiny_model("bert"))  # learned absolute positions: 512
+    cfg = copy.deepcopy(CONFIG)
+    cfg.update(device=f"cuda:{torch.cuda.device_count()}")
+    cfg["students"][0].update(model=bert, max_length=4096)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    found = "\n".join(err.value.problems)
+    assert f"device: 'cuda:{torch.cuda.device_count()}', but this machine has {torch.cuda.device_count()}" in found
+    assert f"students[0].max_length: 4096 is longer than the 512 positions {bert!r} can read; use 512" in found
+    cfg["students"][0]["max_length"] = 512
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert not any("max_length" in p for p in err.value.problems)
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: twice\ntraining:\n  epochs: 2\nseeds: [1]\ntraining:\n  batch_size: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'training' is given twice \(lines 2 and 5\)"):
+        load_config(path, check_environment=False)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    import resource
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]  # 10**10 values expanded
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(ConfigError, match="more than 100,000 values once its YAML aliases"):
+        load_config(path, check_environment=False)
+    assert time.perf_counter() - started < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no gigabytes

@@ -5,7 +5,8 @@ writes tables, plots and a verdict to --out (default: runs/<config name>); a rer
 --check only validates the config and prints what would run and how many (query, document) pairs each
 step scores, to size a run before starting it. One run writes to an output directory at a time: while another
 run holds it, the command stops at once naming that run (exit status 3), or waits for it with --wait (or
-wait_for_lock: true in the config).
+wait_for_lock: true in the config). Ctrl-C stops with one line (exit status 130); the next run continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -68,11 +69,19 @@ def verify(paths: list[str]) -> int:
     return 1 if failed else 0
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+
+
 def experiment(args) -> int:
     from pyterrier_kdcl.experiment import console
 
-    with console.configured(quiet=args.quiet):  # the process's bars and logging as they were once it returns
-        return _experiment(args)
+    try:
+        with console.configured(quiet=args.quiet):  # the process's bars and logging as they were once it returns
+            return _experiment(args)
+    except KeyboardInterrupt:  # every file is written atomically and the lock is released: nothing to repair
+        print("\ninterrupted: what finished is kept (stages, checkpoints, run files); run the same command again "
+              "to continue", file=sys.stderr)
+        return INTERRUPTED
 
 
 def _experiment(args) -> int:
@@ -85,7 +94,8 @@ def _experiment(args) -> int:
         print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
     from pyterrier_kdcl.experiment.plan import plan
-    from pyterrier_kdcl.experiment.runner import ExperimentRunner, default_out
+    from pyterrier_kdcl.experiment.runner import ExperimentRunner, ForeignFiles, default_out
+    from pyterrier_kdcl.paths import UnreadableFile
 
     out = args.out or default_out(config)
     if args.check:
@@ -101,6 +111,9 @@ def _experiment(args) -> int:
     except DirectoryLocked as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except (ForeignFiles, UnreadableFile) as err:  # each names the file and what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result is None:  # not the main process of a multi-process run: that one reports
         return 0
     minutes = (time.perf_counter() - started) / 60

@@ -117,14 +117,47 @@ def _parse(path: Path) -> dict:
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+MAX_VALUES = 100_000  # a config's values once YAML aliases are expanded: a real config has a few hundred
+
+
 def _yaml_load(text: str):
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):  # a key given twice is an error, not the last one winning
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}); the first would be dropped silently: keep one",
+                        key_node.start_mark)
+                if isinstance(key, typing.Hashable):
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader: no Python objects are built)
+    data = yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader: no Python objects are built)
+    if _values(data) > MAX_VALUES:  # aliases nested in aliases ("billion laughs") share objects until expanded
+        raise ValueError(f"the config holds more than {MAX_VALUES:,} values once its YAML aliases (*name) are "
+                         "expanded; aliases repeated inside aliases multiply: write the values out")
+    return data
+
+
+def _values(data, limit: int = MAX_VALUES) -> int:
+    """How many values ``data`` holds with shared (aliased) parts counted each time they appear; stops past
+    ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 # -- pydantic's errors as key paths ----------------------------------------------------------------------------
@@ -145,7 +178,8 @@ def schema_problems(err: ValidationError, data: Any) -> list[tuple[str, str]]:
     for error, (path, tp, owner, union) in zip(errors, walked):
         value = _value_at(data, error["loc"][:len(_parts(path))], error.get("input"))
         problem = _message(error, tp, owner, value)
-        if union is not None:  # a number out of range says so; any other value is told the options
+        if union is not None and error["type"] != "value_error":  # a number out of range says so; any other
+            # value is told the options (a validator's own message is kept)
             in_range = [e for e, w in zip(errors, walked) if w[0] == path and e["type"] in _RANGES]
             problem = _message(in_range[0], tp, owner, value) if in_range else _describe_union(union, value)
         if (path or "config", problem) not in out:
@@ -785,10 +819,48 @@ def _check_environment(cfg: ExperimentConfig, problems: list[str]) -> None:
         for name in [report_to] if isinstance(report_to, str) else report_to or []:
             if isinstance(name, str) and missing_package(name) is not None:
                 problems.append(f"{key}.report_to: {missing_package(name)}")
+    _check_device(cfg.device, problems)
     for key, model in _named_models(cfg):
+        if isinstance(model.max_length, int) and (limit := _position_limit(model)) is not None \
+                and model.max_length > limit:
+            problems.append(f"{key.removesuffix('.model')}.max_length: {model.max_length} is longer than the {limit} "
+                            f"positions {model.model!r} can read; use {limit} or less (longer documents are "
+                            "truncated)")
         if model.model and _looks_like_path(model.model) and not Path(model.model).exists():
             problems.append(f"{key}: local model {model.model!r} does not exist")
         elif model.model and misspelled_model(model.model) is not None:
             problems.append(f"{key}: {misspelled_model(model.model)}")
         elif (problem := saved_model_problem(key.removesuffix(".model"), model)) is not None:
             problems.append(problem)
+
+
+def _check_device(device, problems: list[str]) -> None:
+    """A CUDA device this machine has (the name itself is checked by the schema)."""
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        problems.append(f"device: {device!r}, but this machine has {count} CUDA device(s); use "
+                        f"{'cpu' if not count else f'cuda:0 … cuda:{count - 1}'} (or no device: the best one there is)")
+
+
+def _position_limit(model: Model) -> int | None:
+    """The tokens ``model`` can read where its positions run out (an encoder's learned absolute positions), from its
+    config alone (a model of that shape on the meta device, no weights); None where unknown or unlimited."""
+    if getattr(model, "kind", "cross-encoder") == "bi-encoder" or not model.model:
+        return None
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        from pyterrier_kdcl.models import max_positions
+
+        config = AutoConfig.from_pretrained(model.model, local_files_only=True)  # cached or local: never the Hub
+        with torch.device("meta"):
+            backbone = AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 — not a local or cached transformers model: the run will say what it is
+        return None
+    return max_positions(types.SimpleNamespace(backbone=backbone))

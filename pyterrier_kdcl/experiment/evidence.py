@@ -23,6 +23,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from pyterrier_kdcl import paths
+
 FILE = "perquery.csv.gz"
 COLUMNS = ["collection", "system", "seed", "qid", "measure", "value"]
 DECIMALS = 4
@@ -52,9 +54,8 @@ def write(config, collections, path: Path) -> pd.DataFrame:
     evidence = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     evidence["seed"] = evidence["seed"].astype("Int64")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    evidence.to_csv(tmp, index=False, float_format=f"%.{DECIMALS}f", compression={"method": "gzip", "mtime": 0})
-    tmp.replace(path)
+    paths.write_atomically(path, lambda tmp: evidence.to_csv(tmp, index=False, float_format=f"%.{DECIMALS}f",
+                                                             compression={"method": "gzip", "mtime": 0}))
     return evidence
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pyterrier_kdcl import paths
 from pyterrier_kdcl.experiment import seed_aware, statistics
 from pyterrier_kdcl.experiment.config import OBJECTIVES
 from pyterrier_kdcl.experiment.statistics import POWER
@@ -670,7 +671,7 @@ def plot_comparison(config, kd: pd.DataFrame, cols: Columns, path: Path) -> Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    paths.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -725,7 +726,7 @@ def plot_unjudged_curve(config, curve: pd.DataFrame, path: Path) -> Path | None:
                  "interval of the difference from the base KD run, added to its mean", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    paths.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -760,7 +761,7 @@ def plot_training_curves(models, path: Path, metric: str = "metric", window: int
                     va="center", transform=ax.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    paths.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
@@ -835,8 +836,8 @@ def write_report(config, models, collections, out: Path) -> Report:
     files: list[Path] = []
 
     def save(frame: pd.DataFrame, stem: str, text: str | None = None) -> None:
-        frame.to_csv(tables / f"{stem}.csv", index=False)
-        (tables / f"{stem}.md").write_text((text or markdown(frame)) + "\n", encoding="utf-8")
+        paths.write_atomically(tables / f"{stem}.csv", lambda tmp: frame.to_csv(tmp, index=False))
+        paths.write_text_atomically(tables / f"{stem}.md", (text or markdown(frame)) + "\n")
         files.extend([tables / f"{stem}.csv", tables / f"{stem}.md"])
 
     for c in collections:
@@ -854,7 +855,7 @@ def write_report(config, models, collections, out: Path) -> Report:
     files.extend(p for p in plot_files if p is not None)
     report = _report_markdown(config, derived.summary_markdown, derived.sections, derived.verdict,
                               derived.per_collection, models, plot_files, out)
-    (out / "report.md").write_text(report, encoding="utf-8")
+    paths.write_text_atomically(out / "report.md", report)
     files.append(out / "report.md")
     return Report(derived.summary, derived.summary_markdown, derived.kd, derived.verdict, files, derived.teacher)
 

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -48,6 +47,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
+from pyterrier_kdcl import paths
 from pyterrier_kdcl.directory_lock import directory_lock
 from pyterrier_kdcl.experiment import data as experiment_data
 from pyterrier_kdcl.experiment import evidence
@@ -78,6 +78,7 @@ from pyterrier_kdcl.experiment.stages import (
 from pyterrier_kdcl.experiment.teachers import bi_encoder_teacher, fitted_fusion, fitted_temperature
 from pyterrier_kdcl.fusion import FirstStageScore, ScoreFusion
 from pyterrier_kdcl.reranker import CrossEncoder, resolve_device, resolve_dtype
+from pyterrier_kdcl.training import checkpoints
 from pyterrier_kdcl.training.precision import resolve as resolve_precision
 from pyterrier_kdcl.training.teachers import can_fingerprint
 from pyterrier_kdcl.training.trainer import ContrastiveTrainer, DistillationTrainer
@@ -123,18 +124,17 @@ def memory_key(*parts) -> str:
 
 def _write_json(path: Path, obj) -> None:
     """Atomic: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    paths.write_text_atomically(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _read_json(path: Path, log=None):
+    """A JSON file the run wrote, or None when it is missing or unreadable (then it is computed again, and ``log``
+    says so)."""
+    return paths.read_written(path, log=log)
+
+
+class ForeignFiles(FileExistsError):
+    """``--out`` holds files at a place the run writes to that the run did not write: they are never deleted."""
 
 
 @dataclass
@@ -149,8 +149,8 @@ class Stage:
     def model_dir(self) -> Path:
         return self.path / "model"
 
-    def is_done(self) -> bool:
-        done = _read_json(self.path / DONE)
+    def is_done(self, log=None) -> bool:
+        done = _read_json(self.path / DONE, log)
         return bool(done) and done.get("fingerprint") == self.fingerprint and self.model_dir.is_dir()
 
     def begin(self, log, processes: Processes | None = None) -> None:
@@ -161,29 +161,54 @@ class Stage:
         processes.wait()
 
     def _begin(self, log) -> None:
-        started = _read_json(self.path / STAGE)
-        if self.path.exists() and (not started or started.get("fingerprint") != self.fingerprint):
+        aside = self.path.with_name(f".old-{self.path.name}")
+        if aside.exists():  # a deletion below that a kill interrupted
+            shutil.rmtree(aside)
+        marked = (self.path / STAGE).exists()
+        started = _read_json(self.path / STAGE, log) if marked else None
+        foreign = [] if marked else self._foreign()
+        if foreign:
+            raise ForeignFiles(
+                f"{self.path} holds files this experiment did not write (it has no {STAGE}): "
+                f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}. They are left as they are: move them "
+                "away, or give the run another output directory (--out DIR)")
+        if marked and (not started or started.get("fingerprint") != self.fingerprint):
             log(f"{self.description}: settings changed since {self.path} was written; training afresh")
-            shutil.rmtree(self.path)
+            os.replace(self.path, aside)  # one step: a kill during the deletion leaves no half stage here
+            shutil.rmtree(aside)
         elif started:
             log(f"{self.description}: resuming from {self.path}")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / DONE).unlink(missing_ok=True)
         _write_json(self.path / STAGE, {"fingerprint": self.fingerprint, "description": self.description})
 
+    def _foreign(self) -> list[str]:
+        """What is at the stage's place although no stage.json says a run put it there (a run killed before it
+        wrote stage.json leaves an empty folder)."""
+        if not self.path.is_dir():
+            return [self.path.name] if self.path.exists() else []
+        return sorted(p.name for p in self.path.iterdir() if not p.name.startswith((f".{STAGE}.", ".kdcl.lock")))
+
     def finish(self, info: dict, processes: Processes | None = None) -> None:
+        """Marks the stage done, then removes its checkpoints (the trainer keeps them: a kill before ``done.json``
+        resumes from the last one, with nothing left to train, instead of training again)."""
         processes = processes or Processes()
         if processes.is_main:
-            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)  # the model is saved; resuming is over
             _write_json(self.path / DONE, {"fingerprint": self.fingerprint, **info})
+            checkpoints.remove_all(self.path)  # renamed away first: a kill here leaves a leftover, not a half
         processes.wait()
+
+    def tidy(self) -> None:
+        """Removes what a kill after ``done.json`` left: the checkpoints of a finished stage."""
+        if (self.path / "checkpoints").exists() or (self.path / ".old-checkpoints").exists():
+            checkpoints.remove_all(self.path)
 
     def info(self) -> dict:
         return _read_json(self.path / DONE) or {}
 
     def log_frame(self) -> pd.DataFrame | None:
-        path = self.path / "log.csv"
-        return pd.read_csv(path) if path.exists() else None
+        return paths.read_written(self.path / "log.csv", pd.read_csv,
+                                  remedy=f"delete {self.path / DONE} to train this stage again")
 
 
 class LazyReranker(pt.Transformer):
@@ -242,6 +267,14 @@ def _free(large: bool) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _nonempty_results(path: Path) -> pd.DataFrame:
+    """A run file's results; an emptied one (a kill just after it was opened) reads as no rows: refused."""
+    res = pt.io.read_results(str(path))
+    if len(res) == 0:
+        raise ValueError("no results")
+    return res
 
 
 # -- results ---------------------------------------------------------------------------------------------------
@@ -360,7 +393,8 @@ class ExperimentRunner:
         if args.get("negatives_window") is not None:
             args["negatives_window"] = tuple(args["negatives_window"])
         # positives the first stage missed still make groups: their text comes from the collection
-        return {**args, "seed": seed, "output_dir": stage.path, "verbose": self.verbose,
+        # checkpoints are kept until done.json is written (Stage.finish removes them)
+        return {**args, "seed": seed, "output_dir": stage.path, "verbose": self.verbose, "keep_checkpoints": True,
                 "text_source": experiment_data.text_stage(data)}
 
     def negative_filter(self, spec: Model) -> dict | None:
@@ -472,7 +506,7 @@ class ExperimentRunner:
             seconds = max(seconds, float(log["seconds"].max()))
         if not stage.model_dir.is_dir() and self.processes.is_main:  # a trainer that does not save by itself
             trainer.reranker.save(stage.model_dir)
-            log.to_csv(stage.path / "log.csv", index=False)
+            paths.write_atomically(stage.path / "log.csv", lambda tmp: log.to_csv(tmp, index=False))
         stats = getattr(trainer, "group_stats", None)
         groups = asdict(stats) if stats is not None else None
         excluded = self.excluded_test_documents(unjudged or [], min_label)
@@ -553,7 +587,7 @@ class ExperimentRunner:
                             data=source, on_validation=cfg.validation is not None,
                             sample_seed=cfg.sample_seed).fingerprint()
         path = self.out / "teacher-fusion.json"
-        fitted = _read_json(path)
+        fitted = _read_json(path, self.log)
         if fitted and fitted.get("key") == key:
             return {**fitted, "reused": True}
         _, qrels, res = self.frames(source)
@@ -621,7 +655,7 @@ class ExperimentRunner:
         path = self.out / "teacher-temperature.json"
         key = TemperatureFitSpec(teacher=teacher.fingerprint, validation=self.config.validation,
                                  sample_seed=self.config.sample_seed).fingerprint()
-        fitted = _read_json(path) if path.is_file() else None
+        fitted = _read_json(path, self.log)
         if isinstance(fitted, dict) and fitted.get("key") == key:
             return fitted
         _, va_qrels, va_res = self.frames(self.config.validation)
@@ -640,8 +674,10 @@ class ExperimentRunner:
     def _run_stage_locked(self, model: TrainedModel, stage: Stage, spec: Model, data, make_trainer,
                           exclude_train: bool = False) -> TrainedModel:
         unjudged = getattr(spec, "unjudged", None)
-        if stage.is_done():
+        if stage.is_done(self.log):
             self.log(f"{stage.description}: done already, reusing {stage.model_dir}")
+            if self.processes.is_main:
+                stage.tidy()
             model.reused = True
         else:
             stage.begin(self.log, self.processes)
@@ -734,23 +770,30 @@ class ExperimentRunner:
         return f"{baseline}-s{self.config.seeds[0]}"  # a student's baseline: its run with the first seed
 
     def _drop_stale_runs(self, save_dir: Path, prints: dict[str, str]) -> None:
-        """Deletes run files written under other settings (or unreadable), then records the current settings."""
+        """Deletes run files written under other settings, and what a kill or a full disk left unreadable (a run file
+        cut short or emptied, PyTerrier's ``aggregated.csv``/``perquery.csv``, which it reads back and rewrites in
+        place), then records the current settings. A run file that ``systems.json`` does not list was not written
+        by a run (it lists a system before pt.Experiment writes its file): it is never deleted, nor reused."""
         save_dir.mkdir(parents=True, exist_ok=True)
-        known = _read_json(save_dir / "systems.json") or {}
+        recorded = (save_dir / "systems.json").exists()
+        known = _read_json(save_dir / "systems.json", self.log)  # None when unreadable: every file recomputed
         for name, fp in prints.items():
             run = save_dir / f"{name}.res.gz"
             if not run.exists():
                 continue
-            stale = known.get(name) != fp
-            if not stale:
-                try:
-                    pt.io.read_results(str(run))
-                except Exception:  # a run file cut short by a crash
-                    stale = True
+            if not recorded or (known is not None and name not in known):
+                raise ForeignFiles(f"{run} was not written by this experiment ({save_dir / 'systems.json'} does not "
+                                   "list it), and it would be read as the results of its system: move it away, or "
+                                   "give the run another output directory (--out DIR)")
+            stale = (known is None or known[name] != fp
+                     or paths.read_written(run, _nonempty_results, log=self.log) is None)
             if stale:
                 self.log(f"{save_dir.name}: recomputing {name} (its settings changed or its run file is broken)")
                 run.unlink()
-        _write_json(save_dir / "systems.json", {**known, **prints})
+        for table in ("aggregated.csv", "perquery.csv"):  # pt.Experiment keeps other systems' rows from them
+            if paths.read_written(save_dir / table, pd.read_csv, log=self.log) is None:
+                (save_dir / table).unlink(missing_ok=True)
+        _write_json(save_dir / "systems.json", {**(known or {}), **prints})
 
     # -- everything ------------------------------------------------------------------------------------------
     def run(self) -> ExperimentResult | None:

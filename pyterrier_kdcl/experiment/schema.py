@@ -11,10 +11,11 @@ other field. See ``docs/experiment.md`` for every key.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
 from pyterrier_kdcl.experiment.identity import not_affecting, only_for
 
@@ -45,6 +46,47 @@ DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "b
 def _dtype_name(value: Any) -> Any:
     """One spelling per dtype (``float32`` is ``fp32``): one setting, one fingerprint."""
     return DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
+
+
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _device(value: Any) -> Any:
+    """A device torch knows by name; whether this machine has it is checked with the environment."""
+    if isinstance(value, str) and not _DEVICE.match(value):
+        raise ValueError(f"expected cpu, cuda, cuda:N, mps or xpu, got {value!r}")
+    return value
+
+
+def _lora(value: Any) -> Any:
+    """``true`` or ``peft.LoraConfig`` arguments, those with ranges checked (peft itself checks them only when the
+    model is built, after the teacher has trained)."""
+    if not isinstance(value, dict):
+        return value
+    import dataclasses
+    import difflib
+
+    from peft import LoraConfig
+
+    known = [f.name for f in dataclasses.fields(LoraConfig)]
+    for key in value:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise ValueError(f"{key!r} is not a LoRA argument (peft.LoraConfig)" +
+                             (f"; did you mean {close[0]!r}?" if close else "; e.g. r, lora_alpha, lora_dropout, "
+                              "target_modules"))
+    checks = {"r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+              "lora_alpha": (lambda v: _real(v) and v > 0, "a number > 0"),
+              "lora_dropout": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)")}
+    for key, (ok, what) in checks.items():
+        if key in value and not ok(value[key]):
+            raise ValueError(f"{key} must be {what}, got {value[key]!r}")
+    return value
+
+
+def _real(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Section(BaseModel):
@@ -144,7 +186,7 @@ class Model(Section):
 
     name: str = not_affecting(..., "a label: it names directories and table rows, not what is computed")
     model: str
-    lora: bool | dict | None = None
+    lora: Annotated[bool | dict | None, AfterValidator(_lora)] = None
     max_length: Annotated[int, Field(ge=16, le=131072)] = 256
     batch_size: Count = not_affecting(32, "pairs per forward pass at inference: the scores are the same")
     template: str | None = None
@@ -220,7 +262,7 @@ class ExperimentConfig(Section):
     seeds: list[Seed] = Field(default_factory=lambda: [42])
     validation: Data | None = None
     training: Training = Field(default_factory=Training)
-    device: str | None = None
+    device: Annotated[str | None, AfterValidator(_device)] = None
     sample_seed: Seed = 0                       # which queries are sampled: fixed across seeds and systems
     wait_for_lock: bool = False                 # another run writes to the output directory: wait (else refuse)
     teacher_cache: str | None = None            # teacher-score cache directory; None: <out>/teacher-scores. In no

@@ -128,13 +128,12 @@ def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler, shard
     if not complete:
         return None
     path = complete[-1]
-    weights = load_file(path / "weights.safetensors")
+    weights, saved, fields, best = _read(path)
     expected = {name: p.shape for name, p in module.named_parameters() if p.requires_grad}
     differ = set(weights) ^ set(expected) or {k for k in weights if weights[k].shape != expected[k]}
     if differ:
         raise ValueError(f"checkpoint {path} was written for another model or LoRA setting ({len(differ)} "
                          f"parameters differ in name or shape, e.g. {sorted(differ)[0]}); use a fresh output_dir")
-    saved = torch.load(path / "optimizer.pt", weights_only=True)
     if saved.get("sharded", False) != sharded:
         written, now = ("FSDP", "DDP or one process") if saved.get("sharded") else ("DDP or one process", "FSDP")
         raise ValueError(f"checkpoint {path} was written under {written} and this fit runs {now}: resume with the "
@@ -150,10 +149,23 @@ def load_latest(output_dir: Path, module: nn.Module, optimizer, scheduler, shard
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    state = TrainingState(**json.loads((path / "state.json").read_text()))
-    if (path / "best.safetensors").exists():
-        state.best_weights = load_file(path / "best.safetensors")
-    return state
+    return TrainingState(**fields, best_weights=best)
+
+
+def _read(path: Path) -> tuple[dict, dict, dict, dict | None]:
+    """A checkpoint's weights, optimizer state, training state and best weights (None if it has none), each read
+    through :func:`paths.read_written`: a missing or broken file is named, with what to do."""
+    remedy = (f"delete {path} to resume from the start (or restore the file); checkpoints are renamed into place "
+              "complete, so this one was damaged after it was written")
+    readers = {"weights.safetensors": load_file, "optimizer.pt": lambda f: torch.load(f, weights_only=True),
+               "state.json": None}
+    read = []
+    for name, reader in readers.items():
+        value = paths.read_written(path / name, reader, remedy=remedy)
+        if value is None:
+            raise paths.UnreadableFile(f"{path / name} is missing: {remedy}")
+        read.append(value)
+    return (*read, paths.read_written(path / "best.safetensors", load_file, remedy=remedy))
 
 
 def _complete(root: Path) -> list[Path]:

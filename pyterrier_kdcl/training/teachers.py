@@ -170,7 +170,11 @@ class ScoreStore:
     def __init__(self, path: str | Path, description: str = "", file: str = SCORE_FILE):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path / file, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        self.file = self.path / file
+        self.db = self._guarded(lambda: sqlite3.connect(self.file, timeout=_BUSY_TIMEOUT_S, isolation_level=None))
+        self._guarded(lambda: self._create(description))
+
+    def _create(self, description: str) -> None:
         self.db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_S * 1000}")
         with self._writing():
             self.db.execute("CREATE TABLE IF NOT EXISTS scores (key BLOB PRIMARY KEY, score REAL NOT NULL) "
@@ -178,10 +182,26 @@ class ScoreStore:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('teacher', ?)", (description,))
 
+    def _guarded(self, work):
+        """``work()``; a corrupt database (a disk's fault: SQLite's journal survives kills) is reported through the
+        package's guard for files it wrote (:func:`pyterrier_kdcl.paths.unreadable`), naming the file and the fix."""
+        try:
+            return work()
+        except sqlite3.DatabaseError as err:
+            if getattr(err, "sqlite_errorname", None) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise  # a lock held too long, a full disk: not the file's fault
+            from pyterrier_kdcl import paths
+
+            raise paths.unreadable(self.file, err, f"delete {self.path} (its teacher scores are computed again), "
+                                                   "or give the trainer another teacher_cache") from err
+
     def _writing(self):
         return _Transaction(self.db)
 
     def get(self, keys: list[bytes]) -> dict[bytes, float]:
+        return self._guarded(lambda: self._get(keys))
+
+    def _get(self, keys: list[bytes]) -> dict[bytes, float]:
         found = {}
         for start in range(0, len(keys), _SQL_CHUNK):
             chunk = keys[start : start + _SQL_CHUNK]
@@ -191,8 +211,11 @@ class ScoreStore:
         return found
 
     def put(self, keys: list[bytes], scores: Iterable[float]) -> None:
-        with self._writing():
-            self.db.executemany("INSERT OR IGNORE INTO scores VALUES (?, ?)", zip(keys, map(float, scores)))
+        def insert():
+            with self._writing():
+                self.db.executemany("INSERT OR IGNORE INTO scores VALUES (?, ?)", zip(keys, map(float, scores)))
+
+        self._guarded(insert)
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]

@@ -24,7 +24,7 @@ import pyterrier as pt
 import torch
 from torch import nn
 
-from pyterrier_kdcl import models
+from pyterrier_kdcl import models, paths
 from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training import checkpoints, sharding, tracking
 from pyterrier_kdcl.training.dev_metrics import Validator
@@ -463,7 +463,7 @@ class RerankerTrainer(pt.Estimator):
         self._fitted = True
         if self.output_dir is not None and accelerator.is_main_process:
             reranker.save(self.output_dir / "model")  # the best weights, restored: only now may checkpoints go
-            self.log_.to_csv(self.output_dir / "log.csv", index=False)
+            paths.write_atomically(self.output_dir / "log.csv", lambda tmp: self.log_.to_csv(tmp, index=False))
             if not self.keep_checkpoints:
                 checkpoints.remove_all(self.output_dir)
         accelerator.wait_for_everyone()
