@@ -19,7 +19,7 @@ Contenders (the recipes of experiments/cpu-architectures.yaml):
 
 - ``minilm-l6``: all-MiniLM-L6-v2, full fine-tuning, mean pooling, lr 1e-4, head at 1e-2.
 - ``mpnet-base``: all-mpnet-base-v2 with LoRA (r 8, alpha 64) and mean pooling, lr 5e-4.
-- ``gemma3-270m``: the decoder student of experiments/planned/cpu-decoder.yaml: gemma-3-270m with LoRA (r 8,
+- ``gemma3-270m``: the decoder student of experiments/cpu-decoder.yaml: gemma-3-270m with LoRA (r 8,
   alpha 64, every linear layer), last-token scoring, lr 1e-4 (DESIGN.md's decoder recipe).
 - ``e5-small``: multilingual-e5-small (12 layers, 384 wide), MiniLM-L6's recipe (not in the default ``--models``).
 

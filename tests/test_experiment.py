@@ -620,7 +620,7 @@ def test_planned_configs_parse_and_validate(name):
 def test_plan_of_the_decoder_study_counts_the_shared_teacher_scores():
     from pyterrier_kdcl.experiment.plan import plan
 
-    config = load_config(EXPERIMENTS / "planned" / "cpu-decoder.yaml", check_environment=False)
+    config = load_config(EXPERIMENTS / "cpu-decoder.yaml", check_environment=False)
     assert config.teacher_cache == str(EXPERIMENTS.parent / "runs" / "cpu-architectures" / "teacher-scores")
     text = plan(config)
     scores = next(line for line in text.splitlines() if line.split()[2:4] == ["teacher", "scores"])
