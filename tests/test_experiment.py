@@ -604,7 +604,8 @@ def test_plan_counts_bf16_speeds_only_where_the_cpu_has_native_bf16(monkeypatch)
     native, text = minutes(True)
     emulated, other = minutes(False)
     assert native < 0.6 * emulated  # MPNet trains 2.6x and scores 2.9x faster in bf16 (docs/results/cpu-architectures)
-    assert "bf16 where a config asks for it;" in text and "no native bf16 here" in other
+    assert "bf16 where a config asks for it, and for training at precision auto;" in text
+    assert "no native bf16 here" in other
     mpnet = next(line for line in text.splitlines() if "mpnet-lora (mpnet-base, CL)" in line)
     # per seed: 1,600 training pairs at 4.9 pairs/s + 2 validations of 400 pairs at 20 pairs/s, in minutes
     seeds = len(config.seeds)

@@ -313,6 +313,8 @@ class TeacherScores:
                 merge_shards(self.path, cache)
         else:
             cache = None
+        # the leftovers of a crashed run are merged (and their files removed) before another process opens its own
+        processes.broadcast(None)
         own = cache if processes.is_main or self.path is None else \
             ScoreStore(self.path, self._description, file=shard_file(processes.rank))
         all_keys, all_scores, gathered_all = [], [], True

@@ -335,8 +335,7 @@ class RerankerTrainer(pt.Estimator):
                 stop = False
                 if loop.validator is not None and (state.step % validate_every == 0 or end_of_epoch):
                     validation_started = time.perf_counter()
-                    # in the reranker's own precision: a bf16 reranker is measured as it will serve
-                    with accelerator.autocast() if _is_half(reranker.dtype) else contextlib.nullcontext():
+                    with _as_served(reranker, accelerator):
                         row["metric"] = loop.validator.evaluate()
                     stop = self._keep_best(row["metric"], state, loop)
                     shown = {self.metric: f"{row['metric']:.4f}"}
@@ -604,6 +603,27 @@ def _processes(accelerator) -> Processes:
 
 
 # -- precision -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _as_served(reranker: CrossEncoder, accelerator):
+    """Validation in the reranker's own precision, so the best checkpoint is picked as it will serve: a bf16
+    reranker under autocast; a float32 one in float32 even while it trains in bf16 (``accelerator.prepare`` wrapped
+    its forward in autocast: the plain forward it kept stands in for the validation)."""
+    if _is_half(reranker.dtype):
+        with accelerator.autocast():
+            yield
+        return
+    module = reranker.ranker
+    wrapped, plain = module.__dict__.get("forward"), module.__dict__.get("_original_forward")
+    if wrapped is None or plain is None:
+        yield
+        return
+    module.forward = plain
+    try:
+        yield
+    finally:
+        module.forward = wrapped
+
+
 def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
