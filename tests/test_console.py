@@ -100,6 +100,10 @@ def test_the_cli_leaves_the_process_as_it_found_it(tmp_path, capsys):
     with console.configured(quiet=True):
         assert pt.tqdm is console.SilentProgress and logging.root.manager.disable >= logging.INFO
     assert pt.tqdm is bars and logging.root.manager.disable == disabled
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
     with console.configured(quiet=False, stream=tmp_path.joinpath("log").open("w")):
         assert pt.tqdm is console.PlainProgress
-    assert pt.tqdm is bars
+        assert not hf_logging.is_progress_bar_enabled()  # its nested weight-loading bars wrote ESC[A into logs
+    assert pt.tqdm is bars and hf_logging.is_progress_bar_enabled()

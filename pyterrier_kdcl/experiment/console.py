@@ -3,10 +3,10 @@
 In a terminal, progress bars redraw in place as usual. When stderr is not a terminal (a log file, a pipe, a CI
 job), a redrawn bar leaves carriage returns and, for nested bars (``pt.Experiment`` around a reranker's scoring),
 cursor movements (``ESC[A``) in the file: there each bar becomes plain lines instead, one when it starts, one at
-most every :data:`INTERVAL` seconds, and one when it ends. ``--quiet`` shows no progress at all, and none of the
-libraries' chatter (ir_datasets' ``[INFO]`` lines; loading and saving weights is quiet already): only warnings
-that ask for action, errors and the results. PyTerrier's advice to set ``plan='tree'`` is never shown: the runner
-chooses how systems share a first stage, and whoever runs the command cannot act on it.
+most every :data:`INTERVAL` seconds, and one when it ends (transformers' weight-loading bars, which pt.tqdm does not
+reach, are off). ``--quiet`` shows no progress at all, and none of the libraries' chatter (ir_datasets' ``[INFO]``
+lines): only warnings that ask for action, errors and the results. PyTerrier's advice to set ``plan='tree'`` is
+never shown: the runner chooses how systems share a first stage, and whoever runs the command cannot act on it.
 
 Example::
 
@@ -81,13 +81,20 @@ def configure(quiet: bool, stream=None) -> None:
         _quiet_libraries()
     elif not _is_terminal(stream):
         pt.tqdm = PlainProgress
+    if quiet or not _is_terminal(stream):
+        # transformers draws its own nested "Loading weights" bars (ESC[A in a log), which pt.tqdm does not reach
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @contextmanager
 def configured(quiet: bool, stream=None) -> Iterator[None]:
     """:func:`configure` for the duration of a ``with`` block: the bars, the warning filters and the logging level
     are restored when it ends (a CLI called in-process, as tests do, leaves the process as it found it)."""
-    bars, disabled = pt.tqdm, logging.root.manager.disable
+    from transformers.utils import logging as hf_logging
+
+    bars, disabled, hf_bars = pt.tqdm, logging.root.manager.disable, hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         configure(quiet, stream)
         try:
@@ -95,6 +102,8 @@ def configured(quiet: bool, stream=None) -> Iterator[None]:
         finally:
             pt.tqdm = bars
             logging.disable(disabled)
+            if hf_bars:
+                hf_logging.enable_progress_bar()
 
 
 def _is_terminal(stream) -> bool:
