@@ -22,10 +22,10 @@ CPU_PAIRS_PER_SECOND = {
     "minilm-l3": (70.0, 32.0),
     "minilm-l6": (47.0, 15.0),
     "mpnet-base": (7.0, 1.9),
-    "gemma3-270m": (3.5, 1.2),
-    # not measured (a probe on 2026-12-04 got a twentieth of a core): MiniLM-L6's figures halved, for twice its
-    # layers at the same width; AdamW over its 96M-parameter vocabulary makes training slower still
-    "e5-small": (23.5, 7.5),
+    "gemma3-270m": (6.8, 1.5),  # benchmarks/results/2026-12-04-bf16-*-gemma3-270m.txt (earlier estimates: 3.5, 1.2)
+    # e5-small (multilingual-e5-small, 12 layers, 384 wide): benchmarks/bf16_scoring.py and bf16_training.py
+    # (2026-12-04 20:36, quiet; benchmarks/results/2026-12-04-*-e5-small.txt): 200 pairs scored, 4 steps of 32 trained
+    "e5-small": (31.1, 8.2),
 }
 
 
@@ -40,7 +40,7 @@ CPU_BF16_PAIRS_PER_SECOND = {
     # 32 pairs, seed 1, quiet CPU): 4.32 pairs/s against 1.53 in float32; scoring 200 man-page pairs in bf16 19.7
     # pairs/s against 6.6 in float32 (the same day)
     "gemma3-270m": (19.7, 4.3),
-    "e5-small": (None, 13.0),  # not measured: MiniLM-L6's halved, as above
+    "e5-small": (90.4, 16.5),  # measured as in CPU_PAIRS_PER_SECOND
 }
 _HALF = {"bf16", "bfloat16"}
 
