@@ -389,7 +389,7 @@ class ExperimentRunner:
     def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:
         args = {k: v for k, v in self.config.training_args(spec).items() if k not in _NOT_TRAINER_ARGS}
         args["negative_filter"] = self.negative_filter(spec)
-        args["precision"] = self.precision(spec)  # as its stage's spec names it
+        args["precision"] = self.precision(spec, args["precision"])  # as its stage's spec names it
         if args.get("negatives_window") is not None:
             args["negatives_window"] = tuple(args["negatives_window"])
         # positives the first stage missed still make groups: their text comes from the collection
@@ -407,14 +407,13 @@ class ExperimentRunner:
         resolved to what the fit computes in on this machine (bf16 where native): another precision is another
         stage."""
         args = self.config.training_args(spec)
-        return Training.model_validate({**args, "precision": self.precision(spec),
+        return Training.model_validate({**args, "precision": self.precision(spec, args["precision"]),
                                         "negative_filter": self.negative_filter(spec)})
 
-    def precision(self, spec: Model) -> str:
+    def precision(self, spec: Model, precision: str) -> str:
         """``training.precision`` of ``spec`` as its fit resolves it here (``training.precision.resolve``)."""
         device = resolve_device(self.device)
-        return resolve_precision(self.config.training_args(spec)["precision"], device,
-                                 resolve_dtype(spec.dtype, device))
+        return resolve_precision(precision, device, resolve_dtype(spec.dtype, device))
 
     def teacher_spec(self, spec: Teacher) -> TeacherSpec:
         """The spec of a teacher (or fused teacher's member): given as it is, or trained with contrastive learning."""

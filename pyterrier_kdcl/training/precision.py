@@ -16,6 +16,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _HALF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def check(precision: str) -> None:
+    """Refuses a precision that is none of :data:`PRECISIONS` (Accelerate's ``"no"``, float32, is taken too)."""
+    if precision not in PRECISIONS and precision != "no":
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def resolve(precision: str, device: str | torch.device, dtype: torch.dtype = torch.float32) -> str:
     """``"fp32"``, ``"bf16"`` or ``"fp16"``: what a fit of a ``dtype`` reranker on ``device`` computes in.
 
@@ -24,8 +30,7 @@ def resolve(precision: str, device: str | torch.device, dtype: torch.dtype = tor
     >>> resolve("auto", "cpu", torch.bfloat16)
     'bf16'
     """
-    if precision not in PRECISIONS and precision != "no":
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check(precision)
     if precision != "auto":
         return "fp32" if precision == "no" else precision
     if dtype in _HALF:  # weights held in half precision compute in it

@@ -27,11 +27,10 @@ from torch import nn
 from pyterrier_kdcl import models, paths
 from pyterrier_kdcl.reranker import CrossEncoder
 from pyterrier_kdcl.training import checkpoints, sharding, tracking
+from pyterrier_kdcl.training import precision as precisions
 from pyterrier_kdcl.training.dev_metrics import Validator
 from pyterrier_kdcl.training.groups import GroupSampler, NegativeFilter
 from pyterrier_kdcl.training.losses import InfoNCE, KLDistillation, _uses
-from pyterrier_kdcl.training.precision import PRECISIONS
-from pyterrier_kdcl.training.precision import resolve as resolve_precision
 from pyterrier_kdcl.training.teachers import (
     CheckedTeacher,
     Processes,
@@ -147,8 +146,7 @@ class RerankerTrainer(pt.Estimator):
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         if "tensorboard" in tracking.trackers(report_to) and output_dir is None:
             raise ValueError("report_to='tensorboard' writes its event files under output_dir/runs: pass output_dir=")
-        if precision not in PRECISIONS and precision != "no":
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        precisions.check(precision)
         half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(reranker.dtype)
         if half and precision in ("bf16", "fp16") and precision != half:
             raise ValueError(f"precision={precision!r} would compute a {reranker.dtype} reranker in another half "
@@ -494,7 +492,7 @@ class RerankerTrainer(pt.Estimator):
 
     def _mixed_precision(self) -> str:
         """Accelerate's name of what this fit computes in (``precision.resolve``: ``"auto"`` is bf16 where native)."""
-        resolved = resolve_precision(self.precision, self.reranker.device, self.reranker.dtype)
+        resolved = precisions.resolve(self.precision, self.reranker.device, self.reranker.dtype)
         return {"fp32": "no"}.get(resolved, resolved)
 
 
