@@ -3,7 +3,8 @@
 A run's report compares its own systems (KD with CL, KD with BM25). A variant run that repeats another's design
 with one change (cpu-negative-filter repeats cpu-architectures' MiniLM-L6 student with filtered negatives) is
 compared with it here: the same collections, queries and seeds are required (runs of the same seed are paired),
-and each pair is tested by the report's seed-aware test (crossed query and seed effects), on every collection and
+and each pair is tested by the report's seed-aware test (crossed query and seed effects; a system run once, such as
+BM25, meets every seed of the other), on every collection and
 on the pooled queries of each scope, Holm-corrected within the per-collection rows and within the pooled rows.
 
     python experiments/compare_runs.py docs/results/cpu-architectures docs/results/cpu-negative-filter \\
@@ -26,6 +27,7 @@ from pyterrier_kdcl.experiment import evidence, seed_aware
 from pyterrier_kdcl.experiment.statistics import correct, family_alpha, mde_from_se
 
 ALPHA = 0.05
+RUN_ONCE = -1  # the seed row of a system run once
 
 
 def scopes(run: Path) -> dict[str, list[str]]:
@@ -41,7 +43,14 @@ def matrix(values: pd.DataFrame, system: str, collections: list[str], measure: s
     if rows.empty:
         raise SystemExit(f"no {measure} values for system {system!r} on {collections}: check the --pair names "
                          f"against the 'system' column of perquery.csv.gz")
-    return rows.pivot_table(index="seed", columns=["collection", "qid"], values="value", aggfunc="first")
+    seeds = rows.seed.astype("Int64").fillna(RUN_ONCE)  # pivot_table would drop a row without a seed
+    return rows.assign(seed=seeds).pivot_table(index="seed", columns=["collection", "qid"], values="value",
+                                               aggfunc="first")
+
+
+def _run_once(values: pd.DataFrame) -> bool:
+    """Whether a system's matrix is one row without a seed (BM25, a given teacher): it meets every seed of the other."""
+    return list(values.index) == [RUN_ONCE]
 
 
 def compare(base: Path, variant: Path, pairs: list[tuple[str, str]], measure: str) -> pd.DataFrame:
@@ -57,7 +66,8 @@ def compare(base: Path, variant: Path, pairs: list[tuple[str, str]], measure: st
                           else f"{scope} (pooled queries)"))
             for kind, collections, label in units:
                 a, b = matrix(a_values, name_a, collections, measure), matrix(b_values, name_b, collections, measure)
-                if list(a.index) != list(b.index) or list(a.columns) != list(b.columns):
+                if (not (_run_once(a) or _run_once(b)) and list(a.index) != list(b.index)) \
+                        or list(a.columns) != list(b.columns):
                     raise SystemExit(f"{name_a} and {name_b} on {label}: different seeds or queries "
                                      f"({list(a.index)} vs {list(b.index)}; {a.shape[1]} vs {b.shape[1]} queries)")
                 c = seed_aware.crossed(a.to_numpy(), b.to_numpy(), alpha=ALPHA)

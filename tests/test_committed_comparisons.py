@@ -58,3 +58,14 @@ def test_runs_of_other_seeds_or_queries_are_refused(tmp_path):
     values[values.seed != "5"].to_csv(other / "perquery.csv.gz", index=False)
     with pytest.raises(SystemExit, match="different seeds or queries"):
         _script().compare(run, other, [("minilm-l6-mean CL", "minilm-l6-mean CL")], "nDCG@10")
+
+
+def test_a_system_run_once_meets_every_seed_as_in_the_report():
+    """BM25 (no seed) against a student's seeds: the report's KD − BM25 rows, before its Holm family."""
+    run = RESULTS / "cpu-architectures"
+    report = pd.read_csv(run / "tables" / "kd_vs_bm25.csv")
+    table = _script().compare(run, run, [("BM25", "minilm-l6-mean KD")], "nDCG@10")
+    for _, row in report[report.student == "minilm-l6-mean"].iterrows():
+        mine = table[table.collection == row.collection].iloc[0]
+        assert mine["B-A"] == pytest.approx(row["KD-BM25"], rel=1e-9)
+        assert mine["p (seed-aware t)"] == pytest.approx(row["p (seed-aware t)"], rel=1e-6)
