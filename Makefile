@@ -33,7 +33,7 @@ verify: install
 	$(VENV)/bin/kdcl verify $(filter $(patsubst %/report.md,%,$(wildcard docs/results/*/report.md)),\
 		$(patsubst %/perquery.csv.gz,%,$(wildcard docs/results/*/perquery.csv.gz))) \
 		README.md docs/*.md docs/results/README.md docs/results/dose-response/README.md \
-		docs/results/collection-baselines/README.md
+		docs/results/collection-baselines/README.md $(wildcard docs/results/*-interpolated/README.md)
 
 demo: install collections
 	$(VENV)/bin/kdcl experiment $(CONFIG)
