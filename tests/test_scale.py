@@ -44,7 +44,7 @@ def test_a_streamed_sampler_draws_the_groups_of_the_in_memory_frame(monkeypatch)
     memory = GroupSampler(res, qrels, group_size=4, seed=7)
     streamed = GroupSampler(ids, qrels, group_size=4, seed=7, text_source=docstore)
     assert streamed.streaming and not memory.streaming
-    assert all(t is None for entry in streamed._queries for _, t, _ in entry[2] + entry[3])  # no text is held
+    assert streamed._candidates.texts == [] and memory._candidates.texts  # no text is held, not even a reference
     for epoch in (0, 1):
         assert list(streamed.epoch(epoch)) == list(memory.epoch(epoch))
     assert list(streamed.candidates()) == list(memory.candidates())
