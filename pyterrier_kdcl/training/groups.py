@@ -14,8 +14,11 @@ query's candidates: it ranked below all of them.
 
 A frame without the text column, given ``text_source=`` (a docstore), is *streamed*: the sampler keeps ids and
 first-stage scores only, and fetches the text of each block of ``TEXT_BLOCK`` groups as they are drawn, so memory
-does not grow with the training set's text. The groups, their order and their text are those of the same frame
-with the text in it: streaming changes where the text comes from, never which groups are trained on.
+does not grow with the training set's text. The results may also come as an iterable of frames (a retriever's
+``transform_gen``, a run read in chunks), read once, so that no frame of every candidate need exist. The sampler
+holds numpy arrays, not an object per candidate: about 16 bytes a candidate of 8-character docnos (its docno's
+bytes and its float64 score) and about 100 a query. The groups, their order and their text are those of one frame
+with the text in it: streaming changes where the rows and the text come from, never which groups are trained on.
 
 A :class:`NegativeFilter` consults a teacher about the negatives (:meth:`GroupSampler.filter_negatives`): a negative
 the teacher scores at or above a positive's score minus ``margin`` is a false-negative suspect, and is dropped from
