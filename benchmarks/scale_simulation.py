@@ -23,7 +23,10 @@ training frame added, and the seconds of each step:
   reading the warm cache, stopped after ``--steps`` optimizer steps (batch 4 groups, max_length 64).
 
 Modes: ``memory`` hands the trainer a frame with every candidate's text (``pt.text.get_text`` before the trainer);
-``stream`` hands it ids only and ``text_source=`` a docstore, so text is fetched per block of groups.
+``stream`` hands it ids only and ``text_source=`` a docstore, so text is fetched per block of groups; ``chunks``
+hands it ids a frame of 1,000 queries at a time (a generator, as a retriever's ``transform_gen(topics,
+batch_size=1000)`` gives: no frame of every candidate exists) and ``text_source=`` a transformer that fetches a
+block's texts at once (as ``pt.text.get_text`` does). The caller holds the qrels in every mode.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,6 +51,7 @@ CANDIDATES = 30
 WORDS_MEAN, WORDS_MEDIAN, WORDS_MAX = 56, 50, 200
 QUERY_WORDS_MEAN = 6
 PHASES = ("groups", "teacher", "lookup", "fit")
+CHUNK_QUERIES = 1000  # queries a frame in mode "chunks"
 
 
 # -- the collection ----------------------------------------------------------------------------------------------
@@ -100,9 +103,11 @@ class Collection:
     def query_texts(self, ids: np.ndarray) -> list[str]:
         return self._slices(ids, 4, _lognormal_words(ids, 5, QUERY_WORDS_MEAN, 5, 1, 30))
 
-    def candidates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(queries, 30) passage ids, their BM25-like scores (descending), and each query's positive's column."""
-        q = np.arange(self.queries, dtype=np.uint64)[:, None]
+    def candidates(self, first: int = 0, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Queries ``first..last``'s (queries, 30) passage ids, their BM25-like scores (descending), and each query's
+        positive's column."""
+        last = self.queries if last is None else last
+        q = np.arange(first, last, dtype=np.uint64)[:, None]
         col = np.arange(CANDIDATES, dtype=np.uint64)[None, :]
         ids = (_mix(q * np.uint64(CANDIDATES) + col, 7) % np.uint64(self.passages)).astype(np.int64)
         positive = (_mix(q[:, 0], 8) % np.uint64(CANDIDATES)).astype(np.int64)
@@ -110,26 +115,49 @@ class Collection:
         scores = 25.0 + 5 * _uniform(q, 10) - np.cumsum(gaps, axis=1)
         return ids, scores, positive
 
-    def frames(self, with_text: bool):
-        """The first stage's result frame (qid, query, docno, score, rank, and text when asked) and the qrels."""
+    def frame(self, with_text: bool, first: int = 0, last: int | None = None):
+        """The first stage's result frame (qid, query, docno, score, rank, and text when asked) of queries
+        ``first..last``."""
         import pandas as pd
 
-        ids, scores, positive = self.candidates()
-        n = self.queries
-        qids = np.array([f"q{i}" for i in range(n)], dtype=object)
-        queries = np.array(self.query_texts(np.arange(n)), dtype=object)
+        ids, scores, _ = self.candidates(first, last)
+        n = len(ids)
+        qids = np.array([f"q{i}" for i in range(first, first + n)], dtype=object)
+        queries = np.array(self.query_texts(np.arange(first, first + n)), dtype=object)
         flat = ids.ravel()
         frame = pd.DataFrame({"qid": np.repeat(qids, CANDIDATES), "query": np.repeat(queries, CANDIDATES),
                               "docno": np.array([f"p{i}" for i in flat.tolist()], dtype=object),
                               "score": scores.ravel(), "rank": np.tile(np.arange(CANDIDATES), n)})
         if with_text:  # a string per row, as pt.text.get_text gives
             frame["text"] = self.passage_texts(flat)
-        qrels = pd.DataFrame({"qid": qids, "docno": [f"p{i}" for i in ids[np.arange(n), positive].tolist()],
-                              "label": 1})
-        return frame, qrels
+        return frame
+
+    def frame_chunks(self, queries_per_frame: int):
+        """The same rows, ids only, a frame of ``queries_per_frame`` queries at a time (what a retriever's
+        ``transform_gen(topics, batch_size=queries_per_frame)`` gives)."""
+        for first in range(0, self.queries, queries_per_frame):
+            yield self.frame(False, first, min(first + queries_per_frame, self.queries))
+
+    def qrels(self):
+        """Each query's one judged positive (the candidate at its positive's column: computed alone, not from the
+        whole (queries, 30) array)."""
+        import pandas as pd
+
+        q = np.arange(self.queries, dtype=np.uint64)
+        positive = _mix(q, 8) % np.uint64(CANDIDATES)
+        ids = (_mix(q * np.uint64(CANDIDATES) + positive, 7) % np.uint64(self.passages)).astype(np.int64)
+        return pd.DataFrame({"qid": [f"q{i}" for i in range(self.queries)],
+                             "docno": [f"p{i}" for i in ids.tolist()], "label": 1})
+
+    def frames(self, with_text: bool):
+        """The whole result frame and the qrels."""
+        return self.frame(with_text), self.qrels()
 
     def docstore(self) -> Docstore:
         return Docstore(self)
+
+    def get_text(self) -> GetText:
+        return GetText(self)
 
 
 class Docstore(Mapping):
@@ -151,6 +179,18 @@ class Docstore(Mapping):
         return (f"p{i}" for i in range(self.collection.passages))
 
 
+class GetText(pt.Transformer):
+    """Adds each row's passage text, all rows at once (as ``pt.text.get_text`` does with a docstore's ``get_many``)."""
+
+    def __init__(self, collection: Collection):
+        self.collection = collection
+
+    def transform(self, inp):
+        passages = self.collection.passages
+        return inp.assign(text=self.collection.passage_texts(np.array([_passage_id(d, passages)
+                                                                       for d in inp["docno"]])))
+
+
 def _passage_id(docno: str, passages: int) -> int:
     if not docno.startswith("p") or not docno[1:].isdigit() or int(docno[1:]) >= passages:
         raise KeyError(docno)
@@ -164,7 +204,11 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process image's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux keeps that across
+    ``execve``, so a child reports at least its parent's RSS at the fork (here the parent's ~450 MB after writing
+    the tiny models)."""
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def child(phase: str, queries: int, mode: str, work: Path, steps: int) -> dict:
@@ -177,10 +221,13 @@ def child(phase: str, queries: int, mode: str, work: Path, steps: int) -> dict:
     out = {"phase": phase, "queries": queries, "mode": mode, "rss_imports_mb": rss_mb()}
     t = time.perf_counter()
     collection = Collection(queries)
-    frame, qrels = collection.frames(with_text=mode == "memory")
-    out.update(passages=collection.passages, rows=len(frame), generate_s=time.perf_counter() - t,
+    if mode == "chunks":  # the caller holds the qrels and one frame of CHUNK_QUERIES queries at a time
+        frame, qrels = collection.frame_chunks(CHUNK_QUERIES), collection.qrels()
+    else:
+        frame, qrels = collection.frames(with_text=mode == "memory")
+    out.update(passages=collection.passages, rows=queries * CANDIDATES, generate_s=time.perf_counter() - t,
                frame_rss_mb=rss_mb() - out["rss_imports_mb"])
-    source = collection.docstore() if mode == "stream" else None
+    source = {"stream": collection.docstore(), "chunks": collection.get_text()}.get(mode)
     teacher = LengthTeacher()
     cache = work / "teacher_cache"
 
@@ -200,7 +247,8 @@ def child(phase: str, queries: int, mode: str, work: Path, steps: int) -> dict:
     else:
         t = time.perf_counter()
         sampler = GroupSampler(frame, qrels, group_size=8, seed=0, text_source=source)
-        out["sampler_s"] = time.perf_counter() - t
+        out.update(sampler_s=time.perf_counter() - t, sampler_mb=sampler.nbytes / 2**20,
+                   sampler_peak_rss_mb=peak_mb())
         t = time.perf_counter()
         drawn = sum(1 for _ in sampler.epoch(0))
         out.update(epoch_draw_s=time.perf_counter() - t, groups=drawn)
@@ -271,7 +319,7 @@ class StoppingTrainer(kdcl.DistillationTrainer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", type=int, nargs="+", default=[10_000, 50_000, 200_000])
-    parser.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
+    parser.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream", "chunks"])
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps of the fit")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kdcl-scale-simulation"))
@@ -334,6 +382,8 @@ FIGURES = {  # (phase, field): what it measures
     ("fit", "before_first_step_s"): "fit: start to first step, s",
     ("fit", "step_s"): "fit: one step, s",
     ("groups", "frame_rss_mb"): "training frame, RSS MB",
+    ("groups", "sampler_mb"): "GroupSampler's own arrays, MB",
+    ("groups", "sampler_peak_rss_mb"): "peak RSS, sampler built, MB",
     ("groups", "peak_rss_mb"): "peak RSS, groups, MB",
     ("teacher", "peak_rss_mb"): "peak RSS, teacher scoring, MB",
     ("fit", "peak_rss_mb"): "peak RSS, fit, MB",

@@ -1,5 +1,6 @@
-"""Scale: groups built from ids with text fetched per block (streaming) train exactly like the in-memory frame, and
-teacher scores sharded by rank into per-rank files merge once into the cache (issue 24, item 3)."""
+"""Scale: groups built from ids with text fetched per block (streaming), and from the results handed over a frame at a
+time, train exactly like the in-memory frame; teacher scores sharded by rank into per-rank files merge once into the
+cache (issue 24, item 3)."""
 
 import pandas as pd
 import pytest
@@ -44,7 +45,7 @@ def test_a_streamed_sampler_draws_the_groups_of_the_in_memory_frame(monkeypatch)
     memory = GroupSampler(res, qrels, group_size=4, seed=7)
     streamed = GroupSampler(ids, qrels, group_size=4, seed=7, text_source=docstore)
     assert streamed.streaming and not memory.streaming
-    assert all(t is None for entry in streamed._queries for _, t, _ in entry[2] + entry[3])  # no text is held
+    assert streamed._candidates.texts == [] and memory._candidates.texts  # no text is held, not even a reference
     for epoch in (0, 1):
         assert list(streamed.epoch(epoch)) == list(memory.epoch(epoch))
     assert list(streamed.candidates()) == list(memory.candidates())
@@ -64,20 +65,65 @@ def test_a_frame_without_text_and_without_a_text_source_points_to_both():
         GroupSampler(ids, qrels, group_size=4)
 
 
+def in_frames(frame, rows):
+    """The frame as a generator of frames of ``rows`` rows: a query's rows may span two of them."""
+    return (frame.iloc[start : start + rows] for start in range(0, len(frame), rows))
+
+
+def test_results_handed_over_a_frame_at_a_time_give_the_groups_of_one_frame(monkeypatch):
+    monkeypatch.setattr(groups_module, "BLOCK", 10)  # candidates in several storage blocks
+    res, ids, qrels, docstore = frames()
+    whole = GroupSampler(res, qrels, group_size=4, seed=7, negatives_window=(0, 7))
+    shuffled = res.sample(frac=1, random_state=1).sort_values("qid", kind="stable")  # rows of a query together
+    for results in (in_frames(shuffled, 11), [shuffled], in_frames(shuffled.drop(columns="text"), 5)):
+        sampler = GroupSampler(results, qrels, group_size=4, seed=7, negatives_window=(0, 7), text_source=docstore)
+        for epoch in (0, 1):
+            assert list(sampler.epoch(epoch)) == list(whole.epoch(epoch))
+        assert list(sampler.candidates()) == list(whole.candidates())
+        assert vars(sampler.stats) == vars(whole.stats)
+
+
+def test_a_frame_larger_than_a_chunk_is_read_in_chunks_in_any_row_order(monkeypatch):
+    res, _, qrels, _ = frames()
+    whole = list(GroupSampler(res, qrels, group_size=4, seed=2).epoch(0))
+    monkeypatch.setattr(groups_module, "CHUNK_ROWS", 7)
+    for frame in (res, res.sample(frac=1, random_state=0)):  # grouped by query, or not at all
+        assert list(GroupSampler(frame, qrels, group_size=4, seed=2).epoch(0)) == whole
+
+
+def test_a_query_met_again_after_other_queries_is_refused():
+    res, _, qrels, _ = frames(4)
+    q0 = res[res["qid"] == "q0"]
+    with pytest.raises(ValueError, match="query 'q0' again after other queries.*sort a run by qid"):
+        GroupSampler([q0.iloc[:4], res[res["qid"] == "q1"], q0.iloc[4:]], qrels, group_size=4)
+    with pytest.raises(TypeError, match="result frames"):
+        GroupSampler(["not a frame"], qrels, group_size=4)
+
+
+def test_the_sampler_holds_numpy_arrays_not_an_object_per_candidate():
+    res, ids, qrels, docstore = frames(40)
+    sampler = GroupSampler(ids, qrels, group_size=4, text_source=docstore)
+    candidates = sum(sampler._size)
+    assert candidates == len(ids) and sampler._candidates.docnos[0].dtype.kind == "S"
+    # a docno's bytes (5 here) and a float64 score a candidate; offsets, qid and query (about 70 bytes) a query
+    assert sampler.nbytes <= 13 * candidates + 80 * len(sampler)  # a tuple of three references alone is 64
+
+
 @pytest.mark.parametrize("objective", ["cl", "kd"])
 def test_a_streamed_fit_trains_like_the_in_memory_fit(tiny_model, objective, tmp_path):
     res, ids, qrels, docstore = frames(12)
     logs, weights = [], []
-    for frame, source in ((res, None), (ids, docstore)):
+    for frame, source in ((res, None), (ids, docstore), (in_frames(ids, 10), docstore)):
         student = kdcl.CrossEncoder(str(tiny_model("bert")), verbose=False, max_length=32, device="cpu")
         options = dict(group_size=4, batch_size=4, epochs=2, seed=3, verbose=False, text_source=source)
         trainer = (kdcl.ContrastiveTrainer(student, **options) if objective == "cl" else
                    kdcl.DistillationTrainer(student, WordTeacher("answer", 2.0), **options))
         logs.append(trainer.fit(frame, qrels))
         weights.append(student.ranker.state_dict())
-    pd.testing.assert_series_equal(logs[0]["loss"], logs[1]["loss"])
-    for key in weights[0]:
-        torch.testing.assert_close(weights[0][key], weights[1][key], atol=0, rtol=0)
+    for log, weight in zip(logs[1:], weights[1:]):
+        pd.testing.assert_series_equal(logs[0]["loss"], log["loss"])
+        for key in weights[0]:
+            torch.testing.assert_close(weights[0][key], weight[key], atol=0, rtol=0)
 
 
 def groups(n=10):

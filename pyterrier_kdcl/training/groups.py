@@ -14,8 +14,11 @@ query's candidates: it ranked below all of them.
 
 A frame without the text column, given ``text_source=`` (a docstore), is *streamed*: the sampler keeps ids and
 first-stage scores only, and fetches the text of each block of ``TEXT_BLOCK`` groups as they are drawn, so memory
-does not grow with the training set's text. The groups, their order and their text are those of the same frame
-with the text in it: streaming changes where the text comes from, never which groups are trained on.
+does not grow with the training set's text. The results may also come as an iterable of frames (a retriever's
+``transform_gen``, a run read in chunks), read once, so that no frame of every candidate need exist. The sampler
+holds numpy arrays, not an object per candidate: about 16 bytes a candidate of 8-character docnos (its docno's
+bytes and its float64 score) and about 100 a query. The groups, their order and their text are those of one frame
+with the text in it: streaming changes where the rows and the text come from, never which groups are trained on.
 
 A :class:`NegativeFilter` consults a teacher about the negatives (:meth:`GroupSampler.filter_negatives`): a negative
 the teacher scores at or above a positive's score minus ``margin`` is a false-negative suspect, and is dropped from
@@ -27,15 +30,17 @@ still see the same groups.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pyterrier as pt
 
 TEXT_BLOCK = 512  # groups whose text a streaming sampler fetches at once
+CHUNK_ROWS = 1 << 20  # rows of a training frame checked and split into queries at once
+BLOCK = 1 << 16  # candidates a storage block of the sampler holds
 INSUFFICIENT_POLICIES = ("skip", "replace")
 UNJUDGED_POLICIES = ("skip", "distil")
 NEGATIVE_ACTIONS = ("drop", "relabel")
@@ -157,8 +162,17 @@ class GroupSampler:
         for group in sampler.epoch(0):
             group.qid, group.docnos, group.labels
 
+        # a large training set: the first stage's results a batch of topics at a time, text from the docstore
+        sampler = GroupSampler(bm25.transform_gen(train_topics, batch_size=1000), qrels,
+                               text_source=pt.text.get_text(dataset, "text"))
+
     Args:
-        results: result frame with qid, query, docno and ``text_field`` (and rank or score, if a window is used).
+        results: result frame with qid, query, docno and ``text_field`` (and rank or score, if a window is used),
+            or an iterable of such frames (a retriever's ``transform_gen(topics, batch_size=...)``, a run file read
+            with ``pd.read_csv(..., chunksize=...)`` and merged with the topics' query text), read once, a frame at
+            a time, so that no frame of every candidate need exist. Each query's rows come in one frame, or in
+            consecutive ones; a query met again after others is refused. The groups are those of the same rows in
+            one frame.
         qrels: qid, docno, label. Labels ``>= min_label`` are positives.
         negatives_window: ``(first, last)`` ranks (0-based, last exclusive) negatives are drawn from: the frame's
             ``rank``, else ranks from its ``score``. A frame with neither is refused rather than ranked by its row
@@ -174,19 +188,15 @@ class GroupSampler:
             teacher to score. A query with qrels but no positive among its candidates is skipped either way.
     """
 
-    def __init__(self, results: pd.DataFrame, qrels: pd.DataFrame, *, group_size: int = 8, min_label: int = 1,
-                 negatives_window: tuple[int, int] | None = None, insufficient: str = "skip", text_source=None,
-                 text_field: str = "text", seed: int = 42, unjudged: str = "skip"):
+    def __init__(self, results: pd.DataFrame | Iterable[pd.DataFrame], qrels: pd.DataFrame, *, group_size: int = 8,
+                 min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
+                 text_source=None, text_field: str = "text", seed: int = 42, unjudged: str = "skip"):
         if not isinstance(group_size, (int, np.integer)) or group_size < 2:
             raise ValueError(f"group_size must be an integer of at least 2 (one positive and a negative), "
                              f"got {group_size!r}")
         if negatives_window is not None and not (0 <= negatives_window[0] < negatives_window[1]):
             raise ValueError(f"negatives_window must be (first, last) ranks with 0 <= first < last, "
                              f"got {negatives_window!r}")
-        if negatives_window is not None and not {"rank", "score"} & set(results.columns):
-            raise ValueError(f"negatives_window={tuple(negatives_window)!r} selects negatives by rank, but the "
-                             "training frame has neither a 'rank' nor a 'score' column: keep the first stage's rank "
-                             "or score columns in the frame, or drop negatives_window")
         if insufficient not in INSUFFICIENT_POLICIES:
             raise ValueError(f"insufficient must be one of {INSUFFICIENT_POLICIES}, got {insufficient!r}")
         if unjudged not in UNJUDGED_POLICIES:
@@ -197,81 +207,24 @@ class GroupSampler:
         self.unjudged = unjudged
         self.stats = GroupStats()
         self.text_source, self.text_field = text_source, text_field
-        self.streaming = text_source is not None and text_field not in results.columns
-        results = _checked_results(results, text_field, self.streaming)
-        qrels = _checked_qrels(qrels)
-        self._build(results, qrels, min_label, negatives_window, text_source, text_field)
-        if not self._queries:
+        self.streaming = False  # decided by the first frame: it has no text_field and a text_source is given
+        _Builder(self, _checked_qrels(qrels), min_label, negatives_window).build(results)
+        if not len(self._usable):
             raise ValueError(f"no training group could be built: {self.stats.explain()}. "
                              f"Each group needs {group_size - 1} negatives (group_size={group_size}). "
                              "Check that the qrels match the frame's qids and docnos, retrieve deeper, "
                              "or pass text_source= / insufficient='replace'.")
 
-    # -- building -------------------------------------------------------------------------------------------
-    def _build(self, results, qrels, min_label, window, text_source, text_field):
-        before = len(results)
-        results = results.drop_duplicates(["qid", "docno"], keep="first")
-        self.stats.duplicate_rows_dropped = before - len(results)
-        results = results.sort_values(["qid", "docno"], kind="stable")  # groups must not depend on row order
-        if window is not None:
-            results = results.assign(_rank=_ranks(results))
-        positives = qrels[qrels["label"] >= min_label]
-        positive_sets = positives.groupby("qid")["docno"].apply(set).to_dict()
-        known_qids = set(results["qid"])
-        self.stats.qrels_for_unknown_queries = int((~qrels["qid"].isin(known_qids)).sum())
-        judged_qids = set(qrels["qid"])
-        missing_positive_text = self._fetch_missing_positive_text(results, positives, text_source, text_field)
-
-        # (docno, text, first-stage score or None) of each positive and negative; the last item is None, or after
-        # filter_negatives each positive's own (negatives, positions among them labelled positive)
-        self._scored = "score" in results.columns
-        self._queries: list[tuple[str, str, list[tuple], list[tuple], list[tuple[list, frozenset]] | None]] = []
-        for qid, rows in results.groupby("qid", sort=True):
-            self.stats.queries += 1
-            judged = positive_sets.get(qid, set())
-            is_pos = rows["docno"].isin(judged).to_numpy()
-            scores = rows["score"].to_numpy("float64") if self._scored else np.full(len(rows), None)
-            texts = rows[text_field].to_numpy() if not self.streaming else np.full(len(rows), None)
-            pos = list(zip(rows["docno"][is_pos], texts[is_pos], scores[is_pos]))
-            lowest = np.nanmin(scores) if self._scored else None  # a missed positive ranked below every candidate
-            pos += [(d, missing_positive_text[qid, d], lowest) for d in sorted(judged)
-                    if (qid, d) in missing_positive_text]
-            is_neg = ~is_pos
-            if window is not None:
-                ranks = rows["_rank"].to_numpy()
-                is_neg &= (ranks >= window[0]) & (ranks < window[1])
-            negs = list(zip(rows["docno"][is_neg], texts[is_neg], scores[is_neg]))
-            unjudged = qid not in judged_qids
-            self.stats.unjudged += unjudged
-            if not pos and not (unjudged and self.unjudged == "distil"):
-                self.stats.no_positive += 1
-                continue
-            needed = self.group_size - (0 if unjudged else 1)
-            if len(negs) < needed and (self.insufficient == "skip" or not negs):
-                self.stats.too_few_negatives += 1
-                continue
-            self.stats.sampled_with_replacement += len(negs) < needed
-            self._queries.append((qid, rows["query"].iloc[0], pos, negs, None))
-        self.stats.usable = len(self._queries)
-
-    def _fetch_missing_positive_text(self, results, positives, text_source, text_field) -> dict:
-        candidates = positives[positives["qid"].isin(set(results["qid"]))]
-        present = set(zip(results["qid"], results["docno"]))
-        missing = candidates[[(q, d) not in present for q, d in zip(candidates["qid"], candidates["docno"])]]
-        if text_source is None or missing.empty:
-            return {}
-        if isinstance(text_source, Mapping):
-            found = {(q, d): text_source[d] for q, d in zip(missing["qid"], missing["docno"]) if d in text_source}
-        else:
-            fetched = text_source(missing[["qid", "docno"]].reset_index(drop=True))
-            found = dict(zip(zip(fetched["qid"], fetched["docno"]), fetched[text_field]))
-        found = {k: v for k, v in found.items() if isinstance(v, str) and v}
-        self.stats.positive_text_fetched = len(found)
-        return found
+    @property
+    def nbytes(self) -> int:
+        """Bytes the sampler's own arrays hold: each usable query's qid, query and offsets, each candidate's docno
+        and first-stage score (and, unless streaming, a reference to its text, not the text itself)."""
+        return (self._candidates.nbytes + self._qids.nbytes + self._query_texts.nbytes + self._usable.nbytes
+                + sum(a.itemsize * len(a) for a in (self._block, self._start, self._positives, self._size)))
 
     # -- sampling -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._queries)
+        return len(self._usable)
 
     def epoch(self, epoch: int) -> Iterator[Group]:
         """The groups of one epoch in training order: a function of (seed, epoch) only."""
@@ -279,18 +232,36 @@ class GroupSampler:
 
     def _draw(self, epoch: int) -> Iterator[Group]:
         rng = np.random.default_rng([self.seed, epoch])
-        for index in rng.permutation(len(self._queries)):
-            qid, query, pos, negs, pools = self._queries[index]
-            judged = bool(pos)
-            chosen = rng.integers(len(pos)) if judged else None
-            members = [pos[chosen]] if judged else []
-            negs, relabel = pools[chosen] if pools is not None and judged else (negs, frozenset())
+        for index in rng.permutation(len(self._usable)):
+            entry = int(self._usable[index])
+            docnos, texts, scores = self._members(entry)
+            positives, pools = self._positives_and_pools(entry)
+            judged = bool(positives)
+            chosen = rng.integers(len(positives)) if judged else None
+            members = [positives[chosen]] if judged else []
+            negs, relabel = pools[chosen] if pools is not None and judged else (self._negatives(entry), frozenset())
             needed = self.group_size - len(members)
             picks = rng.choice(len(negs), size=needed, replace=len(negs) < needed)
             members += [negs[i] for i in picks]
-            yield Group(qid, query, tuple(d for d, _, _ in members), tuple(t for _, t, _ in members), judged,
-                        tuple(float(s) for _, _, s in members) if self._scored else None,
+            yield Group(self._qids[entry], self._query_texts[entry], tuple(docnos[i] for i in members),
+                        tuple(texts[i] for i in members), judged,
+                        tuple(float(scores[i]) for i in members) if scores is not None else None,
                         tuple(1 + j for j, i in enumerate(picks) if int(i) in relabel))
+
+    def _members(self, entry: int) -> tuple[list[str], list, np.ndarray | None]:
+        """An entry's candidates, its positives first: docnos, texts (None each when streaming) and scores."""
+        return self._candidates.get(self._block[entry], self._start[entry], self._size[entry])
+
+    def _negatives(self, entry: int) -> range:
+        return range(self._positives[entry], self._size[entry])
+
+    def _positives_and_pools(self, entry: int) -> tuple[list[int], list[tuple[list[int], frozenset]] | None]:
+        """An entry's positives (positions among its members) and, after filter_negatives, each one's own
+        (negatives, positions among them labelled positive); None before."""
+        pools = self._pools.get(entry)
+        if pools is None:
+            return list(range(self._positives[entry])), None
+        return [p for p, _, _ in pools], [(negs, relabel) for _, negs, relabel in pools]
 
     def _with_text(self, groups: Iterator[Group]) -> Iterator[Group]:
         """The groups with their text: as they are, or (streaming) fetched from ``text_source`` a block at a time."""
@@ -307,13 +278,16 @@ class GroupSampler:
     def candidates(self) -> Iterator[Group]:
         """One group a query holding its positives, then every negative it may draw: every pair any epoch's groups
         can hold, for a teacher to score before :meth:`filter_negatives` (labels mean nothing here)."""
-        return self._with_text(self._candidates())
+        return self._with_text(self._candidates_of(self._usable))
 
-    def _candidates(self) -> Iterator[Group]:
-        for qid, query, pos, negs, _ in self._queries:
-            members = pos + negs
-            yield Group(qid, query, tuple(d for d, _, _ in members), tuple(t for _, t, _ in members), bool(pos),
-                        tuple(float(s) for _, _, s in members) if self._scored else None)
+    def _candidates_of(self, entries: np.ndarray) -> Iterator[Group]:
+        for entry in entries.tolist():
+            docnos, texts, scores = self._members(entry)
+            positives, _ = self._positives_and_pools(entry)
+            members = positives + list(self._negatives(entry))
+            yield Group(self._qids[entry], self._query_texts[entry], tuple(docnos[i] for i in members),
+                        tuple(texts[i] for i in members), bool(positives),
+                        tuple(float(scores[i]) for i in members) if scores is not None else None)
 
     def filter_negatives(self, negative_filter: NegativeFilter | Mapping,
                          teacher_scores: Callable[[Group], np.ndarray]) -> None:
@@ -332,10 +306,14 @@ class GroupSampler:
         if self.stats.negative_filter is not None:
             raise ValueError("these groups were filtered already: build a new GroupSampler to filter them otherwise")
         self.stats.negative_filter = asdict(rule)
-        kept = []
-        for entry, group in zip(self._queries, list(self.candidates())):
-            kept += self._filtered(entry, np.asarray(teacher_scores(group), dtype="float64"), rule)
-        self._queries = kept
+        kept, pools = [], {}
+        for entry, group in zip(self._usable.tolist(), self.candidates()):
+            entry_pools = self._filtered(entry, np.asarray(teacher_scores(group), dtype="float64"), rule)
+            if entry_pools != []:
+                kept.append(entry)
+            if entry_pools:
+                pools[entry] = entry_pools
+        self._usable, self._pools = np.array(kept, dtype=np.int64), pools
         self.stats.usable = len(kept)
         if not kept:
             raise ValueError(f"no training group is left once the teacher's suspect negatives are dropped: "
@@ -344,27 +322,302 @@ class GroupSampler:
                              "negatives_window, pass insufficient='replace', or relabel them instead "
                              "(action='relabel')")
 
-    def _filtered(self, entry: tuple, scores: np.ndarray, rule: NegativeFilter) -> list[tuple]:
-        """A query's entry as the filter leaves it: [] when it has too few negatives left."""
-        qid, query, pos, negs, _ = entry
-        if not pos:
-            return [entry]
-        suspect = scores[len(pos):][None, :] >= scores[: len(pos), None] - rule.margin  # (positives, negatives)
+    def _filtered(self, entry: int, scores: np.ndarray, rule: NegativeFilter) -> list[tuple] | None:
+        """What the filter leaves of an entry: None (it stays as it is), [] (too few negatives left: dropped), or
+        each kept positive's (position, negatives it draws from, positions among them labelled positive)."""
+        npos = self._positives[entry]
+        if not npos:
+            return None
+        negs = list(self._negatives(entry))
+        suspect = scores[npos:][None, :] >= scores[:npos, None] - rule.margin  # (positives, negatives)
         flagged = int(suspect.any(axis=0).sum())
         self.stats.queries_filtered += flagged > 0
         if rule.action == "relabel":
             self.stats.negatives_relabelled += flagged
-            return [(qid, query, pos, negs, [(negs, frozenset(np.flatnonzero(row).tolist())) for row in suspect])]
+            return [(p, negs, frozenset(np.flatnonzero(row).tolist())) for p, row in enumerate(suspect)]
         self.stats.negatives_dropped += flagged
         needed = self.group_size - 1
-        pools = [(p, [n for n, s in zip(negs, row) if not s]) for p, row in zip(pos, suspect)]
+        pools = [(p, [n for n, s in zip(negs, row) if not s]) for p, row in enumerate(suspect)]
         # a positive left with too few negatives follows `insufficient`; a query left with no positive is skipped
         pools = [(p, pool) for p, pool in pools if len(pool) >= needed or (self.insufficient == "replace" and pool)]
         if not pools:
             self.stats.too_few_after_filter += 1
             return []
         self.stats.sampled_with_replacement += len(negs) >= needed and any(len(pool) < needed for _, pool in pools)
-        return [(qid, query, [p for p, _ in pools], negs, [(pool, frozenset()) for _, pool in pools])]
+        return [(p, pool, frozenset()) for p, pool in pools]
+
+
+class _Builder:
+    """Reads the training frames once, a frame (and within it ``CHUNK_ROWS`` rows) at a time, and files each
+    query's usable candidates into the sampler's compact arrays: the one place a query's rows become its
+    positives and negatives."""
+
+    def __init__(self, sampler: GroupSampler, qrels: pd.DataFrame, min_label: int, window):
+        self.sampler, self.stats, self.window = sampler, sampler.stats, window
+        self.qrels = qrels
+        positives = qrels[qrels["label"] >= min_label].sort_values(["qid", "docno"], kind="stable")
+        self.positive_qids = positives["qid"].to_numpy(object)
+        self.positive_docnos = positives["docno"].to_numpy(object)
+        self.judged = _SortedSet(np.unique(qrels["qid"].to_numpy(object)))  # qids with any qrels
+        self.columns = None  # the first frame's: every later frame must have them
+        self.seen: set[str] = set()
+        self.carry = None  # (qid, its rows so far): the last query of a frame may go on in the next
+        self.pending = []  # queries waiting for the text of positives the first stage missed
+        self.pending_pairs = 0
+
+    def build(self, results) -> None:
+        s = self.sampler
+        s._qids, s._query_texts = _Strings(), _Strings()
+        s._block, s._start, s._positives, s._size = array("q"), array("q"), array("q"), array("q")
+        s._pools = {}
+        for frame in _frames(results):
+            self._add_frame(frame)
+        if self.carry is not None:
+            self._add_query(*self.carry)
+        self._resolve_pending()
+        s._candidates.finish()
+        self.stats.qrels_for_unknown_queries = int((~self.qrels["qid"].isin(self.seen)).sum())
+        self.stats.usable = len(s._qids)
+        s._usable = np.array(sorted(range(len(s._qids)), key=s._qids.__getitem__), dtype=np.int64)
+
+    def _add_frame(self, frame: pd.DataFrame) -> None:
+        s = self.sampler
+        if self.columns is None:
+            s.streaming = s.text_source is not None and s.text_field not in frame.columns
+            _check_window(frame, self.window)
+            s._scored = "score" in frame.columns
+            s._candidates = _Candidates(s._scored, texts=not s.streaming)
+            self.columns = ["qid", "docno", "query"] + ["score"] * s._scored + ([s.text_field] * (not s.streaming)) \
+                + (["rank"] if self.window is not None and "rank" in frame.columns else [])
+        frame = _checked_results(frame, s.text_field, s.streaming)
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"a training frame lacks columns {missing} that the first one had: every frame of the "
+                             "training results needs the same columns")
+        if frame.empty:
+            return
+        cols = {c: frame[c].to_numpy("float64" if c == "score" else None) for c in self.columns}
+        codes, qids = pd.factorize(cols["qid"])
+        order = np.argsort(codes, kind="stable")
+        ends = np.cumsum(np.bincount(codes, minlength=len(qids)))
+        last = codes[-1]  # the query of the frame's last row may go on in the next frame
+        for code, qid in enumerate(qids.tolist()):
+            rows = order[ends[code - 1] if code else 0 : ends[code]]
+            mine = {c: v[rows] for c, v in cols.items()}
+            if self.carry is not None and self.carry[0] == qid:
+                mine = {c: np.concatenate([self.carry[1][c], v]) for c, v in mine.items()}
+                self.carry = None
+            elif qid in self.seen:
+                raise ValueError(f"the training frames give query {qid!r} again after other queries: each query's "
+                                 "rows must come in one frame, or in consecutive frames (sort a run by qid)")
+            self.seen.add(qid)
+            if code == last:
+                if self.carry is not None:
+                    self._add_query(*self.carry)
+                self.carry = (qid, mine)
+            else:
+                self._add_query(qid, mine)
+
+    def _positives_of(self, qid: str) -> set[str]:
+        lo, hi = np.searchsorted(self.positive_qids, qid, "left"), np.searchsorted(self.positive_qids, qid, "right")
+        return set(self.positive_docnos[lo:hi].tolist())
+
+    def _add_query(self, qid: str, rows: dict) -> None:
+        """One query's rows (in the order given): duplicates of a docno dropped (the first kept), the rest in
+        docno order, split into positives and negatives (within the window)."""
+        s = self.sampler
+        first: dict[str, int] = {}
+        for i, docno in enumerate(rows["docno"].tolist()):
+            first.setdefault(docno, i)
+        self.stats.duplicate_rows_dropped += len(rows["docno"]) - len(first)
+        keep = np.array([i for _, i in sorted(first.items())], dtype=np.int64)  # groups never depend on row order
+        rows = {c: v[keep] for c, v in rows.items()}
+        judged = self._positives_of(qid)
+        is_pos = np.array([d in judged for d in rows["docno"].tolist()], dtype=bool)
+        is_neg = ~is_pos
+        if self.window is not None:
+            ranks = rows["rank"] if "rank" in rows else _ranks_by_score(rows["score"])
+            is_neg &= (ranks >= self.window[0]) & (ranks < self.window[1])
+        missed = [d for d in sorted(judged) if d not in first]
+        query = (qid, rows["query"][0], rows, is_pos, is_neg, qid not in self.judged)
+        if missed and s.text_source is not None:
+            self.pending.append((query, missed))
+            self.pending_pairs += len(missed)
+            if self.pending_pairs >= CHUNK_ROWS // 64:
+                self._resolve_pending()
+        else:
+            self._file(*query, found=[])
+
+    def _resolve_pending(self) -> None:
+        """Fetches the text of the positives the pending queries' first stage missed, at once, and files them."""
+        if not self.pending:
+            return
+        pairs = [(query[0], d) for query, missed in self.pending for d in missed]
+        found = _positive_texts(self.sampler.text_source, pairs, self.sampler.text_field)
+        self.stats.positive_text_fetched += len(found)
+        for query, missed in self.pending:
+            self._file(*query, found=[(d, found[query[0], d]) for d in missed if (query[0], d) in found])
+        self.pending, self.pending_pairs = [], 0
+
+    def _file(self, qid, query, rows, is_pos, is_neg, unjudged, found: list[tuple[str, str]]) -> None:
+        """Files a query's positives (those retrieved, then those fetched) and negatives, or counts why not."""
+        s = self.sampler
+        self.stats.queries += 1
+        self.stats.unjudged += unjudged
+        npos = int(is_pos.sum()) + len(found)
+        nneg = int(is_neg.sum())
+        if not npos and not (unjudged and s.unjudged == "distil"):
+            self.stats.no_positive += 1
+            return
+        needed = s.group_size - (0 if unjudged else 1)
+        if nneg < needed and (s.insufficient == "skip" or not nneg):
+            self.stats.too_few_negatives += 1
+            return
+        self.stats.sampled_with_replacement += nneg < needed
+        docnos = rows["docno"][is_pos].tolist() + [d for d, _ in found] + rows["docno"][is_neg].tolist()
+        scores = None
+        if s._scored:  # a missed positive ranked below every candidate: its query's lowest score
+            lowest = np.nanmin(rows["score"]) if len(rows["score"]) else np.nan
+            scores = np.concatenate([rows["score"][is_pos], np.full(len(found), lowest), rows["score"][is_neg]])
+        texts = None
+        if not s.streaming:
+            text = rows[s.text_field]
+            texts = text[is_pos].tolist() + [t for _, t in found] + text[is_neg].tolist()
+        block, start = s._candidates.add(docnos, scores, texts)
+        s._qids.append(qid)
+        s._query_texts.append(query)
+        s._block.append(block)
+        s._start.append(start)
+        s._positives.append(npos)
+        s._size.append(npos + nneg)
+
+
+class _SortedSet:
+    """Membership in a sorted numpy array of strings, without a Python set of them."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __contains__(self, value) -> bool:
+        i = np.searchsorted(self.values, value)
+        return bool(i < len(self.values) and self.values[i] == value)
+
+
+class _Strings:
+    """Strings packed as UTF-8 in one buffer: about a byte a character and 8 bytes of offset, not a Python str each."""
+
+    def __init__(self):
+        self._data, self._ends = bytearray(), array("q")
+
+    def append(self, value: str) -> None:
+        self._data += value.encode("utf-8", "surrogatepass")
+        self._ends.append(len(self._data))
+
+    def __getitem__(self, i: int) -> str:
+        return self._data[self._ends[i - 1] if i else 0 : self._ends[i]].decode("utf-8", "surrogatepass")
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._data) + self._ends.itemsize * len(self._ends)
+
+
+class _Candidates:
+    """Every usable query's candidates, back to back, in numpy blocks of about ``BLOCK`` candidates: the docno as
+    UTF-8 bytes (fixed width within a block), the first-stage score as float64 and, unless streaming, a reference to
+    the text. About 16 bytes a candidate of 8-character docnos, instead of a tuple of Python objects."""
+
+    def __init__(self, scored: bool, texts: bool):
+        self.scored, self.keeps_texts = scored, texts
+        self.docnos, self.scores, self.texts = [], [], []  # the blocks
+        self._docnos, self._scores, self._texts = [], [], []  # the block being filled
+
+    def add(self, docnos: list[str], scores: np.ndarray | None, texts: list[str] | None) -> tuple[int, int]:
+        """Appends one query's candidates; returns (block, start) where they are."""
+        where = len(self.docnos), len(self._docnos)
+        self._docnos += docnos
+        if self.scored:
+            self._scores.append(scores)
+        if self.keeps_texts:
+            self._texts += texts
+        if len(self._docnos) >= BLOCK:
+            self.finish()
+        return where
+
+    def finish(self) -> None:
+        """Closes the block being filled."""
+        if not self._docnos:
+            return
+        encoded = [d.encode("utf-8", "surrogatepass") for d in self._docnos]
+        # numpy's fixed-width bytes drop trailing NULs: a docno ending in one keeps its str
+        fixed = not any(e.endswith(b"\0") for e in encoded)
+        self.docnos.append(np.array(encoded, dtype=bytes) if fixed else np.array(self._docnos, dtype=object))
+        if self.scored:
+            self.scores.append(np.concatenate(self._scores))
+        if self.keeps_texts:
+            self.texts.append(np.array(self._texts, dtype=object))
+        self._docnos, self._scores, self._texts = [], [], []
+
+    def get(self, block: int, start: int, size: int) -> tuple[list[str], list, np.ndarray | None]:
+        docnos = self.docnos[block][start : start + size].tolist()
+        if docnos and isinstance(docnos[0], bytes):
+            docnos = [d.decode("utf-8", "surrogatepass") for d in docnos]
+        texts = self.texts[block][start : start + size].tolist() if self.keeps_texts else [None] * size
+        scores = self.scores[block][start : start + size] if self.scored else None
+        return docnos, texts, scores
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for blocks in (self.docnos, self.scores, self.texts) for a in blocks)
+
+
+def _frames(results) -> Iterator[pd.DataFrame]:
+    """The training results as frames of at most ``CHUNK_ROWS`` rows, each query's rows in one frame or in
+    consecutive ones."""
+    if isinstance(results, pd.DataFrame):
+        results = [results]
+    elif isinstance(results, (str, bytes)) or not isinstance(results, Iterable):
+        raise TypeError(f"the training results must be a result frame or an iterable of result frames, got "
+                        f"{type(results).__name__}")
+    for frame in results:
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"the training results must be result frames (qid, query, docno, ...), got a "
+                            f"{type(frame).__name__} among them")
+        if len(frame) <= CHUNK_ROWS:
+            yield frame
+            continue
+        codes = pd.factorize(frame["qid"])[0] if "qid" in frame.columns else np.zeros(len(frame), dtype=np.int64)
+        grouped = np.count_nonzero(codes[1:] != codes[:-1]) + 1 == codes.max() + 1  # each query's rows together
+        order = None if grouped else np.argsort(codes, kind="stable")
+        del codes
+        for start in range(0, len(frame), CHUNK_ROWS):
+            yield frame.iloc[start : start + CHUNK_ROWS] if grouped else frame.take(order[start : start + CHUNK_ROWS])
+
+
+def _check_window(frame: pd.DataFrame, window) -> None:
+    if window is not None and not {"rank", "score"} & set(frame.columns):
+        raise ValueError(f"negatives_window={tuple(window)!r} selects negatives by rank, but the "
+                         "training frame has neither a 'rank' nor a 'score' column: keep the first stage's rank "
+                         "or score columns in the frame, or drop negatives_window")
+
+
+def _ranks_by_score(scores: np.ndarray) -> np.ndarray:
+    """0-based ranks by descending score, ties in row order (``pt.model.add_ranks``)."""
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+    return ranks
+
+
+def _positive_texts(text_source, pairs: list[tuple[str, str]], text_field: str) -> dict:
+    """The non-empty text of each (qid, docno) the text source has."""
+    if isinstance(text_source, Mapping):
+        found = {(q, d): text_source[d] for q, d in pairs if d in text_source}
+    else:
+        fetched = text_source(pd.DataFrame(pairs, columns=["qid", "docno"]))
+        found = dict(zip(zip(fetched["qid"], fetched["docno"]), fetched[text_field]))
+    return {k: v for k, v in found.items() if isinstance(v, str) and v}
 
 
 def fetch_texts(text_source, docnos: list[str], text_field: str = "text") -> list[str]:
@@ -416,9 +669,3 @@ def _checked_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"qrels labels must be integers, found {example!r}")
     return pd.DataFrame({"qid": qrels["qid"].astype(str), "docno": qrels["docno"].astype(str),
                          "label": labels.astype(int)})
-
-
-def _ranks(results: pd.DataFrame) -> pd.Series:
-    if "rank" in results.columns:
-        return results["rank"]
-    return pt.model.add_ranks(results[["qid", "score"]].copy())["rank"]

@@ -16,6 +16,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,10 +215,18 @@ class RerankerTrainer(pt.Estimator):
         return self.reranker.fingerprint()
 
     # -- fitting ---------------------------------------------------------------------------------------------
-    def fit(self, tr_res: pd.DataFrame, tr_qrels: pd.DataFrame, va_res: pd.DataFrame | None = None,
-            va_qrels: pd.DataFrame | None = None, resume: bool | None = None) -> pd.DataFrame:
-        """Trains on ``tr_res`` (a result frame with text) and ``tr_qrels``; returns the training log (also kept as
-        ``log_``). ``resume`` overrides the constructor's for this call.
+    def fit(self, tr_res: pd.DataFrame | Iterable[pd.DataFrame], tr_qrels: pd.DataFrame,
+            va_res: pd.DataFrame | None = None, va_qrels: pd.DataFrame | None = None,
+            resume: bool | None = None) -> pd.DataFrame:
+        """Trains on ``tr_res`` (a result frame with text, or without it given ``text_source=``) and ``tr_qrels``;
+        returns the training log (also kept as ``log_``). ``resume`` overrides the constructor's for this call.
+
+        A training set too large for one frame can come as an iterable of result frames, read once, a frame at a
+        time (each query's rows in one frame or in consecutive ones; see
+        :class:`~pyterrier_kdcl.training.groups.GroupSampler`)::
+
+            kd = kdcl.DistillationTrainer(student, teacher, text_source=pt.text.get_text(dataset, "text"))
+            kd.fit(bm25.transform_gen(train_topics, batch_size=1000), train_qrels)
 
         With ``output_dir``, the fit holds that directory's lock (:mod:`pyterrier_kdcl.directory_lock`) from start
         to end: a second trainer pointed at it refuses at once, naming the holder, instead of cleaning this one's
