@@ -242,9 +242,11 @@ class RowInt8Linear(nn.Module):
         weight = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         scale = (weight.abs().amax(dim=1) / _WEIGHT_LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
-        qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
-                                             torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        with warnings.catch_warnings():  # the quantised-tensor functions are deprecated, fbgemm's packing is not
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long),
+                                                 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
