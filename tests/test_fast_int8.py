@@ -55,11 +55,12 @@ def test_integer_sums_are_exact_on_this_cpu():
     x = torch.rand(32, 256)  # all positive: the largest unsigned activations
     layer = RowInt8Linear(linear)
     weight = linear.weight.detach().double()
-    w_scale = weight.abs().amax(dim=1) / 63
+    w_levels, x_levels = pyterrier_kdcl.fast._WEIGHT_LEVELS, pyterrier_kdcl.fast._ACTIVATION_LEVELS
+    w_scale = weight.abs().amax(dim=1) / w_levels
     w_int = torch.round(weight / w_scale[:, None])
     x_scale = x.abs().amax(dim=1, keepdim=True).double()
-    x_int = torch.round(x.double() / x_scale * 127)
-    exact = (x_int @ w_int.t()) * w_scale * x_scale / 127
+    x_int = torch.round(x.double() / x_scale * x_levels)
+    exact = (x_int @ w_int.t()) * w_scale * x_scale / x_levels
     assert ((layer(x).double() - exact).abs().max() / exact.abs().max()) < 1e-3
 
 
