@@ -49,7 +49,7 @@ _SEQUENCES = 8  # sequences per bfloat16 matrix product of a 3-D input (2,048 ro
 _HEAD_FEATURES = 16  # a linear layer with fewer outputs is a scoring head: it stays float32 (it costs nothing)
 # int8-rows: activations as unsigned 8 bits around 128 (one scale per row), weights in 7 bits (-63..63, one scale per
 # output channel). CPUs without VNNI (AVX2) sum pairs of u8 x s8 products in saturating 16 bits: 255 x 63 x 2 stays
-# below 32,767, so the integer sums are exact on every x86 CPU (8-bit weights overflowed there: 14% error)
+# below 32,767, so the integer sums are exact on every x86 CPU (8-bit weights overflow there: test_fast_int8.py)
 _ACTIVATION_LEVELS, _WEIGHT_LEVELS = 127, 63
 _WORKSPACE = threading.local()  # RowInt8Linear's normalised inputs, one buffer a thread (see _workspace)
 _BY_METHOD = "<the method's default>"  # keep_float: FFN_OUTPUT for "int8", nothing for "int8-rows"
@@ -73,9 +73,10 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
     ``method="int8-rows"``: the linear layers in int8 (fbgemm), weights with one scale per output channel, each
     activation row (token) with its own scale, computed from that row alone; the sums are exact integers, so a row's
     result does not depend on the other rows, and pairs run at widths set by their own lengths (:class:`FixedWidths`).
-    For CPUs without native bfloat16 (AVX2, AVX-512 without BF16). Its speed and ranking against float32 under AVX2
-    are in ``benchmarks/README.md``; scores differ from float32 by quantisation (a few hundredths on scores with sd
-    2-3), so check effectiveness on your data.
+    For CPUs without native bfloat16 (AVX2, AVX-512 without BF16). Measured under AVX2 emulation on a MiniLM-L6
+    (``benchmarks/README.md``, section 2): 1.40x float32 end to end on 2 quiet cores; nDCG@10 −0.0010 against
+    float32 over 500 queries, though single scores moved by up to 1.1 (int8 rounding): check effectiveness on your
+    data.
 
     ``method="int8"``: dynamic int8 quantisation (``torch.ao.quantization.quantize_dynamic``, weights per output
     channel). Its activations are quantised with one scale per batch, so a pair's int8 score moves with the other
@@ -254,12 +255,12 @@ class RowInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         # the largest magnitude as the larger of max and -min: two reductions without a temporary (vector_norm with
-        # ord=inf ran 20x slower, aminmax 15x)
+        # ord=inf and aminmax were each over ten times slower in a probe on one AVX2-capped thread)
         scale = torch.maximum(flat.amax(dim=1, keepdim=True), flat.amin(dim=1, keepdim=True).neg_())
         scale = scale.clamp_min_(torch.finfo(x.dtype).tiny)
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             torch.div(flat, scale, out=_workspace(flat)), 1 / _ACTIVATION_LEVELS, _ACTIVATION_LEVELS + 1, self._packed)
-        # in place: a new tensor of this size costs its page faults, 10x the arithmetic (measured)
+        # in place: a fresh tensor this large costs page faults, more than the arithmetic (a probe: about ten times)
         out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale, out=out)
         return out.reshape(*x.shape[:-1], self.out_features)
 
