@@ -38,7 +38,7 @@ from pyterrier_kdcl.reranker import CrossEncoder
 
 OPTIMIZATIONS = ("auto", "bf16", "int8-rows", "int8")
 logger = logging.getLogger(__name__)
-# where benchmarks/fast_inference.py --record wrote that the default method ranks as float32 (model -> figures)
+# where benchmarks/fast_inference.py --record wrote that the bf16 method ranks as float32 (model -> figures)
 EQUIVALENCE_FILE = Path(__file__).with_name("fast_equivalence.json")
 # feed-forward output projections, where int8 hurts most: BERT/MiniLM/ELECTRA/MPNet/RoBERTa (not attention.output),
 # DistilBERT, and Llama/Qwen/Gemma-style decoders
@@ -97,8 +97,8 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
         keep_float: int8 methods only: a regular expression; linear layers whose module name it matches stay
             float32. ``"int8"`` keeps ``FFN_OUTPUT`` by default, the feed-forward output projections: their input
             (the GELU output) has outlier channels that one int8 scale per batch cannot resolve. ``"int8-rows"``
-            quantises every layer by default (per-row scales resolve them better, and a float32 layer would cost a
-            third of the speed). ``None`` quantises every layer.
+            quantises every layer by default (those projections are a third of the linear layers' arithmetic).
+            ``None`` quantises every layer.
     """
     if not isinstance(reranker, CrossEncoder):
         raise TypeError(f"optimize_for_cpu needs a kdcl.CrossEncoder, got {type(reranker).__name__}")
