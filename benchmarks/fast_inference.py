@@ -2,13 +2,16 @@
 
     python benchmarks/fast_inference.py --anchors-python .venv-anchors/bin/python --queries 500   # the issue's run
     python benchmarks/fast_inference.py --regime typical --pairs 400   # float32 vs sentence-transformers, typical docs
+    python benchmarks/fast_inference.py --emulate-avx2 --queries 500 --contenders kdcl-fp32 kdcl-int8-rows kdcl-int8
 
 nDCG means something only for a model that ranks: a fresh head ranks at random. So the model is ``minilm-l6``
 CL-trained on kdcl/manpages/train (``common.trained_checkpoint``: built once, then cached). Every contender loads
 that checkpoint and scores the same pairs, max_length 256, batch 32, slice by slice in a balanced rotating order:
 
-* ``kdcl-fp32``: ``CrossEncoder.load(path)``; ``kdcl-fast``: ``optimize_for_cpu(...)`` (bfloat16, the default);
-  ``kdcl-int8``: ``optimize_for_cpu(..., "int8")`` (dynamic int8, the default before);
+* ``kdcl-fp32``: ``CrossEncoder.load(path)``; ``kdcl-fast``: ``optimize_for_cpu(...)`` (the default, ``auto``:
+  bfloat16 where the CPU computes it natively, else ``int8-rows``; the header says which); ``kdcl-bf16``,
+  ``kdcl-int8-rows`` (int8, one activation scale per row) and ``kdcl-int8`` (dynamic int8, one scale per batch):
+  ``optimize_for_cpu(..., method)``;
 * ``st-fp32``: sentence-transformers' ``CrossEncoder(path).predict`` in float32;
 * with ``--anchors-python``, fast backends from their own environment (``anchors.py``): sentence-transformers'
   ``st-onnx-int8``, ``st-openvino-int8`` (static, calibrated) and ``st-openvino``, and two ways we could serve the
@@ -20,14 +23,17 @@ BM25 favours long man pages) and reports pairs/s, nDCG@10 with each contender's 
 and its 95% interval, Kendall's tau within a query, and batch dependence (the largest change of a pair's score
 when 256 pairs of the first slice are scored again shuffled, 7 pairs a batch). ``typical`` pairs the test queries
 with documents drawn at random from the collection (a typical man page's length) and reports speed and agreement.
-``--record`` writes the equivalence figures of kdcl-fast into ``pyterrier_kdcl/fast_equivalence.json`` (read by the
-experiment runner's ``evaluation.fast``) when every quality goal is met.
+``--record`` writes the equivalence figures of the bfloat16 method (kdcl-bf16, or kdcl-fast where it is bfloat16) into
+``pyterrier_kdcl/fast_equivalence.json`` (read by the experiment runner's ``evaluation.fast``) when every quality goal
+is met. ``--emulate-avx2`` restarts the script with every instruction set capped at AVX2 (oneDNN, ATen, MKL and
+fbgemm: ``AVX2_ONLY``), a CPU without native bfloat16 or VNNI; the header prints the caps in force.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import statistics
 import subprocess
@@ -45,10 +51,15 @@ from common import DATASET, bm25_frame, cache_dir, header, rotation, trained_che
 from scipy import stats
 
 import pyterrier_kdcl as kdcl
-from pyterrier_kdcl.fast import optimize_for_cpu
+from pyterrier_kdcl.fast import auto_method, native_bfloat16, optimize_for_cpu
 
 EQUIVALENCE = Path(kdcl.__file__).parent / "fast_equivalence.json"
 GOALS = {"ndcg_delta": 0.005, "ci_half_bound": 0.01, "tau": 0.95, "batch_dependence": 1e-3}
+METHODS = {"kdcl-fast": "auto", "kdcl-bf16": "bf16", "kdcl-int8-rows": "int8-rows", "kdcl-int8": "int8"}
+FAST = ("kdcl-fast", "kdcl-bf16", "kdcl-int8-rows")  # the batch-independent methods: quality goals checked
+# a CPU without native bfloat16 or VNNI, emulated here (read when torch and fbgemm start: set before the import)
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def main() -> None:
@@ -58,7 +69,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20, help="BM25 candidates per query")
     parser.add_argument("--pairs", type=int, default=400, help="typical regime: number of pairs")
     parser.add_argument("--slices", type=int, default=8)
-    parser.add_argument("--contenders", nargs="+", default=["kdcl-fp32", "kdcl-fast", "kdcl-int8", "st-fp32"])
+    parser.add_argument("--contenders", nargs="+", default=["kdcl-fp32", "kdcl-fast", "kdcl-int8", "st-fp32"],
+                        choices=["kdcl-fp32", *METHODS, "st-fp32"])
     parser.add_argument("--anchors-python", help="python of the anchors' environment (see anchors.py)")
     parser.add_argument("--anchors", nargs="+", choices=ANCHORS, default=ANCHORS)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -67,10 +79,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a saved reranker trained on the man pages, instead of training one")
     parser.add_argument("--record", action="store_true", help="write fast_equivalence.json when the goals are met")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--emulate-avx2", action="store_true", help="cap every instruction set at AVX2 (restarts)")
     args = parser.parse_args()
+    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
     header(f"fast inference ({args.regime}): kdcl fast/fp32/int8 vs sentence-transformers' backends, batch "
            f"{args.batch_size}, max_length {args.max_length}")
 
+    caps = {k: os.environ[k] for k in AVX2_ONLY if k in os.environ}
+    print(f"# instruction-set caps: {caps or 'none'}; native bfloat16: {native_bfloat16()}; "
+          f"optimize_for_cpu's auto picks {auto_method()!r}")
     path = Path(args.checkpoint) if args.checkpoint else trained_checkpoint(queries=args.train_queries)
     dataset = pt.get_dataset("irds:" + DATASET)
     frame, sample = pairs(args, dataset)
@@ -138,10 +156,8 @@ def local_contender(name: str, path: Path, args):
 
         return st
     reranker = kdcl.CrossEncoder.load(path, **settings)
-    if name == "kdcl-fast":
-        optimize_for_cpu(reranker)
-    elif name == "kdcl-int8":
-        optimize_for_cpu(reranker, "int8")
+    if name in METHODS:
+        optimize_for_cpu(reranker, METHODS[name])
 
     def score(queries, texts, batch_size):
         reranker.batch_size = batch_size
@@ -202,8 +218,7 @@ def report(args, frame, scores, seconds, dependence, dataset, sample) -> None:
         print(f"{name:<18} {pairs_count / sum(seconds[name]):>8.1f} "
               f"{statistics.median(ratios):>12.2f} ({min(ratios):.2f}-{max(ratios):.2f}){'':>6} "
               f"{np.abs(scores[name] - scores[base]).max():>13.4f} {dependence[name]:>17.2e}")
-    fast = "kdcl-fast"
-    if fast in names:
+    for fast in [n for n in FAST if n in names]:
         for other in [n for n in names if n != fast]:
             ratios = [o / f for o, f in zip(seconds[other], seconds[fast])]
             print(f"ratio {fast} / {other}: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
@@ -229,14 +244,15 @@ def report(args, frame, scores, seconds, dependence, dataset, sample) -> None:
         print(f"{name}: nDCG@10 - {base} {diff.mean():+.4f} (95% CI {diff.mean() - half:+.4f} to "
               f"{diff.mean() + half:+.4f}, {int((diff != 0).sum())} queries changed); Kendall tau within a query "
               f"median {statistics.median(taus):.3f}, min {min(taus):.3f}")
-    if fast in figures:
+    for fast in [n for n in FAST if n in figures]:
         f = figures[fast]
         met = (abs(f["ndcg_delta"]) <= GOALS["ndcg_delta"] and max(map(abs, f["ci"])) <= GOALS["ci_half_bound"]
                and f["tau_median"] >= GOALS["tau"] and f["batch_dependence"] <= GOALS["batch_dependence"]
                and f["queries"] >= 500)
         print(f"\n{fast} quality goals (|delta| <= 0.005, CI inside +-0.01, tau >= 0.95, batch dependence <= 1e-3, "
               f">= 500 queries): {'met' if met else 'NOT met'}")
-        if args.record and met:
+        bf16 = fast == "kdcl-bf16" or (fast == "kdcl-fast" and auto_method() == "bf16")
+        if args.record and met and bf16:
             record(f, args)
 
 

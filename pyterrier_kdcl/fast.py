@@ -1,17 +1,20 @@
 """The fast CPU path: :func:`optimize_for_cpu` turns a float32 ``CrossEncoder`` into a faster one, in place.
 
-Two methods, both keeping the reranker's one scoring path (``score_pairs``/``transform`` call the same ``ranker``
-module):
+Three methods, each keeping the reranker's one scoring path (``score_pairs``/``transform`` call the same ``ranker``
+module, swapped), and ``"auto"``, the default, which picks the first or the second for the CPU it runs on:
 
-* ``"bf16"`` (the default): weights and activations in bfloat16, the one-logit scoring head in float32. Nothing
-  is scaled per batch, and each pair runs through matrix products and an attention width that its batch mates do
-  not change (:class:`FixedRowsLinear`, :class:`FixedWidths`), so its score does not depend on them; how it ranks
-  against float32 is measured in ``benchmarks/README.md``. Fast where
-  the CPU computes bfloat16 natively (Intel AMX or AVX512-BF16: Sapphire Rapids and later, AMD Zen 4 and later);
-  elsewhere torch emulates it and it can be slower than float32.
+* ``"bf16"`` (``auto``'s choice where the CPU computes bfloat16 natively: Intel AMX or AVX512-BF16, Sapphire
+  Rapids and later, AMD Zen 4 and later): weights and activations in bfloat16, the one-logit scoring head in
+  float32. Nothing is scaled per batch, and each pair runs through matrix products and an attention width that its
+  batch mates do not change (:class:`FixedRowsLinear`, :class:`FixedWidths`), so its score does not depend on
+  them; how it ranks against float32 is measured in ``benchmarks/README.md``. Elsewhere torch emulates bfloat16 and
+  it is slower than float32.
+* ``"int8-rows"`` (``auto``'s choice elsewhere, e.g. on AVX2-only CPUs): int8 linear layers whose activations get
+  one scale per row (per token), as CTranslate2 does (:class:`RowInt8Linear`): integer sums are exact, so a row's
+  result depends on that row alone, and with :class:`FixedWidths` a pair's score does not depend on its batch mates.
 * ``"int8"``: dynamic int8 quantisation of the linear layers (``torch.ao.quantization.quantize_dynamic``).
   Activations get one scale per batch, so a pair's score moves with its batch mates (by up to 1.3 on scores with
-  sd 2.1 in the benchmark): kept for CPUs without native bfloat16, not for comparing or caching scores.
+  sd 2.1 in the benchmark): kept for comparison, not for comparing or caching scores.
 
 What it never does: an optimised reranker is for inference only — train and save the float32 model, and optimise
 after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
@@ -20,8 +23,10 @@ after loading it (``optimize_for_cpu(CrossEncoder.load(path))``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -31,8 +36,9 @@ from torch import nn
 from pyterrier_kdcl import models
 from pyterrier_kdcl.reranker import CrossEncoder
 
-OPTIMIZATIONS = ("bf16", "int8")
-# where benchmarks/fast_inference.py --record wrote that the default method ranks as float32 (model -> figures)
+OPTIMIZATIONS = ("auto", "bf16", "int8-rows", "int8")
+logger = logging.getLogger(__name__)
+# where benchmarks/fast_inference.py --record wrote that the bf16 method ranks as float32 (model -> figures)
 EQUIVALENCE_FILE = Path(__file__).with_name("fast_equivalence.json")
 # feed-forward output projections, where int8 hurts most: BERT/MiniLM/ELECTRA/MPNet/RoBERTa (not attention.output),
 # DistilBERT, and Llama/Qwen/Gemma-style decoders
@@ -41,24 +47,41 @@ _WIDTH_STEP = 32  # pairs run at their length rounded up to this (see FixedWidth
 _ROWS = 256  # rows per bfloat16 matrix product of a 2-D input (a padded last block): one shape for every row
 _SEQUENCES = 8  # sequences per bfloat16 matrix product of a 3-D input (2,048 rows at width 256)
 _HEAD_FEATURES = 16  # a linear layer with fewer outputs is a scoring head: it stays float32 (it costs nothing)
+# int8-rows: activations as unsigned 8 bits around 128 (one scale per row), weights in 7 bits (-63..63, one scale per
+# output channel). CPUs without VNNI (AVX2) sum pairs of u8 x s8 products in saturating 16 bits: 255 x 63 x 2 stays
+# below 32,767, so the integer sums are exact on every x86 CPU (8-bit weights overflow there: test_fast_int8.py)
+_ACTIVATION_LEVELS, _WEIGHT_LEVELS = 127, 63
+_WORKSPACE = threading.local()  # RowInt8Linear's normalised inputs, one buffer a thread (see _workspace)
+_BY_METHOD = "<the method's default>"  # keep_float: FFN_OUTPUT for "int8", nothing for "int8-rows"
 
 
-def optimize_for_cpu(reranker: CrossEncoder, method: str = "bf16", *,
-                     keep_float: str | None = FFN_OUTPUT) -> CrossEncoder:
-    """Makes ``reranker`` faster on CPU, in place, and returns it.
+def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
+                     keep_float: str | None = _BY_METHOD) -> CrossEncoder:
+    """Makes ``reranker`` faster on CPU, in place, and returns it; ``reranker.optimized`` (and its repr) says which
+    method ran.
 
-    ``method="bf16"`` (default) runs the model in bfloat16 with a float32 scoring head: no activation is scaled
-    per batch, and every pair runs through the same shapes whatever its batch mates, so its score does not depend
-    on them. Speed, nDCG@10 against float32, Kendall's tau and batch dependence are measured in
-    ``benchmarks/README.md`` (a MiniLM trained on the man pages, 2 cores). It is fast only on CPUs that
-    compute bfloat16 natively (Intel AMX or AVX512-BF16; AMD Zen 4 and later): elsewhere it works, but torch
-    emulates bfloat16 and it may be slower than float32 (a warning says so).
+    ``method="auto"`` (default) picks ``"bf16"`` where :func:`native_bfloat16` is true and ``"int8-rows"`` elsewhere
+    (and logs which, on the ``pyterrier_kdcl.fast`` logger at INFO). Both are batch-independent: a pair's score does
+    not depend on the other pairs in its batch, so scores can be compared and cached.
+
+    ``method="bf16"`` runs the model in bfloat16 with a float32 scoring head: no activation is scaled per batch, and
+    every pair runs through the same shapes whatever its batch mates. Speed, nDCG@10 against float32, Kendall's tau
+    and batch dependence are measured in ``benchmarks/README.md`` (a MiniLM trained on the man pages, 2 cores). It is
+    fast only on CPUs that compute bfloat16 natively (Intel AMX or AVX512-BF16; AMD Zen 4 and later): elsewhere it
+    works, but torch emulates bfloat16 and it is slower than float32 (a warning says so).
+
+    ``method="int8-rows"``: the linear layers in int8 (fbgemm), weights with one scale per output channel, each
+    activation row (token) with its own scale, computed from that row alone; the sums are exact integers, so a row's
+    result does not depend on the other rows, and pairs run at widths set by their own lengths (:class:`FixedWidths`).
+    For CPUs without native bfloat16 (AVX2, AVX-512 without BF16). Measured under AVX2 emulation on a MiniLM-L6
+    (``benchmarks/README.md``, section 2): 1.40x float32 end to end on 2 quiet cores; nDCG@10 −0.0010 against
+    float32 over 500 queries, though single scores moved by up to 1.1 (int8 rounding): check effectiveness on your
+    data.
 
     ``method="int8"``: dynamic int8 quantisation (``torch.ao.quantization.quantize_dynamic``, weights per output
-    channel), for CPUs without native bfloat16. Its activations are quantised with one scale per batch, so a
-    pair's int8 score moves with the other pairs in its batch (by up to 1.3 on scores with sd 2.1 in the
-    benchmark): do not compare or cache int8 scores as if they were float32 ones, and check effectiveness on
-    your data. About 1.25x float32 end-to-end with the default ``keep_float`` (measured 2026-11-27).
+    channel). Its activations are quantised with one scale per batch, so a pair's int8 score moves with the other
+    pairs in its batch (by up to 1.3 on scores with sd 2.1 in the benchmark): do not compare or cache its scores;
+    ``int8-rows`` is the batch-independent int8.
 
     Scores change a little either way (rounding). A LoRA adapter is merged first. The reranker can no longer be
     trained or saved: keep the float32 checkpoint and optimise after loading it.
@@ -66,45 +89,73 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "bf16", *,
     Example::
 
         reranker = optimize_for_cpu(kdcl.CrossEncoder.load("my-reranker", device="cpu"))
+        reranker.optimized   # "bf16" on a CPU with native bfloat16, "int8-rows" elsewhere
         pipeline = bm25 >> pt.text.get_text(dataset, "text") >> reranker
 
     Args:
-        method: ``"bf16"`` or ``"int8"``.
-        keep_float: ``"int8"`` only: a regular expression; linear layers whose module name it matches stay
-            float32. The default, ``FFN_OUTPUT``, keeps the feed-forward output projections: their input (the GELU
-            output) has outlier channels that one int8 scale per batch cannot resolve. ``None`` quantises every
-            layer: faster, less faithful.
+        method: ``"auto"``, ``"bf16"``, ``"int8-rows"`` or ``"int8"``.
+        keep_float: int8 methods only: a regular expression; linear layers whose module name it matches stay
+            float32. ``"int8"`` keeps ``FFN_OUTPUT`` by default, the feed-forward output projections: their input
+            (the GELU output) has outlier channels that one int8 scale per batch cannot resolve. ``"int8-rows"``
+            quantises every layer by default (those projections are a third of the linear layers' arithmetic).
+            ``None`` quantises every layer.
     """
     if not isinstance(reranker, CrossEncoder):
         raise TypeError(f"optimize_for_cpu needs a kdcl.CrossEncoder, got {type(reranker).__name__}")
     if method not in OPTIMIZATIONS:
         raise ValueError(f"method must be one of {OPTIMIZATIONS}, got {method!r}")
-    if method == "bf16" and keep_float is not FFN_OUTPUT:
-        raise ValueError("keep_float chooses the layers that int8 leaves in float32: pass method='int8' with it "
-                         "(the bfloat16 default runs every layer in bfloat16 but the scoring head)")
+    if method == "bf16" and keep_float != _BY_METHOD:
+        raise ValueError("keep_float chooses the layers that int8 leaves in float32: pass method='int8-rows' or "
+                         "'int8' with it (the bfloat16 method runs every layer in bfloat16 but the scoring head)")
     if reranker.device.type != "cpu":
         raise ValueError(
             f"optimize_for_cpu is for CPU, but {reranker!r} is on {reranker.device}; on a GPU load it in "
             "bfloat16 instead: kdcl.CrossEncoder.load(path, dtype='bf16')"
         )
     if is_optimized(reranker):
-        if reranker.optimized != method:
+        if method not in ("auto", reranker.optimized):
             raise ValueError(f"{reranker!r} is already optimised ({reranker.optimized}); load the float32 "
                              f"checkpoint again to optimise it with {method!r}")
         return reranker
     if reranker.dtype != torch.float32:
         raise ValueError(f"optimize_for_cpu starts from float32 weights; {reranker!r} is {reranker.dtype}: "
                          "load it with dtype='fp32'")
+    if method == "auto":
+        method = auto_method()
+        why = ("this CPU computes bfloat16 natively" if native_bfloat16() else "no fbgemm int8 kernels in this torch")\
+            if method == "bf16" else "no native bfloat16 here: int8 with one activation scale per row"
+        logger.info("optimize_for_cpu: method='auto' chose %r (%s)", method, why)
+        if method == "bf16" and keep_float != _BY_METHOD:
+            raise ValueError("keep_float applies to the int8 methods, and method='auto' chose 'bf16' on this CPU: "
+                             "pass method='int8-rows' with keep_float, or leave keep_float out")
+    if method.startswith("int8") and not int8_supported():
+        raise ValueError(f"method={method!r} needs torch's fbgemm int8 kernels (x86-64 CPUs), and this torch has "
+                         f"quantized engines {torch.backends.quantized.supported_engines}: use method='bf16'")
+    if keep_float == _BY_METHOD:
+        keep_float = FFN_OUTPUT if method == "int8" else None
     if models.has_lora(reranker.ranker):
         reranker.merge_lora()
     ranker = reranker.ranker.eval()
     if method == "bf16":
         reranker.ranker = FixedWidths(_bfloat16(ranker), limit=reranker.max_length)
+    elif method == "int8-rows":
+        reranker.ranker = FixedWidths(_row_int8(ranker, keep_float, reranker), limit=reranker.max_length)
     else:
         reranker.ranker = _int8(ranker, keep_float, reranker)
     reranker.ranker.requires_grad_(False)
     reranker.optimized = method
     return reranker
+
+
+def auto_method() -> str:
+    """The method ``optimize_for_cpu(method="auto")`` picks here: ``"bf16"`` where the CPU computes bfloat16 natively
+    (:func:`native_bfloat16`), else ``"int8-rows"`` (``"bf16"`` where torch has no fbgemm int8 kernels)."""
+    return "bf16" if native_bfloat16() or not int8_supported() else "int8-rows"
+
+
+def int8_supported() -> bool:
+    """Whether torch's fbgemm int8 kernels are here (x86-64 builds)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def is_optimized(reranker: CrossEncoder) -> bool:
@@ -178,6 +229,54 @@ class FixedRowsLinear(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
+class RowInt8Linear(nn.Module):
+    """An int8 linear layer whose activations get one scale per row: a row's result depends on that row alone.
+
+    Weights are quantised once, symmetrically, with one scale per output channel (7 bits: see ``_WEIGHT_LEVELS``).
+    Each row of the input is divided by its own largest magnitude, so every row spans [-1, 1] and one fixed
+    quantisation (8 bits around 128) fits them all; fbgemm's int8 product (``quantized::
+    linear_with_input_q_dq_qweight_dq_output_fp32``) sums exactly in integers; the result is multiplied back by the
+    row's scale and the float32 bias added. Nothing depends on the other rows, unlike ``quantize_dynamic``'s one
+    scale per batch. CTranslate2 quantises its int8 activations the same way.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = (weight.abs().amax(dim=1) / _WEIGHT_LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
+        with warnings.catch_warnings():  # the quantised-tensor functions are deprecated, fbgemm's packing is not
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long),
+                                                 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        # the largest magnitude as the larger of max and -min: two reductions without a temporary (vector_norm with
+        # ord=inf and aminmax were each over ten times slower in a probe on one AVX2-capped thread)
+        scale = torch.maximum(flat.amax(dim=1, keepdim=True), flat.amin(dim=1, keepdim=True).neg_())
+        scale = scale.clamp_min_(torch.finfo(x.dtype).tiny)
+        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            torch.div(flat, scale, out=_workspace(flat)), 1 / _ACTIVATION_LEVELS, _ACTIVATION_LEVELS + 1, self._packed)
+        # in place: a fresh tensor this large costs page faults, more than the arithmetic (a probe: about ten times)
+        out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale, out=out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _workspace(like: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor shaped as ``like``, reused by this thread's int8-rows layers: the normalised input of one
+    layer lives only until its product, and a fresh tensor of tens of MB is paid for again in page faults."""
+    buffer = getattr(_WORKSPACE, "buffer", None)
+    if buffer is None or buffer.numel() < like.numel():
+        buffer = _WORKSPACE.buffer = torch.empty(like.numel(), dtype=torch.float32)
+    return buffer[: like.numel()].view(like.shape)
+
+
 class FixedWidths(nn.Module):
     """Runs a ranker on sub-batches of fixed widths: each pair padded to a width set by its own length alone.
 
@@ -225,8 +324,8 @@ def _heads(ranker: nn.Module) -> list[str]:
 def _bfloat16(ranker: nn.Module) -> nn.Module:
     if not native_bfloat16():
         warnings.warn("this CPU has no native bfloat16 (AMX or AVX512-BF16): optimize_for_cpu(method='bf16') ranks "
-                      "as float32 does but may run slower than float32 here; measure, or use method='int8' (faster "
-                      "on such CPUs, but its scores depend on the batch)", stacklevel=3)
+                      "as float32 does but may run slower than float32 here; measure, or use method='int8-rows' (or "
+                      "'auto', which picks it on such CPUs)", stacklevel=3)
     heads = set(_heads(ranker))
     layers = [name for name, module in ranker.named_modules() if isinstance(module, nn.Linear)]
     ranker.to(torch.bfloat16)
@@ -238,13 +337,27 @@ def _bfloat16(ranker: nn.Module) -> nn.Module:
     return ranker
 
 
-def _int8(ranker: nn.Module, keep_float: str | None, reranker: CrossEncoder) -> nn.Module:
+def _row_int8(ranker: nn.Module, keep_float: str | None, reranker: CrossEncoder) -> nn.Module:
+    targets = _int8_targets(ranker, keep_float, reranker)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        owner = ranker.get_submodule(parent) if parent else ranker
+        setattr(owner, child, RowInt8Linear(getattr(owner, child)))
+    return ranker
+
+
+def _int8_targets(ranker: nn.Module, keep_float: str | None, reranker: CrossEncoder) -> set[str]:
     heads = set(_heads(ranker))
     targets = {name for name, module in ranker.named_modules()
                if isinstance(module, nn.Linear) and name not in heads
                and not (keep_float and re.search(keep_float, name))}
     if not targets:
         raise ValueError(f"{reranker!r} has no linear layers to quantise")
+    return targets
+
+
+def _int8(ranker: nn.Module, keep_float: str | None, reranker: CrossEncoder) -> nn.Module:
+    targets = _int8_targets(ranker, keep_float, reranker)
     with warnings.catch_warnings():
         # torch.ao's eager quantisation is deprecated in favour of torchao, but its fbgemm kernels are still the
         # fastest CPU int8 path in torch 2.13 without compiling: torchao's per-token int8 ran at 0.5-0.7x float32

@@ -1,7 +1,8 @@
 """Serving rerankers: an opt-in fast CPU path, and scoring sharded across worker processes or devices.
 
 * :func:`optimize_for_cpu` (from :mod:`pyterrier_kdcl.fast`, importable from here too) makes a ``CrossEncoder``
-  faster on CPU in place: bfloat16 by default, whose scores do not depend on the batch; or dynamic int8.
+  faster on CPU in place: by default bfloat16 where the CPU computes it natively and int8 with one activation scale
+  per row elsewhere, both with scores that do not depend on the batch; or dynamic int8 (per batch).
 * :class:`ShardedScorer` reranks a result frame with several copies of one reranker, one worker process per
   device (or several CPU workers), each query's rows all in one shard. The merged frame has the scores,
   ranks and row order that the single-process reranker gives.
@@ -52,8 +53,8 @@ class ShardedScorer(pt.Transformer):
             CPU workers.
         workers: number of CPU workers when ``devices`` is not given (default 2).
         threads: torch threads per CPU worker (default: the cores shared out between them).
-        optimize: ``"bf16"`` (batch-independent, the fast path) or ``"int8"`` applies :func:`optimize_for_cpu` with
-            that method in each CPU worker.
+        optimize: ``"auto"``, ``"bf16"``, ``"int8-rows"`` (all three batch-independent) or ``"int8"`` applies
+            :func:`optimize_for_cpu` with that method in each CPU worker.
         batch_size, max_length: override the saved settings in the workers.
     """
 
@@ -87,7 +88,7 @@ class ShardedScorer(pt.Transformer):
         self._tmp = None
         if isinstance(reranker, CrossEncoder):
             if is_optimized(reranker):
-                raise ValueError("pass the float32 reranker with optimize='bf16' (or 'int8'): an optimised one "
+                raise ValueError("pass the float32 reranker with optimize='auto' (or a method): an optimised one "
                                  "cannot be saved for the workers")
             self.text_field = reranker.text_field
             self.name = repr(reranker)

@@ -1,6 +1,7 @@
-"""The default fast CPU path (bfloat16): a pair's score does not depend on its batch mates, and it ranks as float32.
+"""The fast CPU path in bfloat16: a pair's score does not depend on its batch mates, and it ranks as float32.
 
-The int8 method's own tests are in test_serving.py, with the fixtures used here.
+The per-row int8 method and ``auto`` are tested in test_fast_int8.py; the per-batch int8 method in test_serving.py,
+with the fixtures used here.
 """
 
 import numpy as np
@@ -32,7 +33,7 @@ def rescored(reranker, inp) -> dict[str, np.ndarray]:
 def test_fast_scores_do_not_depend_on_batch_mates(saved):  # noqa: F811
     """Fails with per-batch activation scales (dynamic int8, the default before bf16) and without fixed shapes."""
     inp = frame()
-    reranker = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    reranker = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "bf16")
     assert reranker.optimized == "bf16"
     scores = reranker.score_pairs(inp["query"], inp["text"])
     assert np.ptp(scores) > 0.1 and len(set(inp["text"].str.len())) > 5  # pairs of many lengths
@@ -46,7 +47,7 @@ def test_fast_ranks_as_float32(saved, tiny_model, family):  # noqa: F811
     source = saved if family == "bert" else tiny_model(family, head="seqcls")
     load = kdcl.CrossEncoder.load if family == "bert" else kdcl.CrossEncoder
     fp32 = load(source, device="cpu", verbose=False, batch_size=4)
-    fast = kdcl.optimize_for_cpu(load(source, device="cpu", verbose=False, batch_size=4))
+    fast = kdcl.optimize_for_cpu(load(source, device="cpu", verbose=False, batch_size=4), "bf16")
     a, b = fp32.score_pairs(inp["query"], inp["text"]), fast.score_pairs(inp["query"], inp["text"])
     assert np.ptp(a) > 0
     assert np.abs(a - b).max() < 0.05 * np.ptp(a)
@@ -56,7 +57,7 @@ def test_fast_ranks_as_float32(saved, tiny_model, family):  # noqa: F811
 
 
 def test_fast_runs_bfloat16_with_a_float32_head(saved):  # noqa: F811
-    reranker = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
+    reranker = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "bf16")
     assert isinstance(reranker.ranker, FixedWidths) and is_optimized(reranker)
     heads = [m for m in reranker.ranker.modules() if isinstance(m, Float32Head)]
     assert len(heads) == 1 and heads[0].linear.weight.dtype == torch.float32 and heads[0].linear.out_features == 1
@@ -66,10 +67,10 @@ def test_fast_runs_bfloat16_with_a_float32_head(saved):  # noqa: F811
 
 
 def test_fast_refuses_a_second_method_and_answers_empty_frames(saved):  # noqa: F811
-    reranker = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))
-    assert kdcl.optimize_for_cpu(reranker) is reranker
+    reranker = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "bf16")
+    assert kdcl.optimize_for_cpu(reranker, "bf16") is reranker and kdcl.optimize_for_cpu(reranker) is reranker
     with pytest.raises(ValueError, match="already optimised.*load the float32 checkpoint again"):
         kdcl.optimize_for_cpu(reranker, "int8")
-    with pytest.raises(ValueError, match="keep_float.*method='int8'"):
-        kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), keep_float=None)
+    with pytest.raises(ValueError, match="keep_float.*method='int8-rows'"):
+        kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "bf16", keep_float=None)
     assert len(reranker(frame().iloc[:0])) == 0

@@ -266,7 +266,7 @@ def test_repr_says_what_the_reranker_is(tiny_model, tmp_path):
         f"CrossEncoder.load({str(tmp_path / 'lora')!r}, merged, trained)"
     assert repr(lora.merge_lora()) == f"CrossEncoder({source!r}, merged, trained)"
     plain.save(tmp_path / "plain")
-    fast = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(tmp_path / "plain", verbose=False))
+    fast = kdcl.optimize_for_cpu(kdcl.CrossEncoder.load(tmp_path / "plain", verbose=False), "bf16")
     assert repr(fast) == f"CrossEncoder.load({str(tmp_path / 'plain')!r}, optimized=bf16)"
     assert repr(kdcl.CrossEncoder(source, lora={"r": 4}, verbose=False)) == f"CrossEncoder({source!r}, lora=r4)"
 

@@ -186,7 +186,7 @@ def test_sharded_bf16_scores_like_bf16_in_process(saved, one_thread):
     """The fast path's scores do not depend on the batch, so shards batching differently score as one process
     (one thread here as in the workers: bfloat16 rounding could carry a thread count's summation order)."""
     inp = frame()
-    local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False))(inp)
+    local = optimize_for_cpu(kdcl.CrossEncoder.load(saved, device="cpu", verbose=False), "bf16")(inp)
     out = score_sharded(saved, inp, workers=2, threads=1, optimize="bf16")
     merged = local.merge(out, on=["qid", "docno"], suffixes=("_local", "_sharded"))
     assert len(merged) == len(inp)
