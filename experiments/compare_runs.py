@@ -4,8 +4,8 @@ A run's report compares its own systems (KD with CL, KD with BM25). A variant ru
 with one change (cpu-negative-filter repeats cpu-architectures' MiniLM-L6 student with filtered negatives) is
 compared with it here: the same collections, queries and seeds are required (runs of the same seed are paired),
 and each pair is tested by the report's seed-aware test (crossed query and seed effects; a system run once, such as
-BM25, meets every seed of the other), on every collection and
-on the pooled queries of each scope, Holm-corrected within the per-collection rows and within the pooled rows.
+BM25 or a given teacher, meets every seed of the other), on every collection and on the pooled queries of each scope,
+Holm-corrected within the per-collection rows and within the pooled rows.
 
     python experiments/compare_runs.py docs/results/cpu-architectures docs/results/cpu-negative-filter \\
         --pair "minilm-l6-mean CL=minilm-l6-filtered CL" --pair "minilm-l6-mean KD=minilm-l6-filtered KD" \\
