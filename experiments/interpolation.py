@@ -118,18 +118,20 @@ def per_query(run: pd.DataFrame, qrels: pd.DataFrame, measures: list[str]) -> pd
 def interpolate(config: Path, run_dir: Path, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     cfg = load_config(config, check_environment=False)
     runner = ExperimentRunner(cfg, run_dir, verbose=True)
-    models = students(runner)
+    collections = {}  # label -> (topics, their qrels, the first stage's saved run with the query text)
+    for label, data, _ in evaluation_collections(cfg):
+        topics, qrels, _ = runner.frames(data)
+        first_stage = pt.io.read_results(str(run_dir / "runs" / label / f"{FIRST_STAGE}.res.gz"))
+        collections[label] = (topics, qrels[qrels.qid.isin(topics.qid)],
+                              first_stage.merge(topics[["qid", "query"]], on="qid"))
     fits, values = [], []
-    for model in models:
+    for model in students(runner):
         fusion, row = fit(model, runner)
         fits.append(row)
         print(f"[interpolation] {model['name']}: weights {fusion.weights}, dev {row}", flush=True)
-        for label, data, _ in evaluation_collections(cfg):
-            topics, qrels, _ = runner.frames(data)
-            first_stage = pt.io.read_results(str(run_dir / "runs" / label / f"{FIRST_STAGE}.res.gz"))
-            first_stage = first_stage.merge(topics[["qid", "query"]], on="qid")
+        for label, (topics, qrels, first_stage) in collections.items():
             run = replayed(fusion, run_dir / "runs" / label / f"{model['name']}.res.gz", first_stage)
-            pq = per_query(run, qrels[qrels.qid.isin(topics.qid)], cfg.evaluation.measures)
+            pq = per_query(run, qrels, cfg.evaluation.measures)
             if set(pq.qid) != set(topics.qid.astype(str)):  # a query without judged answers among its candidates
                 missing = sorted(set(topics.qid.astype(str)) - set(pq.qid))
                 pq = pd.concat([pq, pd.DataFrame([{"qid": q, "measure": m, "value": 0.0} for q in missing
@@ -145,17 +147,18 @@ def interpolate(config: Path, run_dir: Path, out: Path) -> tuple[pd.DataFrame, p
     return frame, pd.DataFrame(fits)
 
 
-def tables(results: Path, out: Path, systems: list[str], measure: str) -> None:
+def tables(cfg, results: Path, out: Path) -> None:
     """The seed-aware comparisons: each interpolated system against BM25 and its student alone (from the run's
-    committed evidence), and KD + BM25 against CL + BM25."""
-    compare = _compare_runs().compare
+    committed evidence), and KD + BM25 against CL + BM25 for each student trained with both."""
+    compare, measure = _compare_runs().compare, cfg.evaluation.main_measure
     (out / "tables").mkdir(parents=True, exist_ok=True)
+    systems = [f"{s.name} {o}" for s in cfg.students for o in s.objectives]
     pairs = [(FIRST_STAGE, f"{s} + {FIRST_STAGE}") for s in systems] + [(s, f"{s} + {FIRST_STAGE}") for s in systems]
     written = {f"vs_{results.name}": compare(results, out, pairs, measure)}
-    students_ = sorted({s.rsplit(" ", 1)[0] for s in systems if s.endswith(" KD") and s[:-3] + " CL" in systems})
-    if students_:
+    both = [s.name for s in cfg.students if {"CL", "KD"} <= set(s.objectives)]
+    if both:
         written["vs_itself"] = compare(out, out, [(f"{s} CL + {FIRST_STAGE}", f"{s} KD + {FIRST_STAGE}")
-                                                  for s in students_], measure)
+                                                  for s in both], measure)
     for stem, table in written.items():
         table.to_csv(out / "tables" / f"{stem}.csv", index=False)
         shown = table.drop(columns=["se", "df"]).round(4)
@@ -174,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, check_environment=False)
     if not args.tables_only:
         interpolate(args.config, args.run, args.out)
-    systems = [f"{s.name} {o}" for s in cfg.students for o in s.objectives]
-    tables(args.results, args.out, systems, cfg.evaluation.main_measure)
+    tables(cfg, args.results, args.out)
     (args.out / "command.json").write_text(json.dumps({"config": str(args.config), "run": str(args.run),
                                                        "results": str(args.results)}, indent=1) + "\n")
 
