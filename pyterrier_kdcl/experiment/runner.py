@@ -387,9 +387,8 @@ class ExperimentRunner:
                                          verbose=self.verbose)
 
     def _trainer_kwargs(self, spec: Model, seed: int, stage: Stage, data) -> dict:
-        args = {k: v for k, v in self.config.training_args(spec).items() if k not in _NOT_TRAINER_ARGS}
-        args["negative_filter"] = self.negative_filter(spec)
-        args["precision"] = self.precision(spec, args["precision"])  # as its stage's spec names it
+        # the settings its stage's spec names (precision resolved, a teacher's negatives unfiltered)
+        args = {k: v for k, v in self.training(spec).given().items() if k not in _NOT_TRAINER_ARGS}
         if args.get("negatives_window") is not None:
             args["negatives_window"] = tuple(args["negatives_window"])
         # positives the first stage missed still make groups: their text comes from the collection
