@@ -5,14 +5,19 @@ file is gone once the sampler is closed or a fit ends."""
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 
-import numpy as np
 import pandas as pd
 import pyterrier as pt
 import pytest
+from teacher_worker import WordTeacher
 from training_data import training_frames
 
+import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.training import groups as groups_module
+from pyterrier_kdcl.training import query_records
+from pyterrier_kdcl.training import trainer as trainer_module
 from pyterrier_kdcl.training.groups import GroupSampler
 
 
@@ -96,6 +101,71 @@ BEFORE = {"chunks": "8ea7d05d09dac776", "drop": "4afad4be19cd71dc", "no-score": 
 def test_the_groups_are_those_of_the_sampler_before_the_spill(case, monkeypatch):
     monkeypatch.setattr(groups_module, "TEXT_BLOCK", 5)
     assert digest(build(case)) == BEFORE[case]
+
+
+@pytest.mark.parametrize("case", ["text", "streamed", "relabel"])
+def test_records_written_in_many_pieces_read_back_the_same(case, monkeypatch):
+    monkeypatch.setattr(groups_module, "TEXT_BLOCK", 5)
+    monkeypatch.setattr(query_records, "FLUSH_BYTES", 50)  # a write every record or two
+    monkeypatch.setattr(groups_module, "KEY_CHUNK", 3)
+    assert digest(build(case)) == BEFORE[case]
+
+
+def open_files_in(directory) -> list[str]:
+    """This process's open files right in ``directory`` (an unnamed temporary file shows as ``… (deleted)``)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if os.path.dirname(target.removesuffix(" (deleted)")) == str(directory):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+def test_the_file_is_unnamed_and_gone_once_the_sampler_is_closed(tmp_path):
+    res, qrels = training_frames(6)
+    sampler = GroupSampler(res, qrels, group_size=4, spill_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == [] and len(open_files_in(tmp_path)) == 1  # open, with no name
+    assert sampler.file_bytes > 0 and sampler.nbytes == 16 * len(sampler) + 8
+    sampler.close()
+    assert open_files_in(tmp_path) == []
+    with pytest.raises(ValueError, match="closed"):
+        next(sampler.epoch(0))
+
+
+class FailingTeacher(WordTeacher):
+    def transform(self, inp):
+        raise RuntimeError("the teacher failed")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+@pytest.mark.parametrize("teacher", [WordTeacher("answer", 2.0), FailingTeacher("answer", 2.0)])
+def test_a_fit_removes_its_sampler_file_when_it_ends_or_fails(tiny_model, teacher, tmp_path, monkeypatch):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))  # where the fit's sampler puts its file
+    made = []
+
+    class Recorded(GroupSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self, open_files_in(spill)))
+
+    monkeypatch.setattr(trainer_module, "GroupSampler", Recorded)
+    res, qrels = training_frames(8)
+    student = kdcl.CrossEncoder(str(tiny_model("bert")), verbose=False, max_length=32, device="cpu")
+    trainer = kdcl.DistillationTrainer(student, teacher, group_size=4, batch_size=4, verbose=False)
+    if isinstance(teacher, FailingTeacher):
+        with pytest.raises(RuntimeError, match="the teacher failed"):
+            trainer.fit(res, qrels)
+    else:
+        trainer.fit(res, qrels)
+    (sampler, during), = made
+    assert len(during) == 1 and sampler._records.closed
+    assert open_files_in(spill) == [] and [p for p in spill.iterdir() if p.is_file()] == []
 
 
 if __name__ == "__main__":  # prints BEFORE for the code checked out

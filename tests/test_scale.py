@@ -10,7 +10,7 @@ from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.training import groups as groups_module
-from pyterrier_kdcl.training import teachers
+from pyterrier_kdcl.training import query_records, teachers
 from pyterrier_kdcl.training.groups import GroupSampler
 from pyterrier_kdcl.training.teachers import (
     SCORE_FILE,
@@ -45,7 +45,8 @@ def test_a_streamed_sampler_draws_the_groups_of_the_in_memory_frame(monkeypatch)
     memory = GroupSampler(res, qrels, group_size=4, seed=7)
     streamed = GroupSampler(ids, qrels, group_size=4, seed=7, text_source=docstore)
     assert streamed.streaming and not memory.streaming
-    assert streamed._candidates.texts == [] and memory._candidates.texts  # no text is held, not even a reference
+    assert not streamed._records.keeps_texts and memory._records.keeps_texts  # no text is kept, not even on disk
+    assert streamed.file_bytes < memory.file_bytes
     for epoch in (0, 1):
         assert list(streamed.epoch(epoch)) == list(memory.epoch(epoch))
     assert list(streamed.candidates()) == list(memory.candidates())
@@ -71,7 +72,7 @@ def in_frames(frame, rows):
 
 
 def test_results_handed_over_a_frame_at_a_time_give_the_groups_of_one_frame(monkeypatch):
-    monkeypatch.setattr(groups_module, "BLOCK", 10)  # candidates in several storage blocks
+    monkeypatch.setattr(query_records, "FLUSH_BYTES", 100)  # the records written in many pieces
     res, ids, qrels, docstore = frames()
     whole = GroupSampler(res, qrels, group_size=4, seed=7, negatives_window=(0, 7))
     shuffled = res.sample(frac=1, random_state=1).sort_values("qid", kind="stable")  # rows of a query together
@@ -100,13 +101,13 @@ def test_a_query_met_again_after_other_queries_is_refused():
         GroupSampler(["not a frame"], qrels, group_size=4)
 
 
-def test_the_sampler_holds_numpy_arrays_not_an_object_per_candidate():
+def test_the_sampler_holds_16_bytes_a_query_in_memory_and_its_candidates_in_a_file():
     res, ids, qrels, docstore = frames(40)
     sampler = GroupSampler(ids, qrels, group_size=4, text_source=docstore)
-    candidates = sum(sampler._size)
-    assert candidates == len(ids) and sampler._candidates.docnos[0].dtype.kind == "S"
-    # a docno's bytes (5 here) and a float64 score a candidate; offsets, qid and query (about 70 bytes) a query
-    assert sampler.nbytes <= 13 * candidates + 80 * len(sampler)  # a tuple of three references alone is 64
+    assert sum(sampler._records.get(i).size for i in range(len(sampler))) == len(ids)
+    assert sampler.nbytes == 16 * len(sampler) + 8  # a record's offset and its place in qid order
+    # a record: 16 bytes of header, qid and query; a docno's bytes (5 here), its end and its float64 score
+    assert sampler.file_bytes <= 21 * len(ids) + 40 * len(sampler)
 
 
 @pytest.mark.parametrize("objective", ["cl", "kd"])

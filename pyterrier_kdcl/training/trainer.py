@@ -242,12 +242,18 @@ class RerankerTrainer(pt.Estimator):
             return self._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
 
     def _fit(self, tr_res, tr_qrels, va_res, va_qrels, resume) -> pd.DataFrame:
-        from transformers import get_linear_schedule_with_warmup
-
         resume = self.resume if resume is None else resume
         if resume and self.output_dir is None:
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         sampler = GroupSampler(tr_res, tr_qrels, text_field=self.reranker.text_field, **self.sampler_options)
+        try:
+            return self._fit_groups(sampler, va_res, va_qrels, resume)
+        finally:
+            sampler.close()  # its temporary file of candidates is removed
+
+    def _fit_groups(self, sampler: GroupSampler, va_res, va_qrels, resume: bool) -> pd.DataFrame:
+        from transformers import get_linear_schedule_with_warmup
+
         self.group_stats = sampler.stats
         validator = Validator(self.reranker, va_res, va_qrels, self.metric) if va_res is not None else None
 
