@@ -309,6 +309,8 @@ class RerankerTrainer(pt.Estimator):
             if state.best_weights is not None:
                 reranker.ranker.load_state_dict(state.best_weights, strict=False)
         finally:
+            if teacher is not None:
+                teacher.close()  # its connection to the cache file (a temporary store goes with the object)
             tracking.finish(accelerator)
             # the reranker leaves fit as it came: its own dtype, and a forward without Accelerate's autocast
             accelerator.unwrap_model(reranker.ranker, keep_fp32_wrapper=False)
