@@ -171,3 +171,21 @@ def test_a_fit_removes_its_sampler_file_when_it_ends_or_fails(tiny_model, teache
 if __name__ == "__main__":  # prints BEFORE for the code checked out
     groups_module.TEXT_BLOCK = 5
     print({case: digest(build(case)) for case in sorted(CASES)})
+
+
+def test_a_record_reads_back_what_was_written(tmp_path):
+    records = query_records.QueryRecords(scored=True, texts=True, directory=tmp_path)
+    docnos, texts = ["d\0", "é", "", "\ud800x"], ["a", "", "long " * 50, "\0"]
+    scores = [1.5, -0.1, float("nan"), 1e300]
+    first = records.add("q\0", "qüery", 2, docnos, scores, texts)
+    second = records.add("", "", 0, [], [], [])
+    records.finish()
+    record = records.get(first)
+    assert (record.qid, record.query, record.positives, record.size) == ("q\0", "qüery", 2, 4)
+    assert list(record.docnos) == docnos and list(record.texts) == texts and record.docnos[-1] == "\ud800x"
+    assert record.docnos[1:3] == ["é", ""]
+    with pytest.raises(IndexError):
+        record.docnos[-5]
+    assert record.scores.tolist()[:2] == scores[:2] and record.scores[3] == 1e300
+    assert records.get(second).size == 0 and records.file_bytes == os.fstat(records.file.fileno()).st_size
+    records.close()

@@ -23,6 +23,7 @@ import os
 import struct
 import tempfile
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,8 @@ class QueryRecord:
     qid: str
     query: str
     positives: int
-    docnos: list[str]
-    texts: list  # str each, or None each when streaming (the text comes from the text source per block)
+    docnos: Sequence[str]  # decoded when read: a group reads a few of its query's candidates
+    texts: Sequence  # str each, or None each when streaming (the text comes from the text source per block)
     scores: np.ndarray | None  # first-stage scores, float64, when the frame had them
 
     @property
@@ -127,8 +128,8 @@ class QueryRecords:
         qid = data[at : at + qid_len].decode(*_ENCODING)
         query = data[at + qid_len : at + qid_len + query_len].decode(*_ENCODING)
         at += qid_len + query_len
-        docnos = _split(data, at, docno_ends)
-        texts = _split(data, at + (docno_ends[-1] if size else 0), text_ends) if self.keeps_texts else [None] * size
+        docnos = _Packed(data, at, docno_ends)
+        texts = _Packed(data, at + (docno_ends[-1] if size else 0), text_ends) if self.keeps_texts else [None] * size
         return QueryRecord(qid, query, positives, docnos, texts, scores)
 
     def close(self) -> None:
@@ -153,6 +154,23 @@ def _ends(encoded: list[bytes]) -> bytes:
     return np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), dtype="<i8").tobytes()
 
 
-def _split(data: bytes, at: int, ends: list[int]) -> list[str]:
-    """The strings packed from ``at`` whose cumulative byte ends are ``ends``."""
-    return [data[at + start : at + end].decode(*_ENCODING) for start, end in zip([0, *ends[:-1]], ends)]
+class _Packed(Sequence):
+    """Strings packed back to back from ``at`` in a record's bytes, ``ends`` their cumulative byte ends; each decoded
+    when it is read."""
+
+    __slots__ = ("data", "at", "ends")
+
+    def __init__(self, data: bytes, at: int, ends: list[int]):
+        self.data, self.at, self.ends = data, at, ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self.ends) <= i < len(self.ends):
+            raise IndexError(f"index {i} out of range for {len(self.ends)} strings")
+        i %= len(self.ends)
+        start = self.ends[i - 1] if i else 0
+        return self.data[self.at + start : self.at + self.ends[i]].decode(*_ENCODING)
