@@ -102,11 +102,11 @@ def test_a_query_met_again_after_other_queries_is_refused():
         GroupSampler(["not a frame"], qrels, group_size=4)
 
 
-def test_the_sampler_holds_16_bytes_a_query_in_memory_and_its_candidates_in_a_file():
+def test_the_sampler_holds_12_bytes_a_query_in_memory_and_its_candidates_in_a_file():
     res, ids, qrels, docstore = frames(40)
     sampler = GroupSampler(ids, qrels, group_size=4, text_source=docstore)
     assert sum(sampler._records.get(i).size for i in range(len(sampler))) == len(ids)
-    assert sampler.nbytes == 16 * len(sampler) + 8  # a record's offset and its place in qid order
+    assert sampler.nbytes == 12 * len(sampler) + 8  # a record's offset and its place in qid order
     # a record: 16 bytes of header, qid and query; a docno's bytes (5 here), its end and its float64 score
     assert sampler.file_bytes <= 21 * len(ids) + 40 * len(sampler)
 

@@ -17,7 +17,7 @@ first-stage scores only, and fetches the text of each block of ``TEXT_BLOCK`` gr
 does not grow with the training set's text. The results may also come as an iterable of frames (a retriever's
 ``transform_gen``, a run read in chunks), read once, so that no frame of every candidate need exist. Each usable
 query's candidates go to a temporary file as they are filed (:mod:`~pyterrier_kdcl.training.query_records`) and are
-read back one query at a time: the sampler holds 16 bytes a usable query in memory (where its record is, and its
+read back one query at a time: the sampler holds 12 bytes a usable query in memory (where its record is, and its
 place in qid order), and while it builds about 30 more a query (hashes of the qids met and of the qrels' qids, the
 usable qids to sort), never an object per candidate or per qrel. The groups, their order and their text are those
 of one frame with the text in it: streaming changes where the rows and the text come from, never which groups are
@@ -230,7 +230,7 @@ class GroupSampler:
     @property
     def nbytes(self) -> int:
         """Bytes the sampler's arrays hold in memory: where each usable query's record is in the temporary file, and
-        its place in qid order (16 bytes a usable query). After :meth:`filter_negatives`, the pools of the queries
+        its place in qid order (12 bytes a usable query). After :meth:`filter_negatives`, the pools of the queries
         it changed are Python lists besides (not counted)."""
         return self._records.nbytes + self._usable.nbytes
 
@@ -324,7 +324,7 @@ class GroupSampler:
                 kept.append(entry)
             if entry_pools:
                 pools[entry] = entry_pools
-        self._usable, self._pools = np.array(kept, dtype=np.int64), pools
+        self._usable, self._pools = np.array(kept, dtype=_index_type(len(self._records))), pools
         self.stats.usable = len(kept)
         if not kept:
             raise ValueError(f"no training group is left once the teacher's suspect negatives are dropped: "
@@ -404,6 +404,7 @@ class _Builder:
                 s._records.close()
             raise
         self.stats.qrels_for_unknown_queries = self.qrels.unknown(self.seen)
+        self.qrels = self.seen = None  # gone before the qids are sorted: the build's peak is the lower
         self.stats.usable = len(s._records)
         s._usable = self.usable_qids.order(s._records)
 
@@ -527,6 +528,11 @@ def _hashes(strings: list[str]) -> np.ndarray:
     return np.fromiter(map(hash, strings), dtype=np.int64, count=len(strings))
 
 
+def _index_type(n: int) -> type:
+    """The narrowest integer that numbers ``n`` rows: 4 bytes a row rather than 8 below 2^31."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 class _HashSet:
     """Hashes of strings met, in a sorted numpy array (8 bytes a string) with a small set of the latest: whether a
     string was met, without a Python set of them. Two strings of the same 64-bit hash pass for one (about one
@@ -569,7 +575,7 @@ class _QrelsIndex:
                 raise ValueError(f"qrels labels must be integers, found {part['label'][bad].iloc[0]!r}")
             self.positive[start : start + len(part)] = (labels.astype(int) >= min_label).to_numpy()
             hashes[start : start + len(part)] = _hashes(part["qid"].astype(str).tolist())
-        self.rows = np.argsort(hashes, kind="stable")
+        self.rows = np.argsort(hashes, kind="stable").astype(_index_type(len(qrels)))
         self.hashes = hashes[self.rows]
         self.qrels = qrels
 
@@ -619,10 +625,11 @@ class _QidKeys:
         """The usable queries' numbers in qid order."""
         self._pack()
         if self.trailing_nul:  # numpy's fixed-width bytes drop trailing NULs: compare the qids themselves
-            return np.array(sorted(range(len(records)), key=lambda i: records.get(i).qid), dtype=np.int64)
+            order = sorted(range(len(records)), key=lambda i: records.get(i).qid)
+            return np.array(order, dtype=_index_type(len(records)))
         keys = np.concatenate(self.packed) if self.packed else np.empty(0, dtype="S1")
         self.packed = []
-        return np.argsort(keys, kind="stable")
+        return np.argsort(keys, kind="stable").astype(_index_type(len(records)))
 
 
 def _frames(results) -> Iterator[pd.DataFrame]:

@@ -502,7 +502,7 @@ class RerankerTrainer(pt.Estimator):
         try:
             scores.prepare(groups, _processes(accelerator))
         finally:
-            scores.close()  # every score is in memory now: the cache's connection is not held through training
+            scores.close()  # the writer: lookups read the cache file per batch through a read-only connection
         if self.negative_filter is not None:
             sampler.filter_negatives(self.negative_filter, scores.of)
         return scores
