@@ -18,7 +18,7 @@ does not grow with the training set's text. The results may also come as an iter
 ``transform_gen``, a run read in chunks), read once, so that no frame of every candidate need exist. Each usable
 query's candidates go to a temporary file as they are filed (:mod:`~pyterrier_kdcl.training.query_records`) and are
 read back one query at a time: the sampler holds 12 bytes a usable query in memory (where its record is, and its
-place in qid order), and while it builds about 30 more a query (hashes of the qids met and of the qrels' qids, the
+place in qid order), and while it builds about 40 bytes a query (hashes of the qids met and of the qrels' qids, the
 usable qids to sort), never an object per candidate or per qrel. The groups, their order and their text are those
 of one frame with the text in it: streaming changes where the rows and the text come from, never which groups are
 trained on.
