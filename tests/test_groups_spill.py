@@ -189,3 +189,10 @@ def test_a_record_reads_back_what_was_written(tmp_path):
     assert record.scores.tolist()[:2] == scores[:2] and record.scores[3] == 1e300
     assert records.get(second).size == 0 and records.file_bytes == os.fstat(records.file.fileno()).st_size
     records.close()
+
+
+def test_records_read_back_without_pread(monkeypatch):
+    monkeypatch.delattr(query_records.os, "pread")  # as on Windows: seek and read
+    monkeypatch.setattr(query_records, "FLUSH_BYTES", 50)
+    monkeypatch.setattr(groups_module, "TEXT_BLOCK", 5)
+    assert digest(build("text")) == BEFORE["text"]

@@ -97,6 +97,7 @@ class QueryRecords:
 
     def _flush(self) -> None:
         if self._buffer:
+            self.file.seek(0, os.SEEK_END)  # where a read without pread (Windows) may have left the position
             self.file.write(self._buffer)
             self.file.flush()
             self._written += len(self._buffer)
@@ -113,7 +114,7 @@ class QueryRecords:
         if start >= self._written:  # still buffered: only while the records are being written
             data = bytes(self._buffer[start - self._written : end - self._written])
         else:
-            data = os.pread(self.file.fileno(), end - start, start)
+            data = _pread(self.file, end - start, start)
         positives, size, qid_len, query_len = _HEADER.unpack_from(data)
         at = _HEADER.size
         scores = None
@@ -152,6 +153,14 @@ class QueryRecords:
 
 def _ends(encoded: list[bytes]) -> bytes:
     return np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), dtype="<i8").tobytes()
+
+
+def _pread(file, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset``, without moving the file's position where the system has ``pread``."""
+    if hasattr(os, "pread"):
+        return os.pread(file.fileno(), size, offset)
+    file.seek(offset)
+    return file.read(size)
 
 
 class _Packed(Sequence):
