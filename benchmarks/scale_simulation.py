@@ -11,7 +11,7 @@ query BM25-like candidates: 30 docnos with descending scores, one of them the ju
 drawn rank (every positive is retrieved: a simplification; MS MARCO's BM25 top 30 misses some). Words are
 pseudo-words of a Zipf vocabulary, so the tokenizer sees text of the right length.
 
-Each (size, mode, phase) runs in its own fresh process, which reports its peak RSS (``getrusage``), the RSS the
+Each (size, mode, phase) runs in its own fresh process, which reports its peak RSS (``VmHWM``), the RSS the
 training frame added, and the seconds of each step:
 
 - ``groups``: ``GroupSampler`` over the frame (group 8) and one epoch's draw;
@@ -249,6 +249,8 @@ def child(phase: str, queries: int, mode: str, work: Path, steps: int) -> dict:
         sampler = GroupSampler(frame, qrels, group_size=8, seed=0, text_source=source)
         out.update(sampler_s=time.perf_counter() - t, sampler_mb=sampler.nbytes / 2**20,
                    sampler_peak_rss_mb=peak_mb())
+        if hasattr(sampler, "file_bytes"):  # the candidates in the sampler's temporary file (commit 8a2e8f4 on)
+            out["sampler_file_mb"] = sampler.file_bytes / 2**20
         t = time.perf_counter()
         drawn = sum(1 for _ in sampler.epoch(0))
         out.update(epoch_draw_s=time.perf_counter() - t, groups=drawn)
@@ -383,6 +385,7 @@ FIGURES = {  # (phase, field): what it measures
     ("fit", "step_s"): "fit: one step, s",
     ("groups", "frame_rss_mb"): "training frame, RSS MB",
     ("groups", "sampler_mb"): "GroupSampler's own arrays, MB",
+    ("groups", "sampler_file_mb"): "GroupSampler's temporary file, MB",
     ("groups", "sampler_peak_rss_mb"): "peak RSS, sampler built, MB",
     ("groups", "peak_rss_mb"): "peak RSS, groups, MB",
     ("teacher", "peak_rss_mb"): "peak RSS, teacher scoring, MB",

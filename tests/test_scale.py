@@ -2,6 +2,7 @@
 time, train exactly like the in-memory frame; teacher scores sharded by rank into per-rank files merge once into the
 cache (issue 24, item 3)."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -10,7 +11,7 @@ from training_data import training_frames
 
 import pyterrier_kdcl as kdcl
 from pyterrier_kdcl.training import groups as groups_module
-from pyterrier_kdcl.training import teachers
+from pyterrier_kdcl.training import query_records, teachers
 from pyterrier_kdcl.training.groups import GroupSampler
 from pyterrier_kdcl.training.teachers import (
     SCORE_FILE,
@@ -45,7 +46,8 @@ def test_a_streamed_sampler_draws_the_groups_of_the_in_memory_frame(monkeypatch)
     memory = GroupSampler(res, qrels, group_size=4, seed=7)
     streamed = GroupSampler(ids, qrels, group_size=4, seed=7, text_source=docstore)
     assert streamed.streaming and not memory.streaming
-    assert streamed._candidates.texts == [] and memory._candidates.texts  # no text is held, not even a reference
+    assert not streamed._records.keeps_texts and memory._records.keeps_texts  # no text is kept, not even on disk
+    assert streamed.file_bytes < memory.file_bytes
     for epoch in (0, 1):
         assert list(streamed.epoch(epoch)) == list(memory.epoch(epoch))
     assert list(streamed.candidates()) == list(memory.candidates())
@@ -71,7 +73,7 @@ def in_frames(frame, rows):
 
 
 def test_results_handed_over_a_frame_at_a_time_give_the_groups_of_one_frame(monkeypatch):
-    monkeypatch.setattr(groups_module, "BLOCK", 10)  # candidates in several storage blocks
+    monkeypatch.setattr(query_records, "FLUSH_BYTES", 100)  # the records written in many pieces
     res, ids, qrels, docstore = frames()
     whole = GroupSampler(res, qrels, group_size=4, seed=7, negatives_window=(0, 7))
     shuffled = res.sample(frac=1, random_state=1).sort_values("qid", kind="stable")  # rows of a query together
@@ -100,13 +102,13 @@ def test_a_query_met_again_after_other_queries_is_refused():
         GroupSampler(["not a frame"], qrels, group_size=4)
 
 
-def test_the_sampler_holds_numpy_arrays_not_an_object_per_candidate():
+def test_the_sampler_holds_12_bytes_a_query_in_memory_and_its_candidates_in_a_file():
     res, ids, qrels, docstore = frames(40)
     sampler = GroupSampler(ids, qrels, group_size=4, text_source=docstore)
-    candidates = sum(sampler._size)
-    assert candidates == len(ids) and sampler._candidates.docnos[0].dtype.kind == "S"
-    # a docno's bytes (5 here) and a float64 score a candidate; offsets, qid and query (about 70 bytes) a query
-    assert sampler.nbytes <= 13 * candidates + 80 * len(sampler)  # a tuple of three references alone is 64
+    assert sum(sampler._records.get(i).size for i in range(len(sampler))) == len(ids)
+    assert sampler.nbytes == 12 * len(sampler) + 8  # a record's offset and its place in qid order
+    # a record: 16 bytes of header, qid and query; a docno's bytes (5 here), its end and its float64 score
+    assert sampler.file_bytes <= 21 * len(ids) + 40 * len(sampler)
 
 
 @pytest.mark.parametrize("objective", ["cl", "kd"])
@@ -131,7 +133,7 @@ def groups(n=10):
     return list(GroupSampler(res, qrels, group_size=4, seed=1).epoch(0))
 
 
-def test_teacher_scores_hold_keys_not_text_and_span_chunks(monkeypatch):
+def test_teacher_scores_hold_no_pair_in_memory_and_span_chunks(monkeypatch):
     monkeypatch.setattr(teachers, "CHUNK_PAIRS", 5)  # many chunks; the second epoch's pairs repeat the first's
     res, qrels = training_frames(10)
     sampler = GroupSampler(res, qrels, group_size=4, seed=1)
@@ -140,8 +142,8 @@ def test_teacher_scores_hold_keys_not_text_and_span_chunks(monkeypatch):
     scores = TeacherScores(teacher, None)
     scores.prepare(both)
     distinct = {(g.query, d, t) for g in both for d, t in zip(g.docnos, g.texts)}
-    assert scores.scored == len(distinct) == len(scores._keys)  # each pair scored once, across chunks
-    assert scores._keys.dtype == "S16"
+    assert scores.scored == len(distinct) == len(scores._lookups)  # each pair scored once, across chunks
+    assert not [v for v in vars(scores).values() if isinstance(v, (np.ndarray, dict, list))]  # nothing a pair
     expected = torch.tensor([[2.0 * t.count("answer") for t in g.texts] for g in both])
     torch.testing.assert_close(scores.lookup(both), expected)
     with pytest.raises(KeyError, match="prepare"):
@@ -182,3 +184,36 @@ def test_a_crashed_ranks_shard_is_merged_by_the_next_prepare(tmp_path):
     TeacherScores(again, tmp_path).prepare(gs)
     assert len(again.scored) == sum(len(g.docnos) for g in gs) - len(teacher.scored)
     assert not list(tmp_path.rglob("scores.rank-*"))
+
+
+class RootTeacher(WordTeacher):
+    """Scores that use every bit of a float64 (a root of the text's length), so a lookup that rounds shows."""
+
+    def transform(self, inp):
+        return inp.assign(score=[(len(t) + 0.1) ** 0.5 / 3 for t in inp["text"]])
+
+    def fingerprint(self) -> str:
+        return "root"
+
+
+def test_lookups_read_from_the_cache_file_are_the_teachers_own_scores(tmp_path, monkeypatch):
+    monkeypatch.setattr(teachers, "CHUNK_PAIRS", 7)
+    res, qrels = training_frames(10)
+    sampler = GroupSampler(res, qrels, group_size=4, seed=1, insufficient="replace")
+    gs = list(sampler.epoch(0)) + list(sampler.epoch(1))
+    own = RootTeacher("", 1.0)
+    expected = [own(pd.DataFrame({"qid": g.qid, "query": g.query, "docno": g.docnos, "text": g.texts}))["score"]
+                .to_numpy("float64") for g in gs]
+    for cache in (tmp_path, tmp_path, None):  # a cold cache, the same cache warm, no cache (a temporary store)
+        scores = TeacherScores(RootTeacher("", 1.0), cache)
+        scores.prepare(gs)
+        scores.close()
+        for g, want in zip(gs, expected):
+            np.testing.assert_array_equal(scores.of(g), want)  # float64, bit for bit
+        torch.testing.assert_close(scores.lookup(gs), torch.tensor(np.stack(expected), dtype=torch.float32),
+                                   rtol=0, atol=0)
+        assert (scores._lookups is None) == (cache is not None)  # the cache file itself is read
+        with pytest.raises(KeyError, match="prepare"):
+            scores.lookup([groups_module.Group("q", "unseen", ("x",), ("never scored",))])
+        scores.close()
+    assert scores.scored == len({(g.query, d, t) for g in gs for d, t in zip(g.docnos, g.texts)})

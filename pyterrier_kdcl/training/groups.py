@@ -15,10 +15,13 @@ query's candidates: it ranked below all of them.
 A frame without the text column, given ``text_source=`` (a docstore), is *streamed*: the sampler keeps ids and
 first-stage scores only, and fetches the text of each block of ``TEXT_BLOCK`` groups as they are drawn, so memory
 does not grow with the training set's text. The results may also come as an iterable of frames (a retriever's
-``transform_gen``, a run read in chunks), read once, so that no frame of every candidate need exist. The sampler
-holds numpy arrays, not an object per candidate: about 16 bytes a candidate of 8-character docnos (its docno's
-bytes and its float64 score) and about 100 a query. The groups, their order and their text are those of one frame
-with the text in it: streaming changes where the rows and the text come from, never which groups are trained on.
+``transform_gen``, a run read in chunks), read once, so that no frame of every candidate need exist. Each usable
+query's candidates go to a temporary file as they are filed (:mod:`~pyterrier_kdcl.training.query_records`) and are
+read back one query at a time: the sampler holds 12 bytes a usable query in memory (where its record is, and its
+place in qid order), and while it builds about 40 bytes a query (hashes of the qids met and of the qrels' qids, the
+usable qids to sort), never an object per candidate or per qrel. The groups, their order and their text are those
+of one frame with the text in it: streaming changes where the rows and the text come from, never which groups are
+trained on.
 
 A :class:`NegativeFilter` consults a teacher about the negatives (:meth:`GroupSampler.filter_negatives`): a negative
 the teacher scores at or above a positive's score minus ``margin`` is a false-negative suspect, and is dropped from
@@ -30,17 +33,20 @@ still see the same groups.
 from __future__ import annotations
 
 import itertools
-from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from pyterrier_kdcl.training.query_records import QueryRecord, QueryRecords
+
 TEXT_BLOCK = 512  # groups whose text a streaming sampler fetches at once
 CHUNK_ROWS = 1 << 20  # rows of a training frame checked and split into queries at once
-BLOCK = 1 << 16  # candidates a storage block of the sampler holds
+KEY_CHUNK = 4096  # qids held as Python objects at once while building (then packed into numpy arrays)
+QRELS_CHUNK = 1 << 16  # qrels rows converted at once
 INSUFFICIENT_POLICIES = ("skip", "replace")
 UNJUDGED_POLICIES = ("skip", "distil")
 NEGATIVE_ACTIONS = ("drop", "relabel")
@@ -186,11 +192,15 @@ class GroupSampler:
         unjudged: what becomes of queries with no qrels at all: ``"skip"`` them (counted in ``stats``), or
             ``"distil"``: groups of ``group_size`` candidates from the window (``insufficient`` applies), for a
             teacher to score. A query with qrels but no positive among its candidates is skipped either way.
+        spill_dir: the directory of the temporary file the candidates are kept in (unnamed: removed when the
+            sampler is closed or collected, or the process ends); None: Python's ``tempfile`` default (``TMPDIR``).
+            Give a directory on disk, not ``tmpfs``, or the file's pages stay in memory.
     """
 
     def __init__(self, results: pd.DataFrame | Iterable[pd.DataFrame], qrels: pd.DataFrame, *, group_size: int = 8,
                  min_label: int = 1, negatives_window: tuple[int, int] | None = None, insufficient: str = "skip",
-                 text_source=None, text_field: str = "text", seed: int = 42, unjudged: str = "skip"):
+                 text_source=None, text_field: str = "text", seed: int = 42, unjudged: str = "skip",
+                 spill_dir: str | Path | None = None):
         if not isinstance(group_size, (int, np.integer)) or group_size < 2:
             raise ValueError(f"group_size must be an integer of at least 2 (one positive and a negative), "
                              f"got {group_size!r}")
@@ -208,8 +218,10 @@ class GroupSampler:
         self.stats = GroupStats()
         self.text_source, self.text_field = text_source, text_field
         self.streaming = False  # decided by the first frame: it has no text_field and a text_source is given
-        _Builder(self, _checked_qrels(qrels), min_label, negatives_window).build(results)
+        self.spill_dir = spill_dir
+        _Builder(self, qrels, min_label, negatives_window).build(results)
         if not len(self._usable):
+            self.close()
             raise ValueError(f"no training group could be built: {self.stats.explain()}. "
                              f"Each group needs {group_size - 1} negatives (group_size={group_size}). "
                              "Check that the qrels match the frame's qids and docnos, retrieve deeper, "
@@ -217,10 +229,21 @@ class GroupSampler:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the sampler's own arrays hold: each usable query's qid, query and offsets, each candidate's docno
-        and first-stage score (and, unless streaming, a reference to its text, not the text itself)."""
-        return (self._candidates.nbytes + self._qids.nbytes + self._query_texts.nbytes + self._usable.nbytes
-                + sum(a.itemsize * len(a) for a in (self._block, self._start, self._positives, self._size)))
+        """Bytes the sampler's arrays hold in memory: where each usable query's record is in the temporary file, and
+        its place in qid order (12 bytes a usable query). After :meth:`filter_negatives`, the pools of the queries
+        it changed are Python lists besides (not counted)."""
+        return self._records.nbytes + self._usable.nbytes
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the temporary file: every usable query's qid, query, candidates' docnos and first-stage scores
+        (and their text, unless streaming)."""
+        return self._records.file_bytes
+
+    def close(self) -> None:
+        """Closes and so removes the temporary file of the candidates; the sampler draws no group afterwards. A fit
+        closes its own sampler when it ends."""
+        self._records.close()
 
     # -- sampling -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -234,33 +257,24 @@ class GroupSampler:
         rng = np.random.default_rng([self.seed, epoch])
         for index in rng.permutation(len(self._usable)):
             entry = int(self._usable[index])
-            docnos, texts, scores = self._members(entry)
-            positives, pools = self._positives_and_pools(entry)
+            record = self._records.get(entry)
+            positives, pools = self._positives_and_pools(entry, record)
             judged = bool(positives)
             chosen = rng.integers(len(positives)) if judged else None
             members = [positives[chosen]] if judged else []
-            negs, relabel = pools[chosen] if pools is not None and judged else (self._negatives(entry), frozenset())
+            negs, relabel = pools[chosen] if pools is not None and judged else (_negatives(record), frozenset())
             needed = self.group_size - len(members)
             picks = rng.choice(len(negs), size=needed, replace=len(negs) < needed)
             members += [negs[i] for i in picks]
-            yield Group(self._qids[entry], self._query_texts[entry], tuple(docnos[i] for i in members),
-                        tuple(texts[i] for i in members), judged,
-                        tuple(float(scores[i]) for i in members) if scores is not None else None,
-                        tuple(1 + j for j, i in enumerate(picks) if int(i) in relabel))
+            yield _group(record, members, judged, tuple(1 + j for j, i in enumerate(picks) if int(i) in relabel))
 
-    def _members(self, entry: int) -> tuple[list[str], list, np.ndarray | None]:
-        """An entry's candidates, its positives first: docnos, texts (None each when streaming) and scores."""
-        return self._candidates.get(self._block[entry], self._start[entry], self._size[entry])
-
-    def _negatives(self, entry: int) -> range:
-        return range(self._positives[entry], self._size[entry])
-
-    def _positives_and_pools(self, entry: int) -> tuple[list[int], list[tuple[list[int], frozenset]] | None]:
+    def _positives_and_pools(self, entry: int, record: QueryRecord
+                             ) -> tuple[list[int], list[tuple[list[int], frozenset]] | None]:
         """An entry's positives (positions among its members) and, after filter_negatives, each one's own
         (negatives, positions among them labelled positive); None before."""
         pools = self._pools.get(entry)
         if pools is None:
-            return list(range(self._positives[entry])), None
+            return list(range(record.positives)), None
         return [p for p, _, _ in pools], [(negs, relabel) for _, negs, relabel in pools]
 
     def _with_text(self, groups: Iterator[Group]) -> Iterator[Group]:
@@ -282,12 +296,9 @@ class GroupSampler:
 
     def _candidates_of(self, entries: np.ndarray) -> Iterator[Group]:
         for entry in entries.tolist():
-            docnos, texts, scores = self._members(entry)
-            positives, _ = self._positives_and_pools(entry)
-            members = positives + list(self._negatives(entry))
-            yield Group(self._qids[entry], self._query_texts[entry], tuple(docnos[i] for i in members),
-                        tuple(texts[i] for i in members), bool(positives),
-                        tuple(float(scores[i]) for i in members) if scores is not None else None)
+            record = self._records.get(entry)
+            positives, _ = self._positives_and_pools(entry, record)
+            yield _group(record, positives + list(_negatives(record)), bool(positives))
 
     def filter_negatives(self, negative_filter: NegativeFilter | Mapping,
                          teacher_scores: Callable[[Group], np.ndarray]) -> None:
@@ -313,7 +324,7 @@ class GroupSampler:
                 kept.append(entry)
             if entry_pools:
                 pools[entry] = entry_pools
-        self._usable, self._pools = np.array(kept, dtype=np.int64), pools
+        self._usable, self._pools = np.array(kept, dtype=_index_type(len(self._records))), pools
         self.stats.usable = len(kept)
         if not kept:
             raise ValueError(f"no training group is left once the teacher's suspect negatives are dropped: "
@@ -325,10 +336,11 @@ class GroupSampler:
     def _filtered(self, entry: int, scores: np.ndarray, rule: NegativeFilter) -> list[tuple] | None:
         """What the filter leaves of an entry: None (it stays as it is), [] (too few negatives left: dropped), or
         each kept positive's (position, negatives it draws from, positions among them labelled positive)."""
-        npos = self._positives[entry]
+        record = self._records.get(entry)
+        npos = record.positives
         if not npos:
             return None
-        negs = list(self._negatives(entry))
+        negs = list(_negatives(record))
         suspect = scores[npos:][None, :] >= scores[:npos, None] - rule.margin  # (positives, negatives)
         flagged = int(suspect.any(axis=0).sum())
         self.stats.queries_filtered += flagged > 0
@@ -347,38 +359,54 @@ class GroupSampler:
         return [(p, pool, frozenset()) for p, pool in pools]
 
 
+def _negatives(record: QueryRecord) -> range:
+    return range(record.positives, record.size)
+
+
+def _group(record: QueryRecord, members: list[int], judged: bool, relabelled: tuple[int, ...] = ()) -> Group:
+    """The group of a record's ``members`` (positions among its candidates)."""
+    scores = record.scores
+    return Group(record.qid, record.query, tuple(record.docnos[i] for i in members),
+                 tuple(record.texts[i] for i in members), judged,
+                 tuple(float(scores[i]) for i in members) if scores is not None else None, relabelled)
+
+
 class _Builder:
     """Reads the training frames once, a frame (and within it ``CHUNK_ROWS`` rows) at a time, and files each
-    query's usable candidates into the sampler's compact arrays: the one place a query's rows become its
-    positives and negatives."""
+    query's usable candidates into the sampler's temporary file: the one place a query's rows become its
+    positives and negatives. What it holds besides grows by about 30 bytes a query (hashes, not strings)."""
 
     def __init__(self, sampler: GroupSampler, qrels: pd.DataFrame, min_label: int, window):
         self.sampler, self.stats, self.window = sampler, sampler.stats, window
-        self.qrels = qrels
-        positives = qrels[qrels["label"] >= min_label].sort_values(["qid", "docno"], kind="stable")
-        self.positive_qids = positives["qid"].to_numpy(object)
-        self.positive_docnos = positives["docno"].to_numpy(object)
-        self.judged = _SortedSet(np.unique(qrels["qid"].to_numpy(object)))  # qids with any qrels
+        self.qrels = _QrelsIndex(qrels, min_label)
         self.columns = None  # the first frame's: every later frame must have them
-        self.seen: set[str] = set()
+        self.seen = _HashSet()  # every qid met (hashes): a query met again after others is refused
+        self.frame_qrels: dict[str, set[str]] = {}  # the current frame's judged qids → their positives
         self.carry = None  # (qid, its rows so far): the last query of a frame may go on in the next
         self.pending = []  # queries waiting for the text of positives the first stage missed
         self.pending_pairs = 0
+        self.usable_qids = _QidKeys()
 
     def build(self, results) -> None:
         s = self.sampler
-        s._qids, s._query_texts = _Strings(), _Strings()
-        s._block, s._start, s._positives, s._size = array("q"), array("q"), array("q"), array("q")
-        s._pools = {}
-        for frame in _frames(results):
-            self._add_frame(frame)
-        if self.carry is not None:
-            self._add_query(*self.carry)
-        self._resolve_pending()
-        s._candidates.finish()
-        self.stats.qrels_for_unknown_queries = int((~self.qrels["qid"].isin(self.seen)).sum())
-        self.stats.usable = len(s._qids)
-        s._usable = np.array(sorted(range(len(s._qids)), key=s._qids.__getitem__), dtype=np.int64)
+        s._pools, s._records = {}, None
+        try:
+            for frame in _frames(results):
+                self._add_frame(frame)
+            if self.carry is not None:
+                self._add_query(*self.carry)
+            self._resolve_pending()
+            if s._records is None:  # no frame at all
+                s._records = QueryRecords(scored=False, texts=False, directory=s.spill_dir)
+            s._records.finish()
+        except BaseException:
+            if s._records is not None:
+                s._records.close()
+            raise
+        self.stats.qrels_for_unknown_queries = self.qrels.unknown(self.seen)
+        self.qrels = self.seen = None  # gone before the qids are sorted: the build's peak is the lower
+        self.stats.usable = len(s._records)
+        s._usable = self.usable_qids.order(s._records)
 
     def _add_frame(self, frame: pd.DataFrame) -> None:
         s = self.sampler
@@ -386,7 +414,7 @@ class _Builder:
             s.streaming = s.text_source is not None and s.text_field not in frame.columns
             _check_window(frame, self.window)
             s._scored = "score" in frame.columns
-            s._candidates = _Candidates(s._scored, texts=not s.streaming)
+            s._records = QueryRecords(s._scored, texts=not s.streaming, directory=s.spill_dir)
             self.columns = ["qid", "docno", "query"] + ["score"] * s._scored + ([s.text_field] * (not s.streaming)) \
                 + (["rank"] if self.window is not None and "rank" in frame.columns else [])
         frame = _checked_results(frame, s.text_field, s.streaming)
@@ -398,19 +426,24 @@ class _Builder:
             return
         cols = {c: frame[c].to_numpy("float64" if c == "score" else None) for c in self.columns}
         codes, qids = pd.factorize(cols["qid"])
+        qids = qids.tolist()
+        hashes = _hashes(qids)
+        continued = self.carry[0] if self.carry is not None else None
+        again = next((q for q, met in zip(qids, self.seen.contains(hashes)) if met and q != continued), None)
+        if again is not None:
+            raise ValueError(f"the training frames give query {again!r} again after other queries: each query's "
+                             "rows must come in one frame, or in consecutive frames (sort a run by qid)")
+        self.seen.add(hashes)
+        self.frame_qrels = self.qrels.lookup(qids, hashes)
         order = np.argsort(codes, kind="stable")
         ends = np.cumsum(np.bincount(codes, minlength=len(qids)))
         last = codes[-1]  # the query of the frame's last row may go on in the next frame
-        for code, qid in enumerate(qids.tolist()):
+        for code, qid in enumerate(qids):
             rows = order[ends[code - 1] if code else 0 : ends[code]]
             mine = {c: v[rows] for c, v in cols.items()}
             if self.carry is not None and self.carry[0] == qid:
                 mine = {c: np.concatenate([self.carry[1][c], v]) for c, v in mine.items()}
                 self.carry = None
-            elif qid in self.seen:
-                raise ValueError(f"the training frames give query {qid!r} again after other queries: each query's "
-                                 "rows must come in one frame, or in consecutive frames (sort a run by qid)")
-            self.seen.add(qid)
             if code == last:
                 if self.carry is not None:
                     self._add_query(*self.carry)
@@ -418,9 +451,11 @@ class _Builder:
             else:
                 self._add_query(qid, mine)
 
-    def _positives_of(self, qid: str) -> set[str]:
-        lo, hi = np.searchsorted(self.positive_qids, qid, "left"), np.searchsorted(self.positive_qids, qid, "right")
-        return set(self.positive_docnos[lo:hi].tolist())
+    def _qrels_of(self, qid: str) -> set[str] | None:
+        """The positives of a query, or None when it has no qrels at all."""
+        if qid in self.frame_qrels:
+            return self.frame_qrels[qid]
+        return self.qrels.lookup([qid], _hashes([qid])).get(qid)  # a query carried from an earlier frame
 
     def _add_query(self, qid: str, rows: dict) -> None:
         """One query's rows (in the order given): duplicates of a docno dropped (the first kept), the rest in
@@ -432,14 +467,15 @@ class _Builder:
         self.stats.duplicate_rows_dropped += len(rows["docno"]) - len(first)
         keep = np.array([i for _, i in sorted(first.items())], dtype=np.int64)  # groups never depend on row order
         rows = {c: v[keep] for c, v in rows.items()}
-        judged = self._positives_of(qid)
+        qrels = self._qrels_of(qid)
+        judged = qrels if qrels is not None else set()
         is_pos = np.array([d in judged for d in rows["docno"].tolist()], dtype=bool)
         is_neg = ~is_pos
         if self.window is not None:
             ranks = rows["rank"] if "rank" in rows else _ranks_by_score(rows["score"])
             is_neg &= (ranks >= self.window[0]) & (ranks < self.window[1])
         missed = [d for d in sorted(judged) if d not in first]
-        query = (qid, rows["query"][0], rows, is_pos, is_neg, qid not in self.judged)
+        query = (qid, rows["query"][0], rows, is_pos, is_neg, qrels is None)
         if missed and s.text_source is not None:
             self.pending.append((query, missed))
             self.pending_pairs += len(missed)
@@ -483,94 +519,117 @@ class _Builder:
         if not s.streaming:
             text = rows[s.text_field]
             texts = text[is_pos].tolist() + [t for _, t in found] + text[is_neg].tolist()
-        block, start = s._candidates.add(docnos, scores, texts)
-        s._qids.append(qid)
-        s._query_texts.append(query)
-        s._block.append(block)
-        s._start.append(start)
-        s._positives.append(npos)
-        s._size.append(npos + nneg)
+        s._records.add(qid, query, npos, docnos, scores, texts)
+        self.usable_qids.append(qid)
 
 
-class _SortedSet:
-    """Membership in a sorted numpy array of strings, without a Python set of them."""
-
-    def __init__(self, values: np.ndarray):
-        self.values = values
-
-    def __contains__(self, value) -> bool:
-        i = np.searchsorted(self.values, value)
-        return bool(i < len(self.values) and self.values[i] == value)
+def _hashes(strings: list[str]) -> np.ndarray:
+    """Python's 64-bit hash of each string (one process's; any string, surrogates too), as numpy."""
+    return np.fromiter(map(hash, strings), dtype=np.int64, count=len(strings))
 
 
-class _Strings:
-    """Strings packed as UTF-8 in one buffer: about a byte a character and 8 bytes of offset, not a Python str each."""
+def _index_type(n: int) -> type:
+    """The narrowest integer that numbers ``n`` rows: 4 bytes a row rather than 8 below 2^31."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+class _HashSet:
+    """Hashes of strings met, in a sorted numpy array (8 bytes a string) with a small set of the latest: whether a
+    string was met, without a Python set of them. Two strings of the same 64-bit hash pass for one (about one
+    chance in 10^8 among 500,000 of them)."""
+
+    RECENT = 4096
 
     def __init__(self):
-        self._data, self._ends = bytearray(), array("q")
+        self.sorted, self.recent = np.empty(0, dtype=np.int64), set()
 
-    def append(self, value: str) -> None:
-        self._data += value.encode("utf-8", "surrogatepass")
-        self._ends.append(len(self._data))
+    def add(self, hashes: np.ndarray) -> None:
+        self.recent.update(hashes.tolist())
+        if len(self.recent) >= self.RECENT:
+            latest = np.fromiter(self.recent, dtype=np.int64, count=len(self.recent))
+            self.sorted = np.sort(np.concatenate([self.sorted, latest]), kind="stable")  # nearly sorted: linear
+            self.recent = set()
 
-    def __getitem__(self, i: int) -> str:
-        return self._data[self._ends[i - 1] if i else 0 : self._ends[i]].decode("utf-8", "surrogatepass")
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self._data) + self._ends.itemsize * len(self._ends)
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.sorted, hashes)
+        found = self.sorted[np.minimum(at, len(self.sorted) - 1)] == hashes if len(self.sorted) else \
+            np.zeros(len(hashes), dtype=bool)
+        return found | np.fromiter((h in self.recent for h in hashes.tolist()), dtype=bool, count=len(hashes))
 
 
-class _Candidates:
-    """Every usable query's candidates, back to back, in numpy blocks of about ``BLOCK`` candidates: the docno as
-    UTF-8 bytes (fixed width within a block), the first-stage score as float64 and, unless streaming, a reference to
-    the text. About 16 bytes a candidate of 8-character docnos, instead of a tuple of Python objects."""
+class _QrelsIndex:
+    """The caller's qrels, looked up by qid without a copy of their strings: each row's qid hash, sorted, with its
+    row (16 bytes a qrel) and whether it is a positive (a byte). The rows a hash points to are read back from the
+    caller's frame and their qid compared, so two qids of the same hash are never mixed."""
 
-    def __init__(self, scored: bool, texts: bool):
-        self.scored, self.keeps_texts = scored, texts
-        self.docnos, self.scores, self.texts = [], [], []  # the blocks
-        self._docnos, self._scores, self._texts = [], [], []  # the block being filled
+    def __init__(self, qrels: pd.DataFrame, min_label: int):
+        missing = [c for c in ("qid", "docno", "label") if c not in qrels.columns]
+        if missing:
+            raise ValueError(f"qrels lack columns {missing}; they need qid, docno and label (dataset.get_qrels())")
+        hashes, self.positive = np.empty(len(qrels), dtype=np.int64), np.empty(len(qrels), dtype=bool)
+        for start in range(0, len(qrels), QRELS_CHUNK):
+            part = qrels.iloc[start : start + QRELS_CHUNK]
+            labels = pd.to_numeric(part["label"], errors="coerce")
+            bad = labels.isna() | (labels != labels.round())
+            if bad.any():
+                raise ValueError(f"qrels labels must be integers, found {part['label'][bad].iloc[0]!r}")
+            self.positive[start : start + len(part)] = (labels.astype(int) >= min_label).to_numpy()
+            hashes[start : start + len(part)] = _hashes(part["qid"].astype(str).tolist())
+        self.rows = np.argsort(hashes, kind="stable").astype(_index_type(len(qrels)))
+        self.hashes = hashes[self.rows]
+        self.qrels = qrels
 
-    def add(self, docnos: list[str], scores: np.ndarray | None, texts: list[str] | None) -> tuple[int, int]:
-        """Appends one query's candidates; returns (block, start) where they are."""
-        where = len(self.docnos), len(self._docnos)
-        self._docnos += docnos
-        if self.scored:
-            self._scores.append(scores)
-        if self.keeps_texts:
-            self._texts += texts
-        if len(self._docnos) >= BLOCK:
-            self.finish()
-        return where
+    def lookup(self, qids: list[str], hashes: np.ndarray) -> dict[str, set[str]]:
+        """Each judged qid's positives (an empty set when it has qrels but no positive); qids without qrels absent."""
+        first, last = np.searchsorted(self.hashes, hashes, "left"), np.searchsorted(self.hashes, hashes, "right")
+        counts = last - first
+        at = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        rows = self.rows[at]
+        owners = np.repeat(np.arange(len(qids)), counts).tolist()
+        found: dict[str, set[str]] = {}
+        got = self.qrels.iloc[rows]
+        for owner, qid, docno, positive in zip(owners, got["qid"].astype(str).tolist(),
+                                               got["docno"].astype(str).tolist(), self.positive[rows].tolist()):
+            if qid == qids[owner]:
+                judged = found.setdefault(qid, set())
+                if positive:
+                    judged.add(docno)
+        return found
 
-    def finish(self) -> None:
-        """Closes the block being filled."""
-        if not self._docnos:
-            return
-        encoded = [d.encode("utf-8", "surrogatepass") for d in self._docnos]
-        # numpy's fixed-width bytes drop trailing NULs: a docno ending in one keeps its str
-        fixed = not any(e.endswith(b"\0") for e in encoded)
-        self.docnos.append(np.array(encoded, dtype=bytes) if fixed else np.array(self._docnos, dtype=object))
-        if self.scored:
-            self.scores.append(np.concatenate(self._scores))
-        if self.keeps_texts:
-            self.texts.append(np.array(self._texts, dtype=object))
-        self._docnos, self._scores, self._texts = [], [], []
+    def unknown(self, seen: _HashSet) -> int:
+        """How many qrels have a qid never met in the training frames."""
+        return sum(int((~seen.contains(self.hashes[i : i + QRELS_CHUNK])).sum())
+                   for i in range(0, len(self.hashes), QRELS_CHUNK))
 
-    def get(self, block: int, start: int, size: int) -> tuple[list[str], list, np.ndarray | None]:
-        docnos = self.docnos[block][start : start + size].tolist()
-        if docnos and isinstance(docnos[0], bytes):
-            docnos = [d.decode("utf-8", "surrogatepass") for d in docnos]
-        texts = self.texts[block][start : start + size].tolist() if self.keeps_texts else [None] * size
-        scores = self.scores[block][start : start + size] if self.scored else None
-        return docnos, texts, scores
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for blocks in (self.docnos, self.scores, self.texts) for a in blocks)
+class _QidKeys:
+    """The usable queries' qids as they are filed, packed as UTF-8 in numpy arrays, to put the queries in qid order
+    once the last is filed (about the qid's bytes a query, not a Python string each)."""
+
+    def __init__(self):
+        self.packed, self.latest, self.trailing_nul = [], [], False
+
+    def append(self, qid: str) -> None:
+        key = qid.encode("utf-8", "surrogatepass")  # UTF-8's byte order is Python's order of code points
+        self.trailing_nul |= key.endswith(b"\0")
+        self.latest.append(key)
+        if len(self.latest) >= KEY_CHUNK:
+            self._pack()
+
+    def _pack(self) -> None:
+        if self.latest:
+            self.packed.append(np.array(self.latest, dtype=bytes))
+            self.latest = []
+
+    def order(self, records: QueryRecords) -> np.ndarray:
+        """The usable queries' numbers in qid order."""
+        self._pack()
+        if self.trailing_nul:  # numpy's fixed-width bytes drop trailing NULs: compare the qids themselves
+            order = sorted(range(len(records)), key=lambda i: records.get(i).qid)
+            return np.array(order, dtype=_index_type(len(records)))
+        keys = np.concatenate(self.packed) if self.packed else np.empty(0, dtype="S1")
+        self.packed = []
+        return np.argsort(keys, kind="stable").astype(_index_type(len(records)))
 
 
 def _frames(results) -> Iterator[pd.DataFrame]:

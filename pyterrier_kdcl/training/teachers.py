@@ -174,6 +174,27 @@ class ScoreStore:
         self.db = self._guarded(lambda: sqlite3.connect(self.file, timeout=_BUSY_TIMEOUT_S, isolation_level=None))
         self._guarded(lambda: self._create(description))
 
+    @classmethod
+    def reader(cls, path: str | Path, file: str = SCORE_FILE) -> ScoreStore:
+        """A read-only connection to the scores of a teacher's cache directory (``get`` only)."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        store.file = store.path / file
+        uri = store.file.resolve().as_uri() + "?mode=ro"
+        store.db = store._guarded(lambda: sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S,
+                                                          isolation_level=None))
+        return store
+
+    @classmethod
+    def temporary(cls) -> ScoreStore:
+        """A private store in a temporary file, which SQLite removes when the store is closed or collected (its
+        pages beyond SQLite's page cache, about 2 MB, are on disk, not in memory)."""
+        store = cls.__new__(cls)
+        store.path, store.file = None, Path("(temporary)")
+        store.db = sqlite3.connect("", isolation_level=None)  # "": SQLite's private temporary on-disk database
+        store._create("")
+        return store
+
     def _create(self, description: str) -> None:
         self.db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_S * 1000}")
         with self._writing():
@@ -253,8 +274,10 @@ class TeacherScores:
     """The teacher's score for every pair of the groups: ``prepare`` once, then ``lookup`` per batch.
 
     Pairs go through ``prepare`` in chunks of ``CHUNK_PAIRS`` (each looked up in the cache, its missing pairs
-    scored, written), and what stays in memory is each distinct pair's 16-byte key and its score, sorted: no text
-    is held, so groups whose text is fetched per block (a streaming ``GroupSampler``) stay small here too.
+    scored, written), and nothing of them stays in memory: ``lookup`` reads a batch's scores back from a file, the
+    cache (``scores.sqlite3``) on the first process, or a private temporary SQLite file (removed when this object is
+    collected) holding every pair's score on any other process and in a fit without a cache directory. No text or
+    key is held, so memory does not grow with the pairs (a streaming ``GroupSampler`` stays small here too).
 
     Under several processes the first one alone opens the cache file; every other one writes the pairs it scores to
     its own file beside it (``scores.rank-<r>.sqlite3``: one writer a file, so a crash keeps its progress without
@@ -292,8 +315,9 @@ class TeacherScores:
         self._description = json.dumps({"teacher": repr(teacher), "key": key})
         self._store, self._closed, self._bar = None, False, None
         self.scored = 0  # pairs this process had the teacher score
-        self._keys = np.empty(0, dtype="S16")  # every distinct pair's key, sorted
-        self._scores = np.empty(0)  # their scores, in the same order
+        self._prepared = False
+        self._lookups: ScoreStore | None = None  # a temporary store lookup reads; None: it reads the cache
+        self._reader: ScoreStore | None = None  # a read-only connection to the cache once the writer is closed
 
     @property
     def store(self) -> ScoreStore | None:
@@ -308,16 +332,18 @@ class TeacherScores:
         chunk written to the cache as it is scored."""
         processes = processes or Processes()
         if processes.is_main:
-            cache = self.store if self.path is not None else _MemoryStore()  # also finds pairs of earlier chunks
+            cache = self.store if self.path is not None else ScoreStore.temporary()  # pairs of earlier chunks too
             if self.path is not None:
                 merge_shards(self.path, cache)
         else:
             cache = None
+        # what lookup reads: the main's cache holds every pair by the end; another process keeps its own copy
+        lookups = cache if cache is not None else ScoreStore.temporary()
         # the leftovers of a crashed run are merged (and their files removed) before another process opens its own
         processes.broadcast(None)
         own = cache if processes.is_main or self.path is None else \
             ScoreStore(self.path, self._description, file=shard_file(processes.rank))
-        all_keys, all_scores, gathered_all = [], [], True
+        gathered_all = True
         for pairs in _distinct_chunks(groups, self.first_stage, CHUNK_PAIRS):
             keys = [pair_key(q, d, t, s) for _, q, d, t, s in pairs]
             scores = np.full(len(pairs), np.nan)
@@ -333,13 +359,15 @@ class TeacherScores:
                 scores[indices] = values
                 if cache is not None and rank != processes.rank:
                     cache.put([keys[i] for i in indices], values)  # the others' shares, on the main's disk too
-            all_keys.append(np.array(keys, dtype="S16"))
-            all_scores.append(scores)
+            if lookups is not cache:
+                known = ~np.isnan(scores)  # a shard scored alone (no gather) lacks the other processes' scores
+                lookups.put([k for k, ok in zip(keys, known) if ok], scores[known])
         if own is not None and own is not cache:
             own.close()
             if gathered_all:  # the first process holds this one's scores now; a shard scored alone waits for a merge
                 (self.path / shard_file(processes.rank)).unlink(missing_ok=True)
-        self._keys, self._scores = _sorted_index(all_keys, all_scores)
+        self._lookups = None if lookups is self._store else lookups
+        self._prepared = True
 
     def _score(self, pairs, keys, indices: np.ndarray, store) -> np.ndarray:
         out = np.empty(len(indices))
@@ -358,70 +386,41 @@ class TeacherScores:
         self._bar.update(len(indices))
         return out
 
-    def _rows(self, groups: Iterable[Group]) -> np.ndarray:
-        wanted = np.array([pair_key(*pair) for g in groups for pair in _pairs_of(g, self.first_stage)], dtype="S16")
-        rows = np.searchsorted(self._keys, wanted)
-        missing = (rows >= len(self._keys)) | (self._keys[np.minimum(rows, len(self._keys) - 1)] != wanted)
-        if len(wanted) and (missing.any() or not len(self._keys)):
+    def _scores_of(self, groups: Iterable[Group]) -> np.ndarray:
+        """The groups' pairs' scores (float64), read from the cache or the temporary store."""
+        wanted = [pair_key(*pair) for g in groups for pair in _pairs_of(g, self.first_stage)]
+        found = self._source().get(list(dict.fromkeys(wanted))) if self._prepared else {}
+        if len(found) < len(set(wanted)):
             raise KeyError("a group holds a pair the teacher's scores were not prepared for: prepare() them first")
-        return rows
+        return np.array([found[k] for k in wanted], dtype="float64")
+
+    def _source(self) -> ScoreStore:
+        if self._lookups is not None:
+            return self._lookups  # the temporary store
+        if self._store is not None:
+            return self._store  # the cache, still open
+        if self._reader is None:  # the cache's writer is closed: read the file
+            self._reader = ScoreStore.reader(self.path)
+        return self._reader
 
     def lookup(self, groups: list[Group]) -> torch.Tensor:
-        rows = self._rows(groups)
-        return torch.tensor(self._scores[rows], dtype=torch.float32).view(len(groups), -1)
+        """The groups' teacher scores, ``(len(groups), group size)`` float32."""
+        return torch.tensor(self._scores_of(groups), dtype=torch.float32).view(len(groups), -1)
 
     def of(self, group: Group) -> np.ndarray:
         """One group's scores as the teacher gave them (float64), in the group's order; any length of group."""
-        return self._scores[self._rows([group])]
+        return self._scores_of([group])
 
     def close(self) -> None:
-        """Closes the cache; ``lookup`` goes on working (every score is in memory after ``prepare``)."""
-        if self._store is not None:
-            self._store.close()
-        self._store, self._closed = None, True
+        """Closes the cache's connections; ``lookup`` goes on working (it reopens the cache file to read, or reads
+        the temporary store, which lives as long as this object)."""
+        for store in (self._store, self._reader):
+            if store is not None:
+                store.close()
+        self._store, self._reader, self._closed = None, None, True
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def _sorted_index(keys: list[np.ndarray], scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The chunks' keys, sorted, each once (a pair met again in a later chunk keeps its first score: the same,
-    found in the cache), and their scores. The chunks are emptied into one array as they are copied, and the keys
-    sorted through a permutation: about 48 bytes a pair at the peak, twice what the index then holds (``np.unique``
-    over a concatenation held about 100)."""
-    keys, scores = _emptied_into_one(keys, "S16"), _emptied_into_one(scores, "float64")
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    scores = scores[order]
-    del order
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    return (keys, scores) if first.all() else (keys[first], scores[first])
-
-
-def _emptied_into_one(pieces: list[np.ndarray], dtype: str) -> np.ndarray:
-    """One array of the pieces, each dropped from the list once copied: never the pieces and the whole at once."""
-    out = np.empty(sum(len(p) for p in pieces), dtype=dtype)
-    at = 0
-    while pieces:
-        piece = pieces.pop(0)
-        out[at : at + len(piece)] = piece
-        at += len(piece)
-    return out
-
-
-class _MemoryStore:
-    """A ScoreStore's ``get`` and ``put`` in a dict: a fit without a cache directory remembers what it scored."""
-
-    def __init__(self):
-        self.scores: dict[bytes, float] = {}
-
-    def get(self, keys: list[bytes]) -> dict[bytes, float]:
-        return {k: self.scores[k] for k in keys if k in self.scores}
-
-    def put(self, keys: list[bytes], scores: Iterable[float]) -> None:
-        for k, v in zip(keys, scores):
-            self.scores.setdefault(k, float(v))
 
 
 def shard_file(rank: int) -> str:

@@ -242,12 +242,18 @@ class RerankerTrainer(pt.Estimator):
             return self._fit(tr_res, tr_qrels, va_res, va_qrels, resume)
 
     def _fit(self, tr_res, tr_qrels, va_res, va_qrels, resume) -> pd.DataFrame:
-        from transformers import get_linear_schedule_with_warmup
-
         resume = self.resume if resume is None else resume
         if resume and self.output_dir is None:
             raise ValueError("resume=True needs output_dir=, where the checkpoints are")
         sampler = GroupSampler(tr_res, tr_qrels, text_field=self.reranker.text_field, **self.sampler_options)
+        try:
+            return self._fit_groups(sampler, va_res, va_qrels, resume)
+        finally:
+            sampler.close()  # its temporary file of candidates is removed
+
+    def _fit_groups(self, sampler: GroupSampler, va_res, va_qrels, resume: bool) -> pd.DataFrame:
+        from transformers import get_linear_schedule_with_warmup
+
         self.group_stats = sampler.stats
         validator = Validator(self.reranker, va_res, va_qrels, self.metric) if va_res is not None else None
 
@@ -303,6 +309,8 @@ class RerankerTrainer(pt.Estimator):
             if state.best_weights is not None:
                 reranker.ranker.load_state_dict(state.best_weights, strict=False)
         finally:
+            if teacher is not None:
+                teacher.close()  # its connection to the cache file (a temporary store goes with the object)
             tracking.finish(accelerator)
             # the reranker leaves fit as it came: its own dtype, and a forward without Accelerate's autocast
             accelerator.unwrap_model(reranker.ranker, keep_fp32_wrapper=False)
@@ -494,7 +502,7 @@ class RerankerTrainer(pt.Estimator):
         try:
             scores.prepare(groups, _processes(accelerator))
         finally:
-            scores.close()  # every score is in memory now: the cache's connection is not held through training
+            scores.close()  # the writer: lookups read the cache file per batch through a read-only connection
         if self.negative_filter is not None:
             sampler.filter_negatives(self.negative_filter, scores.of)
         return scores
