@@ -32,6 +32,7 @@ truncation to ``--max-length`` (the ids kdcl's pre-cut also gives), batches in o
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import shutil
 import sys
@@ -89,6 +90,10 @@ def predictor(model):
 
 
 def instruction_set() -> str:
+    """The quantisation configuration for this CPU, or ``avx2`` under fast_inference.py's ``--emulate-avx2`` (ONNX
+    Runtime itself cannot be capped: it still runs its kernels for the whole instruction set)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2":
+        return "avx2"
     flags = Path("/proc/cpuinfo").read_text()
     return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
 
