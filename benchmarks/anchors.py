@@ -103,7 +103,7 @@ def onnx_int8(work: Path, max_length: int):
     from sentence_transformers.backend import export_dynamic_quantized_onnx_model
 
     config = instruction_set()
-    name = f"onnx/model_qint8_{config}.onnx"
+    name = f"onnx/model_{'quint8' if config == 'avx2' else 'qint8'}_{config}.onnx"  # what the export writes
     if not (work / name).exists():
         export_dynamic_quantized_onnx_model(CrossEncoder(str(work), backend="onnx", max_length=max_length), config,
                                             str(work))
