@@ -5,7 +5,7 @@ anchors run in an environment of their own and ``fast_inference.py --anchors-pyt
 script there, sends it slices of pairs (pickles on stdin) and reads back (scores, seconds) on stdout::
 
     python -m venv .venv-anchors && .venv-anchors/bin/pip install torch==2.13.0 "sentence-transformers<6" \\
-        optimum-onnx optimum-intel openvino nncf datasets ctranslate2
+        optimum-onnx optimum-intel openvino nncf datasets ctranslate2 onnxruntime
 
 Anchors, as a user would make them from the same checkpoint (``CrossEncoder(path, backend=...)``):
 

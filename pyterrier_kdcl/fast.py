@@ -76,8 +76,9 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
     result does not depend on the other rows, and pairs run at widths set by their own lengths, in forward calls of
     at most 2,048 tokens (:class:`FixedWidths`: small activations, no fresh memory pages each call). For CPUs without
     native bfloat16 (AVX2, AVX-512 without BF16). Measured under AVX2 emulation on a MiniLM-L6
-    (``benchmarks/README.md``, section 2): 1.68x float32 end to end on 2 cores; nDCG@10 −0.0010 against float32 over
-    500 queries, though single scores moved by up to 1.1 (int8 rounding): check effectiveness on your data.
+    (``benchmarks/README.md``, section 2): 1.68-1.80x float32 end to end on 2 cores; nDCG@10 −0.0010 against
+    float32 over 500 queries, though single scores moved by up to 1.1 (int8 rounding): check effectiveness on your
+    data.
 
     ``method="int8"``: dynamic int8 quantisation (``torch.ao.quantization.quantize_dynamic``, weights per output
     channel). Its activations are quantised with one scale per batch, so a pair's int8 score moves with the other
