@@ -303,8 +303,8 @@ class FixedWidths(nn.Module):
     With ``tokens``, a sub-batch holds at most ``tokens`` tokens (sequences x width; at least one sequence), so
     that every activation of one call stays small: at 2,048 tokens MiniLM's widest (2,048 x 1,536 float32, 12.6 MB)
     is reused heap memory, under glibc's 32 MB limit for fresh pages, and partly in cache. A batch of 32 pairs of
-    256 tokens made 50 MB activations that cost more in page faults than their arithmetic (the int8-rows layers
-    ran 1.2x faster in sub-batches of 8 pairs, ``benchmarks/README.md``). Only for layers whose rows do not
+    256 tokens made 50 MB activations that cost more in page faults than their arithmetic (int8-rows ran 1.2-1.3x
+    faster in sub-batches of 8 pairs under AVX2 caps, ``benchmarks/README.md``). Only for layers whose rows do not
     depend on each other (int8-rows): a bfloat16 or float32 product may block its sum by the rows it is given.
     """
 
