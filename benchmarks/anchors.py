@@ -5,7 +5,7 @@ anchors run in an environment of their own and ``fast_inference.py --anchors-pyt
 script there, sends it slices of pairs (pickles on stdin) and reads back (scores, seconds) on stdout::
 
     python -m venv .venv-anchors && .venv-anchors/bin/pip install torch==2.13.0 "sentence-transformers<6" \\
-        optimum-onnx optimum-intel openvino nncf datasets ctranslate2
+        optimum-onnx optimum-intel openvino nncf datasets ctranslate2 onnxruntime
 
 Anchors, as a user would make them from the same checkpoint (``CrossEncoder(path, backend=...)``):
 
@@ -32,6 +32,7 @@ truncation to ``--max-length`` (the ids kdcl's pre-cut also gives), batches in o
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import shutil
 import sys
@@ -89,6 +90,10 @@ def predictor(model):
 
 
 def instruction_set() -> str:
+    """The quantisation configuration for this CPU, or ``avx2`` under fast_inference.py's ``--emulate-avx2`` (ONNX
+    Runtime itself cannot be capped: it still runs its kernels for the whole instruction set)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2":
+        return "avx2"
     flags = Path("/proc/cpuinfo").read_text()
     return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
 
@@ -98,7 +103,7 @@ def onnx_int8(work: Path, max_length: int):
     from sentence_transformers.backend import export_dynamic_quantized_onnx_model
 
     config = instruction_set()
-    name = f"onnx/model_qint8_{config}.onnx"
+    name = f"onnx/model_{'quint8' if config == 'avx2' else 'qint8'}_{config}.onnx"  # what the export writes
     if not (work / name).exists():
         export_dynamic_quantized_onnx_model(CrossEncoder(str(work), backend="onnx", max_length=max_length), config,
                                             str(work))

@@ -11,7 +11,8 @@ that checkpoint and scores the same pairs, max_length 256, batch 32, slice by sl
 * ``kdcl-fp32``: ``CrossEncoder.load(path)``; ``kdcl-fast``: ``optimize_for_cpu(...)`` (the default, ``auto``:
   bfloat16 where the CPU computes it natively, else ``int8-rows``; the header says which); ``kdcl-bf16``,
   ``kdcl-int8-rows`` (int8, one activation scale per row) and ``kdcl-int8`` (dynamic int8, one scale per batch):
-  ``optimize_for_cpu(..., method)``;
+  ``optimize_for_cpu(..., method)``; ``kdcl-int8-rows-whole``: ``int8-rows`` as it was before sub-batches (each width's
+  pairs of a batch in one forward call, ``FixedWidths.tokens = None``: the same scores, more memory traffic);
 * ``st-fp32``: sentence-transformers' ``CrossEncoder(path).predict`` in float32;
 * with ``--anchors-python``, fast backends from their own environment (``anchors.py``): sentence-transformers'
   ``st-onnx-int8``, ``st-openvino-int8`` (static, calibrated) and ``st-openvino``, and two ways we could serve the
@@ -26,7 +27,9 @@ with documents drawn at random from the collection (a typical man page's length)
 ``--record`` writes the equivalence figures of the bfloat16 method (kdcl-bf16, or kdcl-fast where it is bfloat16) into
 ``pyterrier_kdcl/fast_equivalence.json`` (read by the experiment runner's ``evaluation.fast``) when every quality goal
 is met. ``--emulate-avx2`` restarts the script with every instruction set capped at AVX2 (oneDNN, ATen, MKL and
-fbgemm: ``AVX2_ONLY``), a CPU without native bfloat16 or VNNI; the header prints the caps in force.
+fbgemm; CTranslate2 and OpenVINO for the anchors: ``AVX2_ONLY``), a CPU without native bfloat16 or VNNI; the header
+prints the caps in force. ONNX Runtime has no such cap: its anchors (``st-onnx-int8``, ``ort-fused``) use the whole
+instruction set of the CPU they run on, VNNI included where it has it.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ from pyterrier_kdcl.fast import auto_method, native_bfloat16, optimize_for_cpu
 
 EQUIVALENCE = Path(kdcl.__file__).parent / "fast_equivalence.json"
 GOALS = {"ndcg_delta": 0.005, "ci_half_bound": 0.01, "tau": 0.95, "batch_dependence": 1e-3}
-METHODS = {"kdcl-fast": "auto", "kdcl-bf16": "bf16", "kdcl-int8-rows": "int8-rows", "kdcl-int8": "int8"}
-FAST = ("kdcl-fast", "kdcl-bf16", "kdcl-int8-rows")  # the batch-independent methods: quality goals checked
-# a CPU without native bfloat16 or VNNI, emulated here (read when torch and fbgemm start: set before the import)
+METHODS = {"kdcl-fast": "auto", "kdcl-bf16": "bf16", "kdcl-int8-rows": "int8-rows", "kdcl-int8-rows-whole": "int8-rows",
+           "kdcl-int8": "int8"}
+FAST = ("kdcl-fast", "kdcl-bf16", "kdcl-int8-rows", "kdcl-int8-rows-whole")  # batch-independent: quality goals checked
+# a CPU without native bfloat16 or VNNI, emulated here (read when torch and fbgemm start: set before the import);
+# CTranslate2 and OpenVINO read their own caps (ONNX Runtime has none: its anchors run with this CPU's full set)
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "CT2_FORCE_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}
 
 
 def main() -> None:
@@ -158,6 +163,8 @@ def local_contender(name: str, path: Path, args):
     reranker = kdcl.CrossEncoder.load(path, **settings)
     if name in METHODS:
         optimize_for_cpu(reranker, METHODS[name])
+    if name == "kdcl-int8-rows-whole":
+        reranker.ranker.tokens = None  # int8-rows as of 2026-12-04: each width's pairs in one forward call
 
     def score(queries, texts, batch_size):
         reranker.batch_size = batch_size

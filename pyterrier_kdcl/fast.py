@@ -44,6 +44,7 @@ EQUIVALENCE_FILE = Path(__file__).with_name("fast_equivalence.json")
 # DistilBERT, and Llama/Qwen/Gemma-style decoders
 FFN_OUTPUT = r"(layer\.\d+\.output\.dense|\.ffn\.lin2|\.mlp\.down_proj)$"
 _WIDTH_STEP = 32  # pairs run at their length rounded up to this (see FixedWidths)
+_INT8_TOKENS = 2_048  # int8-rows: tokens a forward call holds at most (FixedWidths: 8 pairs of 256 tokens)
 _ROWS = 256  # rows per bfloat16 matrix product of a 2-D input (a padded last block): one shape for every row
 _SEQUENCES = 8  # sequences per bfloat16 matrix product of a 3-D input (2,048 rows at width 256)
 _HEAD_FEATURES = 16  # a linear layer with fewer outputs is a scoring head: it stays float32 (it costs nothing)
@@ -72,9 +73,10 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
 
     ``method="int8-rows"``: the linear layers in int8 (fbgemm), weights with one scale per output channel, each
     activation row (token) with its own scale, computed from that row alone; the sums are exact integers, so a row's
-    result does not depend on the other rows, and pairs run at widths set by their own lengths (:class:`FixedWidths`).
-    For CPUs without native bfloat16 (AVX2, AVX-512 without BF16). Measured under AVX2 emulation on a MiniLM-L6
-    (``benchmarks/README.md``, section 2): 1.40x float32 end to end on 2 quiet cores; nDCG@10 −0.0010 against
+    result does not depend on the other rows, and pairs run at widths set by their own lengths, in forward calls of
+    at most 2,048 tokens (:class:`FixedWidths`: small activations, no fresh memory pages each call). For CPUs without
+    native bfloat16 (AVX2, AVX-512 without BF16). Measured under AVX2 emulation on a MiniLM-L6
+    (``benchmarks/README.md``, section 2): 1.68-1.80x float32 end to end on 2 cores; nDCG@10 −0.0010 against
     float32 over 500 queries, though single scores moved by up to 1.1 (int8 rounding): check effectiveness on your
     data.
 
@@ -122,9 +124,7 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
                          "load it with dtype='fp32'")
     if method == "auto":
         method = auto_method()
-        why = ("this CPU computes bfloat16 natively" if native_bfloat16() else "no fbgemm int8 kernels in this torch")\
-            if method == "bf16" else "no native bfloat16 here: int8 with one activation scale per row"
-        logger.info("optimize_for_cpu: method='auto' chose %r (%s)", method, why)
+        logger.info("optimize_for_cpu: method='auto' chose %r (%s)", method, _auto_reason(method))
         if method == "bf16" and keep_float != _BY_METHOD:
             raise ValueError("keep_float applies to the int8 methods, and method='auto' chose 'bf16' on this CPU: "
                              "pass method='int8-rows' with keep_float, or leave keep_float out")
@@ -139,7 +139,8 @@ def optimize_for_cpu(reranker: CrossEncoder, method: str = "auto", *,
     if method == "bf16":
         reranker.ranker = FixedWidths(_bfloat16(ranker), limit=reranker.max_length)
     elif method == "int8-rows":
-        reranker.ranker = FixedWidths(_row_int8(ranker, keep_float, reranker), limit=reranker.max_length)
+        reranker.ranker = FixedWidths(_row_int8(ranker, keep_float, reranker), limit=reranker.max_length,
+                                      tokens=_INT8_TOKENS)
     else:
         reranker.ranker = _int8(ranker, keep_float, reranker)
     reranker.ranker.requires_grad_(False)
@@ -151,6 +152,20 @@ def auto_method() -> str:
     """The method ``optimize_for_cpu(method="auto")`` picks here: ``"bf16"`` where the CPU computes bfloat16 natively
     (:func:`native_bfloat16`), else ``"int8-rows"`` (``"bf16"`` where torch has no fbgemm int8 kernels)."""
     return "bf16" if native_bfloat16() or not int8_supported() else "int8-rows"
+
+
+def _auto_reason(method: str) -> str:
+    """Why ``auto`` chose ``method`` on this CPU, for the log."""
+    if method == "bf16":
+        return "this CPU computes bfloat16 natively (AMX or AVX512-BF16)" if native_bfloat16() else \
+            "no fbgemm int8 kernels in this torch; bfloat16 is emulated here and may be slower than float32"
+    hardware = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    caps = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+    capped = hardware and any(name in os.environ for name in caps)
+    where = "no native bfloat16 here: " + ("the CPU has it, but ONEDNN_MAX_CPU_ISA or ATEN_CPU_CAPABILITY caps it"
+                                           if capped else "no AMX or AVX512-BF16, so bfloat16 would be slower than "
+                                           "float32")
+    return f"{where}; int8 with one activation scale per row, {_INT8_TOKENS:,} tokens a forward call"
 
 
 def int8_supported() -> bool:
@@ -284,11 +299,18 @@ class FixedWidths(nn.Module):
     weigh zero, but the blocks of the sum move); bfloat16 rounding carries that to the score. A pair of ``n``
     tokens is always run at ``n`` rounded up to a multiple of ``step`` (at most ``limit``), whatever its batch
     mates' lengths, at the cost of a few padded tokens.
+
+    With ``tokens``, a sub-batch holds at most ``tokens`` tokens (sequences x width; at least one sequence), so
+    that every activation of one call stays small: at 2,048 tokens MiniLM's widest (2,048 x 1,536 float32, 12.6 MB)
+    is reused heap memory, under glibc's 32 MB limit for fresh pages, and partly in cache. A batch of 32 pairs of
+    256 tokens made 50 MB activations that cost more in page faults than their arithmetic (int8-rows ran 1.2-1.3x
+    faster in sub-batches of 8 pairs under AVX2 caps, ``benchmarks/README.md``). Only for layers whose rows do not
+    depend on each other (int8-rows): a bfloat16 or float32 product may block its sum by the rows it is given.
     """
 
-    def __init__(self, ranker: nn.Module, limit: int, step: int = _WIDTH_STEP):
+    def __init__(self, ranker: nn.Module, limit: int, step: int = _WIDTH_STEP, tokens: int | None = None):
         super().__init__()
-        self.ranker, self.limit, self.step = ranker, limit, step
+        self.ranker, self.limit, self.step, self.tokens = ranker, limit, step, tokens
         self.pooling = ranker.pooling
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -296,10 +318,12 @@ class FixedWidths(nn.Module):
         widths = torch.clamp((lengths + self.step - 1) // self.step * self.step, max=max(self.limit, lengths.max()))
         scores = torch.empty(len(lengths), dtype=torch.float32, device=input_ids.device)
         for width in widths.unique().tolist():
-            rows = (widths == width).nonzero().squeeze(1)
-            parts = [_width(t[rows], width) if t is not None else None
-                     for t in (input_ids, attention_mask, token_type_ids)]
-            scores[rows] = self.ranker(*parts)
+            group = (widths == width).nonzero().squeeze(1)
+            size = max(1, self.tokens // width) if self.tokens else len(group)
+            for rows in group.split(size):
+                parts = [_width(t[rows], width) if t is not None else None
+                         for t in (input_ids, attention_mask, token_type_ids)]
+                scores[rows] = self.ranker(*parts)
         return scores
 
 

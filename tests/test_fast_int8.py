@@ -86,6 +86,42 @@ def test_int8_rows_scores_do_not_depend_on_batch_mates(saved):  # noqa: F811
         assert np.abs(again - scores).max() <= 1e-3, how
 
 
+def test_int8_rows_runs_small_sub_batches_with_the_same_scores(saved):  # noqa: F811
+    """Sub-batches of at most ``tokens`` tokens (for speed: small activations) change no score: every row of an
+    int8-rows layer is computed from that row alone."""
+    inp = frame()
+    reranker = kdcl.optimize_for_cpu(load(saved, batch_size=16), "int8-rows")
+    assert reranker.ranker.tokens == pyterrier_kdcl.fast._INT8_TOKENS
+    reranker.ranker.tokens = None
+    whole = reranker.score_pairs(inp["query"], inp["text"])
+    calls = []
+    reranker.ranker.ranker.register_forward_pre_hook(lambda _, args: calls.append(tuple(args[0].shape)))
+    reranker.ranker.tokens = 64  # one sequence of 64 tokens or two of 32 a call
+    split = reranker.score_pairs(inp["query"], inp["text"])
+    assert all(rows * width <= 64 for rows, width in calls) and max(rows for rows, _ in calls) == 2
+    assert len(calls) >= len(inp) // 2
+    assert np.abs(split - whole).max() <= 1e-5 * np.abs(whole).max()
+
+
+def test_fixed_widths_splits_a_width_into_sub_batches_of_whole_pairs():
+    class Recorder(torch.nn.Module):
+        pooling = "classifier"
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            shapes.append(tuple(input_ids.shape))
+            return attention_mask.sum(dim=1).float()
+
+    shapes = []
+    lengths = torch.tensor([5, 40, 3, 64, 33, 7, 1])
+    mask = (torch.arange(64)[None, :] < lengths[:, None]).long()
+    scores = FixedWidths(Recorder(), limit=64, tokens=64)(mask, mask)
+    assert torch.equal(scores, lengths.float())  # every pair back in its place
+    assert sorted(shapes) == [(1, 64), (1, 64), (1, 64), (2, 32), (2, 32)]  # 4 pairs of width 32, 3 of width 64
+    shapes.clear()
+    FixedWidths(Recorder(), limit=64, tokens=16)(mask, mask)  # a sub-batch holds at least one pair
+    assert sorted(shapes) == [(1, 32)] * 4 + [(1, 64)] * 3
+
+
 def test_int8_rows_ranks_as_float32(saved):  # noqa: F811
     inp = frame()
     a = load(saved).score_pairs(inp["query"], inp["text"])
