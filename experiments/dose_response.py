@@ -9,6 +9,7 @@ seed-aware test's; with one seed it is the paired t over queries and is marked s
     python experiments/dose_response.py
 """
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -32,15 +33,35 @@ def _pooled(table: pd.DataFrame, difference: str) -> pd.DataFrame:
 
 def collect() -> pd.DataFrame:
     frames = []
-    for run in sorted(p.parent for p in RESULTS.glob("*/perquery.csv.gz") if (p.parent / "report.md").exists()):
+    runs = [p.parent for p in RESULTS.glob("*/perquery.csv.gz") if (p.parent / "report.md").exists()]
+    for run in sorted(runs, key=_finished):
         kd = _pooled(pd.read_csv(run / "tables" / "kd_vs_cl.csv"), "KD-CL")
         teacher = _pooled(pd.read_csv(run / "tables" / "teacher_vs_cl.csv"), "teacher-CL")
         both = kd.merge(teacher, on=["student", "collection", "in_domain", "seeds"], suffixes=(" KD-CL",
                                                                                               " teacher-CL"))
-        frames.append(both.assign(run=run.name))
+        if not both.empty:  # a run whose students trained with CL alone has no KD − CL
+            frames.append(both.assign(run=run.name))
     table = pd.concat(frames, ignore_index=True)
-    return table[["run", "student", "collection", "in_domain", "seeds", "diff teacher-CL", "low teacher-CL",
-                  "high teacher-CL", "diff KD-CL", "low KD-CL", "high KD-CL"]]
+    return once(table[["run", "student", "collection", "in_domain", "seeds", "diff teacher-CL", "low teacher-CL",
+                       "high teacher-CL", "diff KD-CL", "low KD-CL", "high KD-CL"]])
+
+
+def _finished(run: Path) -> tuple[str, str]:
+    """When the run finished (its timings.json), then its name: the order in which runs are read."""
+    timings = run / "timings.json"
+    return (json.loads(timings.read_text()).get("finished_at", "") if timings.exists() else "", run.name)
+
+
+def once(table: pd.DataFrame) -> pd.DataFrame:
+    """Each point once: a run that reused another's students and teacher by their stage fingerprints (the same
+    training runs on the same test queries) has the same rows to the last digit; the run that finished first keeps
+    them and ``same in`` names the others."""
+    values = ["student", "collection", "seeds", "diff teacher-CL", "low teacher-CL", "high teacher-CL", "diff KD-CL",
+              "low KD-CL", "high KD-CL"]
+    runs = table.groupby(values, sort=False)["run"].agg(list)
+    kept = table.drop_duplicates(values).copy()
+    kept["same in"] = [" ".join(runs[tuple(row)][1:]) for row in kept[values].itertuples(index=False)]
+    return kept.reset_index(drop=True)
 
 
 def fit(table: pd.DataFrame) -> dict | None:
