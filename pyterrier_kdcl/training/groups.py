@@ -563,17 +563,11 @@ class _QrelsIndex:
     caller's frame and their qid compared, so two qids of the same hash are never mixed."""
 
     def __init__(self, qrels: pd.DataFrame, min_label: int):
-        missing = [c for c in ("qid", "docno", "label") if c not in qrels.columns]
-        if missing:
-            raise ValueError(f"qrels lack columns {missing}; they need qid, docno and label (dataset.get_qrels())")
+        _check_qrels_columns(qrels)
         hashes, self.positive = np.empty(len(qrels), dtype=np.int64), np.empty(len(qrels), dtype=bool)
-        for start in range(0, len(qrels), QRELS_CHUNK):
+        for start in range(0, len(qrels), QRELS_CHUNK):  # a chunk at a time: no copy of the caller's qrels
             part = qrels.iloc[start : start + QRELS_CHUNK]
-            labels = pd.to_numeric(part["label"], errors="coerce")
-            bad = labels.isna() | (labels != labels.round())
-            if bad.any():
-                raise ValueError(f"qrels labels must be integers, found {part['label'][bad].iloc[0]!r}")
-            self.positive[start : start + len(part)] = (labels.astype(int) >= min_label).to_numpy()
+            self.positive[start : start + len(part)] = (_integer_labels(part["label"]) >= min_label).to_numpy()
             hashes[start : start + len(part)] = _hashes(part["qid"].astype(str).tolist())
         self.rows = np.argsort(hashes, kind="stable").astype(_index_type(len(qrels)))
         self.hashes = hashes[self.rows]
@@ -719,12 +713,21 @@ def _checked_results(results: pd.DataFrame, text_field: str, streaming: bool = F
 
 
 def _checked_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
+    _check_qrels_columns(qrels)
+    return pd.DataFrame({"qid": qrels["qid"].astype(str), "docno": qrels["docno"].astype(str),
+                         "label": _integer_labels(qrels["label"])})
+
+
+def _check_qrels_columns(qrels: pd.DataFrame) -> None:
     missing = [c for c in ("qid", "docno", "label") if c not in qrels.columns]
     if missing:
         raise ValueError(f"qrels lack columns {missing}; they need qid, docno and label (dataset.get_qrels())")
-    labels = pd.to_numeric(qrels["label"], errors="coerce")
-    if labels.isna().any() or (labels != labels.round()).any():
-        example = qrels["label"][labels.isna() | (labels != labels.round())].iloc[0]
-        raise ValueError(f"qrels labels must be integers, found {example!r}")
-    return pd.DataFrame({"qid": qrels["qid"].astype(str), "docno": qrels["docno"].astype(str),
-                         "label": labels.astype(int)})
+
+
+def _integer_labels(labels: pd.Series) -> pd.Series:
+    """Qrels labels as ints; any that is not an integer is an error."""
+    numeric = pd.to_numeric(labels, errors="coerce")
+    bad = numeric.isna() | (numeric != numeric.round())
+    if bad.any():
+        raise ValueError(f"qrels labels must be integers, found {labels[bad].iloc[0]!r}")
+    return numeric.astype(int)
